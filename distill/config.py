@@ -1,0 +1,436 @@
+"""One typed configuration for the whole distillation cycle.
+
+Each stage has its own section; the flow takes the whole `DistillConfig` and
+hands every task only its section. Every field has a default and a description,
+and unknown keys are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUNDLED_DATA = Path(__file__).parent / "data"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Section):
+    """What the student must learn: the data, its fields and the production prompt."""
+
+    name: str = Field("banking77", description="Task name; names the registry entry and run directories.")
+    kind: Literal["classification", "generation"] = Field(
+        "classification", description="classification: answer is one label; generation: free or structured text."
+    )
+    train_path: Path = Field(
+        BUNDLED_DATA / "banking77" / "train.csv",
+        description="CSV or JSONL of task inputs the teacher labels; gold labels here feed the real-example share.",
+    )
+    test_path: Path | None = Field(
+        BUNDLED_DATA / "banking77" / "test.csv",
+        description="Gold holdout (CSV/JSONL) used only for evaluation, never for training.",
+    )
+    text_field: str = Field("text", description="Column holding the input text.")
+    label_field: str | None = Field("category", description="Column holding the gold label/answer, if any.")
+    labels: list[str] | None = Field(None, description="Label set for classification (or use labels_path).")
+    labels_path: Path | None = Field(
+        BUNDLED_DATA / "banking77" / "categories.json", description="JSON list of labels, used when labels is empty."
+    )
+    system_prompt: str = Field(
+        "You are a banking assistant. Classify the customer's message into exactly one intent. "
+        "Answer with the intent name only.",
+        description="System prompt, identical to the one used in production.",
+    )
+    prompt_template: str = Field("{text}", description="User message template; {field} placeholders name input columns.")
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
+    max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
+
+    def label_set(self) -> list[str]:
+        if self.labels:
+            return list(self.labels)
+        if self.labels_path is None:
+            return []
+        try:
+            labels = json.loads(Path(self.labels_path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.labels_path}: labels file not found (task.labels_path)") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{self.labels_path}:{e.lineno}: not valid JSON ({e.msg}) (task.labels_path)") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or not labels:
+            raise ConfigError(f"{self.labels_path}: expected a non-empty JSON list of strings (task.labels_path)")
+        return labels
+
+    @model_validator(mode="after")
+    def _classification_needs_labels(self) -> "TaskConfig":
+        if self.kind == "classification" and not self.labels and self.labels_path is None:
+            raise ValueError("classification needs labels or labels_path")
+        return self
+
+
+class TeacherConfig(Section):
+    """An OpenAI-compatible endpoint: OpenAI, vLLM, Ollama, llama.cpp or `distill teacher serve`."""
+
+    base_url: str = Field("http://127.0.0.1:8765/v1", description="Endpoint base URL, ending in /v1.")
+    model: str = Field("banking77-teacher", description="Model name sent with every request.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
+    api_key_secret_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the key; used when the env variable is unset."
+    )
+    input_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
+    output_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M completion tokens.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class GenerationConfig(Section):
+    """How the teacher is called: concurrency, limits, retries, sampling, budget."""
+
+    concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight at once.")
+    requests_per_minute: float | None = Field(None, gt=0, description="Client-side request rate limit.")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token rate limit.")
+    max_retries: int = Field(6, ge=0, description="Retries for 429/5xx/timeouts/connection errors/malformed bodies.")
+    backoff_base_s: float = Field(0.5, gt=0, description="First backoff; doubles per attempt, with full jitter.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Cap on one backoff sleep (Retry-After may exceed it).")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(64, ge=1, description="Completion token cap; answers hitting it are flagged truncated.")
+    samples_per_prompt: int = Field(1, ge=1, le=16, description="Teacher samples per prompt (self-consistency).")
+    logprobs: bool = Field(True, description="Request per-token logprobs.")
+    top_logprobs: int = Field(20, ge=0, le=100, description="Alternatives per token (label distribution for classification).")
+    budget_usd: float | None = Field(None, ge=0, description="Stop sending new requests once spend reaches this.")
+    mode: Literal["online", "batch"] = Field("online", description="online: async requests; batch: provider Batch API.")
+    batch_poll_s: float = Field(5.0, gt=0, description="Polling interval for batch mode.")
+    cache_path: Path = Field(
+        Path(".distill/teacher-cache.sqlite"),
+        description="Request cache shared across runs: a stored response is never requested (or paid) again.",
+    )
+
+
+class HeuristicsConfig(Section):
+    enabled: bool = Field(True, description="Run the heuristic stage.")
+    min_chars: int = Field(1, ge=0, description="Drop answers shorter than this (after stripping).")
+    max_chars: int | None = Field(None, ge=1, description="Drop answers longer than this.")
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"\bI(?:'m| am) (?:sorry|unable|not able)\b",
+            r"\bI can(?:no|')t (?:help|assist|comply)\b",
+            r"\bas an AI\b",
+            r"\blo siento\b",
+            r"\bje suis désolé\b",
+            r"\bes tut mir leid\b",
+        ],
+        description="Regexes (case-insensitive) that mark a refusal.",
+    )
+    answer_regex: str | None = Field(None, description="Answers must fully match this regex (generation tasks).")
+    json_schema: dict[str, Any] | None = Field(None, description="Answers must be JSON valid against this schema.")
+
+
+class ConsistencyConfig(Section):
+    enabled: bool = Field(True, description="Run the self-contradiction stage.")
+    min_agreement: float = Field(
+        0.6, ge=0, le=1, description="With several samples: keep a prompt when this share of samples agree."
+    )
+    rationale_field: str | None = Field(
+        None, description="JSON field holding a rationale; a rationale naming another label is a contradiction."
+    )
+    label_key: str = Field("label", description="JSON field holding the label in structured answers.")
+
+
+class EntropyConfig(Section):
+    enabled: bool = Field(True, description="Run the entropy stage.")
+    max_entropy: float | None = Field(None, ge=0, description="Drop rows whose teacher entropy (nats) exceeds this.")
+    drop_percentile: float | None = Field(
+        5.0, ge=0, le=100, description="Drop the most uncertain N percent of rows (used when max_entropy is unset)."
+    )
+
+
+class GraderConfig(Section):
+    enabled: bool = Field(False, description="Run the AI grader stage (costs one grader call per row).")
+    endpoint: TeacherConfig | None = Field(None, description="Grader endpoint; the teacher's when unset.")
+    rubric: str = Field(
+        "Score 1-5 how correct and well-formed the answer is for the input. "
+        'Reply as JSON: {"score": <1-5>, "reason": "<short>"}.',
+        description="Grading instructions.",
+    )
+    min_score: float = Field(3.0, description="Drop rows scoring below this.")
+
+
+class DedupConfig(Section):
+    enabled: bool = Field(True, description="Run the deduplication stage.")
+    on: Literal["prompt", "answer", "both"] = Field("prompt", description="Which text identifies a duplicate.")
+    near: bool = Field(True, description="Also drop near-duplicates (MinHash LSH), not only exact ones.")
+    threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity at which two texts are near-duplicates.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle: int = Field(5, ge=1, le=16, description="Character shingle size.")
+
+
+class SpotCheckConfig(Section):
+    enabled: bool = Field(True, description="Run the human spot-check stage.")
+    fraction: float = Field(0.05, ge=0, le=1, description="Share of rows sampled for review (5-10 % in practice).")
+    auto_approve: bool = Field(
+        False, description="Approve the sample without waiting for a reviewer (CI and the demo set this)."
+    )
+    timeout_s: int = Field(3600, ge=1, description="How long the flow waits for a reviewer.")
+    decisions_path: Path | None = Field(None, description="Headless review: CSV of id,approved[,reason] to import.")
+
+
+class MixConfig(Section):
+    real_fraction: float = Field(0.3, ge=0, le=1, description="Share of real (gold) examples in the final dataset.")
+    tail_oversample: float = Field(2.0, ge=1, description="Weight multiplier for rare labels and uncertain rows.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Stratified validation split.")
+
+
+class FilterConfig(Section):
+    """The filter pipeline, in order; every stage can be switched off."""
+
+    heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
+    entropy: EntropyConfig = Field(default_factory=EntropyConfig)
+    grader: GraderConfig = Field(default_factory=GraderConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    spotcheck: SpotCheckConfig = Field(default_factory=SpotCheckConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Adapter dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
+
+
+class TrainConfig(Section):
+    """The student and how it learns."""
+
+    mode: Literal["classifier_kd", "sft", "logit_kd"] = Field(
+        "classifier_kd",
+        description="classifier_kd: encoder + soft-label KD; sft: causal LM on teacher completions; "
+        "logit_kd: token-level KD against a local teacher's logits.",
+    )
+    student_model: Path | None = Field(
+        None, description="Local HF model directory for the student; None derives it from init_from_teacher."
+    )
+    init_from_teacher: Path | None = Field(
+        None, description="Local HF encoder whose first student_layers layers initialise the student."
+    )
+    student_layers: int = Field(2, ge=1, description="Encoder layers kept when initialising from the teacher.")
+    teacher_model: Path | None = Field(None, description="Local teacher model directory for logit_kd.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    temperature: float = Field(2.0, gt=0, description="KD temperature T; the KL term is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs hard-label CE.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training set.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay, warmup below).")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(32, ge=1, description="Examples per optimiser step (per device).")
+    max_length: int = Field(64, ge=8, description="Token cap per example.")
+    eval_steps: int = Field(100, ge=1, description="Validate every N steps.")
+    early_stopping_patience: int | None = Field(3, ge=1, description="Stop after N validations without improvement.")
+    checkpoint_steps: int = Field(200, ge=1, description="Checkpoint every N steps; a crashed run resumes from the last.")
+    seed: int = Field(0, description="Seed for data order and initialisation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPU).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU, large students).")
+    packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
+    merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
+    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="logit_kd: share of batches on student samples (GKD).")
+    work_pool: str | None = Field(None, description="Run training as a deployment on this Prefect work pool (GPU).")
+
+
+class EvaluateConfig(Section):
+    """How the student is measured against gold labels and the teacher."""
+
+    ece_bins: int = Field(15, ge=2, le=100, description="Equal-width bins for ECE and the reliability diagram.")
+    tail_size: int = Field(300, ge=0, description="Size of the hardest-inputs slice.")
+    tail_path: Path | None = Field(None, description="User-supplied tail examples (same columns as the holdout).")
+    latency_requests: int = Field(200, ge=10, description="Single requests sent per model to measure latency.")
+    latency_concurrency: int = Field(4, ge=1, description="Concurrent clients during the latency measurement.")
+    robustness: bool = Field(True, description="Measure accuracy on deterministic rephrasings.")
+    ood_path: Path | None = Field(None, description="Out-of-domain inputs (one text per line); bundled set when unset.")
+    student_cost_per_hour: float = Field(0.10, ge=0, description="USD per hour of the machine serving the student.")
+
+
+class GateConfig(Section):
+    """The production bar. A student ships only when every check passes."""
+
+    min_retention: float = Field(0.95, ge=0, le=1.5, description="Student accuracy / teacher accuracy.")
+    max_ece: float = Field(0.05, ge=0, le=1, description="Expected calibration error after temperature scaling.")
+    max_tail_gap: float = Field(0.10, ge=0, le=1, description="Teacher minus student accuracy on the tail slice.")
+    max_p95_ms: float = Field(50.0, gt=0, description="Student P95 latency budget in milliseconds.")
+    max_robustness_drop: float = Field(0.05, ge=0, le=1, description="Accuracy drop on rephrased inputs.")
+    auto_promote: bool = Field(False, description="Promote a passing student to champion without a human.")
+
+
+class DriftConfig(Section):
+    """Sensors that decide when to re-distil."""
+
+    accuracy_drop: float = Field(0.05, ge=0, le=1, description="Holdout accuracy drop (absolute) that fires.")
+    entropy_window: int = Field(3, ge=2, description="Cycles of monotone entropy decrease that fire.")
+    max_disagreement_increase: float = Field(0.05, ge=0, le=1, description="Rise in student-teacher disagreement.")
+    input_drift_p_value: float = Field(0.01, gt=0, lt=1, description="Input-drift test significance level.")
+    min_requests: int = Field(200, ge=1, description="Recent requests needed before input drift is judged.")
+
+
+class ServeConfig(Section):
+    """The student's OpenAI-compatible server and its production modes."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="Port.")
+    api_key_env: str = Field("DISTILL_SERVE_API_KEY", description="Env variable with the key clients must send.")
+    max_request_bytes: int = Field(64_000, ge=1024, description="Larger requests get 413.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
+    shadow: bool = Field(False, description="Also ask the challenger/teacher and log both answers.")
+    canary_fraction: float = Field(0.0, ge=0, le=1, description="Share of traffic served by the challenger.")
+    fallback_confidence: float | None = Field(None, ge=0, le=1, description="Below this, answer with the teacher.")
+    log_url: str = Field("sqlite:///.distill/shadow.sqlite", description="Shadow/traffic log database URL.")
+
+
+class DistillConfig(Section):
+    """The whole cycle; each task receives only its own section."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    store: str = Field("runs", description="Where runs are written: a directory or s3://bucket/prefix.")
+    registry: Path = Field(Path(".distill/registry"), description="Local model registry (champion/challenger).")
+    parent_run: str | None = Field(None, description="Run this one re-distils (set by drift-triggered runs).")
+    seed: int = Field(0, description="Global seed for sampling, splits and shuffles.")
+
+    def digest(self) -> str:
+        """Stable hash of the effective configuration, recorded in every manifest."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, with a message that names the file and line or field."""
+
+
+def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at a pydantic error location, for error messages."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            k, node = match[0]
+            line = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse `key.path=value` strings; values are read as YAML scalars (numbers, bools, null)."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. generation.concurrency=64")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
+    """Load a YAML config (or the defaults), apply `--set` overrides, validate.
+
+    Raises ConfigError naming the file, line and field of the first problems.
+    """
+    text = ""
+    data: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}:1: expected a mapping of sections (task, teacher, ...)")
+        base = path.parent
+        data = _resolve_relative_paths(data, base)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors()[:10]:
+            loc = tuple(err["loc"])
+            field = ".".join(str(x) for x in loc)
+            line = _yaml_line(text, loc) if text else None
+            at = f"{where}:{line}" if line else where
+            lines.append(f"{at}: {field}: {err['msg']}")
+        raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+
+
+_PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path", "decisions_path",
+              "student_model", "init_from_teacher", "teacher_model"}
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Data paths in a preset are relative to the preset file, so presets work from any directory."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out[k] = _resolve_relative_paths(v, base)
+        elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute():
+            out[k] = str((base / v).resolve())
+        else:
+            out[k] = v
+    return out
+
+
+def dump_config(config: DistillConfig) -> str:
+    """YAML of the effective config (no secrets live in it: keys are named, never stored)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,174 @@
+"""Reading task data and writing artifacts, with errors that name the file and line.
+
+Row shapes passed between stages (plain dicts, JSON-serialisable):
+
+- task row (`load_task_rows`): {"id", "text", "gold" (label/answer or None), "input" (all columns),
+  "messages" (the production chat), "_line" (source line)}
+- teacher record (`distill.teacher`): {"id", "sample", "status": "done"|"failed", "error", "text",
+  "finish_reason", "logprobs", "usage", "cost_usd", "latency_s", "attempts", "cached", "model",
+  "messages", "params"}
+- training row (`distill.filters.mix`): {"id", "text", "messages", "target", "soft_labels"
+  ({label: prob} or None), "source": "teacher"|"real", "weight", "split": "train"|"validation"}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from distill.config import ConfigError, TaskConfig
+
+
+def read_table(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Rows of a CSV or JSONL file, each with `_line`, the 1-based line it came from.
+
+    Raises ConfigError naming the file (and line) when the file is missing, empty,
+    malformed, or lacks a required column.
+    """
+    path = Path(path)
+    required = [r for r in required if r]
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    rows: list[dict[str, Any]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ConfigError(f"{path}:{i}: expected a JSON object per line")
+                missing = [r for r in required if r not in row]
+                if missing:
+                    raise ConfigError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
+                row["_line"] = i
+                rows.append(row)
+    else:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [r for r in required if r not in header]
+            if missing:
+                raise ConfigError(
+                    f"{path}:1: missing column(s) {', '.join(missing)}; the header has {', '.join(header) or 'nothing'}"
+                )
+            for row in reader:
+                if None in row:
+                    raise ConfigError(f"{path}:{reader.line_num}: more fields than the header names")
+                row["_line"] = reader.line_num
+                rows.append(dict(row))
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def render_messages(task: TaskConfig, row: dict[str, Any], where: str = "") -> list[dict[str, str]]:
+    """The production chat for one input: system prompt plus the rendered user template."""
+    try:
+        user = task.prompt_template.format(**{k: v for k, v in row.items() if not k.startswith("_")})
+    except KeyError as e:
+        raise ConfigError(f"{where}task.prompt_template: placeholder {e} is not a column of the input") from None
+    messages = []
+    if task.system_prompt:
+        messages.append({"role": "system", "content": task.system_prompt})
+    messages.append({"role": "user", "content": user})
+    return messages
+
+
+def load_task_rows(task: TaskConfig, split: str = "train") -> list[dict[str, Any]]:
+    """Task rows for `split` ("train" or "test"), validated against the label set.
+
+    Every problem is reported before any teacher call: missing file, missing
+    columns, empty file, empty text, or a gold label outside the label set.
+    """
+    path = task.train_path if split == "train" else task.test_path
+    if path is None:
+        raise ConfigError(f"task.{split}_path: not set")
+    need_label = split == "test" and task.label_field
+    required = [task.text_field] + ([task.label_field] if need_label else [])
+    raw = read_table(path, required)
+    limit = task.max_rows if split == "train" else task.max_test_rows
+    if limit:
+        raw = raw[:limit]
+    labels = set(task.label_set()) if task.kind == "classification" else None
+    out = []
+    for row in raw:
+        line = row["_line"]
+        text = row.get(task.text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{path}:{line}: empty {task.text_field!r}")
+        gold = row.get(task.label_field) if task.label_field else None
+        if gold == "":
+            gold = None
+        if labels is not None and gold is not None and gold not in labels:
+            raise ConfigError(f"{path}:{line}: label {gold!r} is not in the task's label set")
+        if need_label and gold is None:
+            raise ConfigError(f"{path}:{line}: empty {task.label_field!r} in the gold holdout")
+        rid = str(row.get("id") or f"{split}-{line}")
+        out.append({
+            "id": rid,
+            "text": text,
+            "gold": gold,
+            "input": {k: v for k, v in row.items() if not k.startswith("_")},
+            "messages": render_messages(task, row, where=f"{path}:{line}: "),
+            "_line": line,
+        })
+    seen: dict[str, int] = {}
+    for r in out:
+        if r["id"] in seen:
+            raise ConfigError(f"{path}:{r['_line']}: duplicate id {r['id']!r} (first at line {seen[r['id']]})")
+        seen[r["id"]] = r["_line"]
+    return out
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write rows atomically: a crash leaves the old file or none, never half of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomic text write (same guarantee as write_jsonl)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL artifact written by distill (errors name file and line)."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size == 0:
+        return []
+    rows = read_table(path)
+    for r in rows:
+        r.pop("_line", None)
+    return rows
