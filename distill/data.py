@@ -2,13 +2,19 @@
 
 Row shapes passed between stages (plain dicts, JSON-serialisable):
 
-- task row (`load_task_rows`): {"id", "text", "gold" (label/answer or None), "input" (all columns),
-  "messages" (the production chat), "_line" (source line)}
-- teacher record (`distill.teacher`): {"id", "sample", "status": "done"|"failed", "error", "text",
-  "finish_reason", "logprobs", "usage", "cost_usd", "latency_s", "attempts", "cached", "model",
-  "messages", "params"}
-- training row (`distill.filters.mix`): {"id", "text", "messages", "target", "soft_labels"
-  ({label: prob} or None), "source": "teacher"|"real", "weight", "split": "train"|"validation"}
+- task row (`load_task_rows`): {"id", "text" (the input text), "gold" (label/answer or None),
+  "input" (all columns), "messages" (the production chat), "_line" (source line)}
+- teacher record (`distill.teacher`): {"id", "sample" (0..n-1), "status": "done"|"failed",
+  "error" (reason or None), "response" (the teacher's answer text), "finish_reason", "truncated" (bool),
+  "logprobs" (OpenAI `choices[0].logprobs.content` list or None), "usage" ({"prompt_tokens",
+  "completion_tokens"}), "cost_usd", "latency_s", "attempts", "cached" (bool), "model", "messages",
+  "params" (sampling params sent)}
+- candidate row (`distill.filters`): a task row joined with one teacher record: {"id", "sample",
+  "text", "gold", "messages", "response", "finish_reason", "truncated", "logprobs", "label" (the
+  answer's label for classification, else None), "soft_labels" ({label: prob} or None), "entropy"}
+- training row (`distill.filters.mix_dataset`): {"id", "text", "messages", "target" (label or
+  completion), "soft_labels" ({label: prob} or None), "source": "teacher"|"real", "weight" (float),
+  "split": "train"|"validation"}
 """
 
 from __future__ import annotations

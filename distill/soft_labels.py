@@ -43,7 +43,7 @@ def soft_labels(record: dict[str, Any], labels: list[str], floor: float = 1e-6,
     first = content[0] if content else None
     tops = (first or {}).get("top_logprobs") or []
     if not tops:
-        answer = label_of(record.get("text"), labels)
+        answer = label_of(record.get("response"), labels)
         if answer is None:
             return None
         rest = smoothing / max(len(labels) - 1, 1)

@@ -1,0 +1,57 @@
+"""Run an ASGI app (the teacher server, the student server) on loopback in a background thread.
+
+Used by the demo (the local teacher lives in the same process as the flow), the
+evaluation stage (latency of the student over real HTTP) and the tests.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str  # base URL without a trailing slash, e.g. http://127.0.0.1:8765
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0,
+                    log_level: str = "warning") -> RunningServer:
+    """Start `app` with uvicorn in a daemon thread and return once it accepts connections."""
+    import uvicorn
+
+    port = port or free_port(host)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"http-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"server on {host}:{port} failed to start")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError(f"server on {host}:{port} did not start within {startup_timeout}s")
+        time.sleep(0.02)
+    return RunningServer(url=f"http://{host}:{port}", server=server, thread=thread)

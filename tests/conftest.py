@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny random models saved and loaded through the real
+`from_pretrained` path, free loopback ports, and one Prefect test harness.
+
+Nothing here downloads anything: models are built from configs, tokenizers
+from a word list.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# A small closed vocabulary: enough for toy tasks and the BANKING77 smoke rows
+# (unknown words map to [UNK], which is fine for a random model).
+WORDS = (
+    "a an the i my me you your is are was be to of and or not no yes can how what why where when "
+    "card cards money transfer account balance pin top up refund payment pending declined lost stolen "
+    "exchange rate fee charge cash atm withdraw withdrawal app phone new order arrive delivery verify "
+    "identity change address close cancel help please hello thanks good bad cat dog red blue green "
+    "positive negative neutral great terrible fine love hate ok one two three four five"
+).split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_bert_tokenizer(directory: Path):
+    """A BERT-style WordPiece tokenizer over WORDS, saved to and reloaded from `directory`."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + list("abcdefghijklmnopqrstuvwxyz0123456789?!.,'")
+    (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def make_tiny_bert_classifier(directory: Path, labels: list[str], seed: int = 0, num_layers: int = 2) -> Path:
+    """A random BertForSequenceClassification with `labels`, saved as safetensors."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = build_bert_tokenizer(directory)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+                     id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    BertForSequenceClassification(cfg).save_pretrained(directory, safe_serialization=True)
+    AutoModelForSequenceClassification.from_pretrained(directory)  # prove the real load path works
+    return directory
+
+
+def make_tiny_bert_encoder(directory: Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """A random BertModel (no head), e.g. a stand-in for MiniLM in `init_from_teacher`."""
+    import torch
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = build_bert_tokenizer(directory)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(directory, safe_serialization=True)
+    AutoModel.from_pretrained(directory)
+    return directory
+
+
+def make_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
+    """A random Llama-style causal LM with a chat template, saved as safetensors.
+
+    Sizes follow TRL's tiny test models (hidden 8..16, 2 layers).
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + list("abcdefghijklmnopqrstuvwxyz0123456789?!.,':{}\"")))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>")
+    # Registered as special tokens so the chat markers are never split by the pre-tokenizer.
+    tok.add_special_tokens({"additional_special_tokens": specials[4:]})
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    tok.save_pretrained(directory)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(directory, safe_serialization=True)
+    AutoModelForCausalLM.from_pretrained(directory)
+    AutoTokenizer.from_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A random 3-label BERT classifier directory (labels positive/negative/neutral)."""
+    return make_tiny_bert_classifier(tmp_path_factory.mktemp("tiny-clf"), ["positive", "negative", "neutral"])
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return make_tiny_bert_encoder(tmp_path_factory.mktemp("tiny-enc"))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real ephemeral Prefect API for the whole session (started only if a test asks)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
