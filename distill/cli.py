@@ -67,17 +67,32 @@ def config_validate(config: Path = typer.Argument(..., help="YAML config file.")
     typer.echo(f"ok: {config} ({len(rows)} training rows, {len(test)} holdout rows, config {cfg.digest()[:12]})")
 
 
+def _check_inputs(cfg) -> None:
+    """Fail before any teacher call (and before Prefect starts) on bad data or labels."""
+    from distill.config import ConfigError
+    from distill.data import load_task_rows
+
+    try:
+        cfg.task.label_set()
+        load_task_rows(cfg.task, "train")
+        if cfg.task.test_path:
+            load_task_rows(cfg.task, "test")
+    except ConfigError as e:
+        _fail(str(e))
+
+
 @app.command("run")
-def run(config: Path = typer.Argument(..., help="YAML config file."),
+def run(config: Path = typer.Argument(..., help="YAML config file (see deployments/configs/)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Run the whole distillation cycle (generate, filter, train, evaluate, gate, register)."""
     _offline_env()
     cfg = _load(config, set_)
+    _check_inputs(cfg)
     from distill.config import ConfigError
     from flows.distillation_cycle import distillation_cycle
 
     try:
-        result = distillation_cycle(cfg)
+        result = distillation_cycle(config=cfg)
     except ConfigError as e:
         _fail(str(e))
     _print_result(result)
@@ -85,8 +100,9 @@ def run(config: Path = typer.Argument(..., help="YAML config file."),
 
 def _print_result(result: dict) -> None:
     m = result.get("metrics", {})
-    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "ece", "teacher_p50_ms",
-            "teacher_p95_ms", "student_p50_ms", "student_p95_ms", "wall_s"]
+    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "ece", "ece_before",
+            "tail_gap", "robustness_drop", "teacher_p50_ms", "teacher_p95_ms", "student_p50_ms",
+            "student_p95_ms", "teacher_cost_usd", "wall_s", "demo_wall_s"]
     for k in keys:
         if k in m and m[k] is not None:
             v = m[k]
@@ -101,12 +117,17 @@ def _print_result(result: dict) -> None:
 
 @app.command("demo")
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-         quick: bool = typer.Option(False, help="A small slice of the data (about a minute), for smoke tests.")):
+         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests.")):
     """Distil BANKING77 intent classification end to end, offline, on CPU."""
     _offline_env()
+    from distill.config import ConfigError
     from distill.demo import run_demo
+    from flows.distillation_cycle import distillation_cycle
 
-    result = run_demo(overrides=set_ or [], quick=quick)
+    try:
+        result = run_demo(distillation_cycle, overrides=set_ or [], quick=quick)
+    except ConfigError as e:
+        _fail(str(e))
     _print_result(result)
 
 
