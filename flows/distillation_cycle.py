@@ -74,6 +74,8 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     started_at = datetime.now(timezone.utc).isoformat()
     logger = get_run_logger()
     cfg = config if config is not None else load_config(config_path, overrides)
+    # Open the store first: a missing bucket must fail before the teacher is paid, not after.
+    store = open_store(str(cfg.store))
     run_id = run_id or new_run_id(cfg)
     run_dir = local_run_dir(cfg, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,10 +137,14 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     manifest = build_manifest(cfg, run_id, data_files=data_files, flow_run_id=str(flow_run.get_id() or ""),
                               spend=spend, started_at=started_at,
                               finished_at=datetime.now(timezone.utc).isoformat(),
-                              extra={"gate": decision, "registry": registry})
-    manifest = publish_run(run_dir, open_store(str(cfg.store)), run_id, manifest)
+                              extra={"gate": decision, "registry": registry, "metrics": _scalars(metrics)})
+    manifest = publish_run(run_dir, store, run_id, manifest)
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "decision": decision,
             "registry": registry, "store_uri": manifest.get("store_uri")}
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 def _spend(summary: dict) -> dict:
