@@ -132,18 +132,419 @@ def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 
 
 # --- teacher (distill/teacher_server.py) ------------------------------------------------------
+@teacher_app.command("serve")
+def teacher_serve(
+    model_path: Path = typer.Argument(..., help="Teacher directory: an embedding-classifier teacher (teacher.json), "
+                                      "a HF sequence classifier (e.g. a student) or a HF causal LM."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8765, help="Port to listen on."),
+    model_name: Optional[str] = typer.Option(None, help="Model name clients must send; default: the directory name."),
+    max_batch: int = typer.Option(64, help="Most concurrent classifier requests answered by one forward pass."),
+    batch_wait_ms: float = typer.Option(2.0, help="How long a classifier request waits for others to batch with."),
+    files_dir: Optional[Path] = typer.Option(None, help="Where /v1/files and batch results are kept (default: a "
+                                             "temporary directory)."),
+):
+    """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
+    _offline_env()
+    from distill.config import ConfigError
+    from distill.teacher_server import serve
+
+    try:
+        serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
+              batch_wait_ms=batch_wait_ms, files_dir=files_dir)
+    except ConfigError as e:
+        _fail(str(e))
+
 
 
 # --- generate (distill/teacher.py, tasks/generate.py) ------------------------------------------
 
 
+@app.command("generate")
+def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teacher, generation and task sections)."),
+                 input: Path = typer.Option(..., "--input", help="CSV/JSONL prompts: `id` plus `messages` or the "
+                                            "task's input fields (rendered with the config's prompt template)."),
+                 output: Path = typer.Option(..., "--output", help="JSONL of teacher records, one per id (and "
+                                             "sample), each done or failed with a reason; written atomically."),
+                 set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Estimate tokens and cost; call nothing."),
+                 progress: bool = typer.Option(True, help="Show a progress bar on stderr.")):
+    """Ask the teacher for every prompt, with the run's request cache, retries, limits and budget.
+
+    Exits 0 when every row is done, 1 when some rows failed (the output still holds them, with reasons).
+    """
+    from distill.config import ConfigError
+    from distill.data import write_jsonl
+    from distill.teacher import estimate_cost, generate, load_prompt_rows, resolve_api_key
+
+    cfg = _load(config, set_)
+    try:
+        rows = load_prompt_rows(input, cfg.task)
+        if dry_run:
+            est = estimate_cost(rows, cfg.teacher, cfg.generation)
+            for k, v in est.items():
+                typer.echo(f"{k:>22}: {v}")
+            return
+        key = resolve_api_key(cfg.teacher)
+        if key is None and cfg.teacher.api_key_secret_block:
+            _offline_env()
+            from tasks.generate import resolve_key
+
+            key = resolve_key(cfg.teacher)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(rows) * cfg.generation.samples_per_prompt, unit="req", desc="generate",
+                       file=sys.stderr, dynamic_ncols=True)
+        result = generate(rows, cfg.teacher, cfg.generation, api_key=key,
+                          progress=(lambda n, total: bar.update(n - bar.n)) if bar else None)
+        if bar:
+            bar.close()
+    except ConfigError as e:
+        _fail(str(e))
+    write_jsonl(output, result.records)
+    s = result.summary
+    typer.echo(f"{s['done']}/{s['requested']} done ({s['cached']} cached), {s['failed']} failed "
+               f"{s['failed_by_reason'] or ''}, {s['prompt_tokens']}+{s['completion_tokens']} tokens, "
+               f"${s['cost_usd']:.4f}, {s['requests_per_s']:.1f} req/s -> {output}")
+    if s["budget_exhausted"]:
+        typer.echo("budget reached: unrequested rows are marked budget_exhausted; raise generation.budget_usd "
+                   "and re-run to buy the rest (stored answers are not bought again)")
+    if s["failed"]:
+        raise typer.Exit(1)
+
+
 # --- models (distill/registry.py) --------------------------------------------------------------
+
+REGISTRY_HELP = "Registry directory; defaults to the config's `registry` (or .distill/registry)."
+CONFIG_OPT_HELP = "YAML config whose `registry` field names the registry."
+
+
+def _registry(registry: Optional[Path], config: Optional[Path]):
+    from distill.registry import Registry
+
+    if registry is None:
+        registry = _load(config, None).registry if config else Path(".distill/registry")
+    return Registry(registry)
+
+
+@models_app.command("list")
+def models_list(task: Optional[str] = typer.Option(None, help="Only this task's models."),
+                registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP),
+                as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON.")):
+    """List registered students with their status (champion, challenger, retired) and headline metrics."""
+    import json
+
+    from distill.config import ConfigError
+
+    try:
+        entries = _registry(registry, config).list(task)
+    except ConfigError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(entries, indent=1))
+        return
+    if not entries:
+        typer.echo("no models registered")
+        return
+
+    def num(v, pct=False):
+        return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.1f}")
+
+    typer.echo(f"{'task':<16} {'run id':<40} {'status':<12} {'acc':>7} {'ret':>7} {'ece':>6} {'p95ms':>7} gate")
+    for e in entries:
+        m = e.get("metrics", {})
+        gate = {True: "ship", False: "no"}.get(m.get("gate_ship"), "-")
+        typer.echo(f"{e['task']:<16} {e['run_id']:<40} {e['status']:<12} {num(m.get('student_accuracy'), True):>7} "
+                   f"{num(m.get('retention'), True):>7} {num(m.get('ece'), True):>6} "
+                   f"{num(m.get('student_p95_ms')):>7} {gate}")
+
+
+@models_app.command("promote")
+def models_promote(task: str = typer.Argument(..., help="Task name."),
+                   run_id: str = typer.Argument(..., help="Registered run to make champion."),
+                   reason: str = typer.Option(..., "--reason", help="Why (recorded in the registry's event log)."),
+                   registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                   config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP)):
+    """Make a registered student the champion of its task; the old champion is kept for rollback."""
+    from distill.config import ConfigError
+
+    try:
+        entry = _registry(registry, config).promote(task, run_id, reason)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"champion of {task}: {entry['run_id']} ({entry['path']})")
+
+
+@models_app.command("rollback")
+def models_rollback(task: str = typer.Argument(..., help="Task name."),
+                    registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP)):
+    """Bring back the previous champion of a task."""
+    from distill.config import ConfigError
+
+    try:
+        entry = _registry(registry, config).rollback(task)
+    except ConfigError as e:
+        _fail(str(e))
+    typer.echo(f"champion of {task}: {entry['run_id']} (rolled back)")
 
 
 # --- runs (distill/store.py, distill/manifest.py) ----------------------------------------------
 
+STORE_HELP = "Run store: a directory or s3://bucket/prefix (AWS settings from the standard environment)."
+_KEY_METRICS = ("student_accuracy", "retention", "ece", "student_p95_ms", "teacher_cost_usd")
+
+
+def _runs_store(uri: str):
+    from distill.store import StoreError, open_store
+
+    try:
+        return open_store(uri)
+    except StoreError as e:
+        _fail(str(e))
+
+
+def _run_with_metrics(store, run_id: str) -> dict:
+    """The run's manifest with "metrics" filled from its metrics.json artifact when the manifest lacks them."""
+    import json
+
+    from distill.store import StoreError, read_manifest
+
+    try:
+        manifest = read_manifest(store, run_id)
+    except StoreError as e:
+        _fail(str(e))
+    art = (manifest.get("artifacts") or {}).get("metrics.json")
+    if "metrics" not in manifest and art:
+        try:
+            manifest["metrics"] = json.loads(store.get_bytes(f"{run_id}/metrics.json", sha256=art.get("sha256")))
+        except (StoreError, ValueError) as e:
+            typer.secho(f"warning: {run_id}: metrics.json unreadable ({e})", fg=typer.colors.YELLOW, err=True)
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    from distill.store import file_sha256
+
+    return file_sha256(path)[0]
+
+
+def _gate_word(manifest: dict) -> str:
+    gate = manifest.get("gate") or (manifest.get("metrics") or {}).get("gate") or {}
+    if "ship" not in gate:
+        return "-"
+    return "SHIP" if gate["ship"] else "NO-SHIP"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+@runs_app.command("list")
+def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
+              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List complete runs (those with a manifest.json): id, start, task, key metrics, gate decision."""
+    import json
+
+    from distill.store import list_runs
+
+    st = _runs_store(store)
+    rows = []
+    for run_id in list_runs(st):
+        m = _run_with_metrics(st, run_id)
+        metrics = m.get("metrics") or {}
+        rows.append({"run_id": run_id, "started_at": m.get("started_at"), "task": (m.get("task") or {}).get("name"),
+                     **{k: metrics.get(k) for k in _KEY_METRICS}, "gate": _gate_word(m)})
+    rows.sort(key=lambda r: str(r["started_at"] or ""))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        typer.echo(f"no complete runs in {st.uri}")
+        return
+    header = ["run_id", "started_at", "task", *_KEY_METRICS, "gate"]
+    table = [header] + [[_fmt(r[h]) if h != "started_at" else str(r[h] or "-")[:19] for h in header] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(..., help="Run id (its folder name in the store)."),
+              store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
+              verify: bool = typer.Option(False, "--verify", help="Check every artifact's sha256; exit 1 on problems."),
+              as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON.")):
+    """Show a run's lineage: config hash, data hashes, teacher, spend, versions, artifacts, reproduce command."""
+    import json
+
+    from distill.manifest import reproduce_command
+    from distill.store import verify_run
+
+    st = _runs_store(store)
+    m = _run_with_metrics(st, run_id)
+    if as_json:
+        typer.echo(json.dumps(m, indent=1))
+    else:
+        teacher, git = m.get("teacher") or {}, m.get("git") or {}
+        prices = teacher.get("prices") or {}
+        lines = [
+            ("run", run_id), ("task", (m.get("task") or {}).get("name")),
+            ("started", m.get("started_at")), ("finished", m.get("finished_at")),
+            ("config hash", m.get("config_hash")),
+            ("teacher", f"{teacher.get('model')} at {teacher.get('base_url')} "
+                        f"(${prices.get('input_per_1m', 0)}/${prices.get('output_per_1m', 0)} per 1M in/out)"),
+            ("spend usd", (m.get("spend") or {}).get("cost_usd")),
+            ("parent run", m.get("parent_run")), ("flow run", m.get("flow_run_id")),
+            ("git", f"{git.get('revision')}{' (dirty)' if git.get('dirty') else ''}" if git else None),
+            ("gate", _gate_word(m)), ("stored at", m.get("store_uri")),
+        ]
+        metrics = m.get("metrics") or {}
+        lines += [(k, metrics[k]) for k in _KEY_METRICS if k in metrics]
+        for k, v in lines:
+            typer.echo(f"{k:>16}: {_fmt(v)}")
+        typer.echo("data (checked against the files on this machine):")
+        for path, sha in (m.get("data_hashes") or {}).items():
+            here = Path(path)
+            state = ("missing here" if not here.is_file()
+                     else "same" if _sha256(here) == sha else "CHANGED since the run")
+            typer.echo(f"  {sha[:12]}  {path}  ({state})")
+        arts = m.get("artifacts") or {}
+        typer.echo(f"artifacts ({len(arts)}, {sum(a.get('bytes', 0) for a in arts.values()):,} bytes):")
+        for rel, a in arts.items():
+            typer.echo(f"  {a.get('sha256', '')[:12]}  {a.get('bytes', 0):>12,}  {rel}")
+        typer.echo(f"reproduce: {m.get('reproduce') or reproduce_command(m)}")
+    if verify:
+        problems = verify_run(st, run_id)
+        for p in problems:
+            typer.secho(f"verify: {p}", fg=typer.colors.RED, err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"verified: {len(m.get('artifacts') or {})} artifacts match their sha256", err=as_json)
+
+
+@runs_app.command("diff")
+def runs_diff(run_a: str = typer.Argument(..., help="Baseline run id."),
+              run_b: str = typer.Argument(..., help="Run id compared with the baseline."),
+              store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
+              as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON.")):
+    """Compare two runs: config fields, input data, teacher, spend, package versions, metrics, gate."""
+    import json
+
+    from distill.manifest import diff_manifests
+
+    st = _runs_store(store)
+    d = diff_manifests(_run_with_metrics(st, run_a), _run_with_metrics(st, run_b))
+    if as_json:
+        typer.echo(json.dumps(d, indent=1))
+        return
+    typer.echo(f"{run_a} -> {run_b}" + ("  (same config)" if d["config_hash_equal"] else ""))
+    for section in ("config", "data", "teacher", "spend", "packages", "git"):
+        for k, v in d[section].items():
+            typer.echo(f"  {section:<8} {k}: {_fmt(v['a'])} -> {_fmt(v['b'])}")
+    if d["gate"]:
+        typer.echo(f"  gate     {_fmt(d['gate']['a'])} -> {_fmt(d['gate']['b'])}")
+    if d["metrics"]:
+        typer.echo("metrics:")
+        for k, v in d["metrics"].items():
+            delta = f"  ({v['delta']:+.4f})" if v["delta"] is not None else ""
+            typer.echo(f"  {k}: {_fmt(v['a'])} -> {_fmt(v['b'])}{delta}")
+
+
 
 # --- serve and shadow (distill/serve.py, distill/shadow.py) ------------------------------------
+
+
+def _serving_models(cfg, student: Optional[Path], challenger: Optional[Path], want_challenger: bool):
+    """(champion dir, champion run, challenger dir, challenger run): flags, then config, then the registry."""
+    from distill.registry import Registry
+
+    reg = Registry(cfg.registry)
+    champ_dir, champ_run = student or cfg.serve.student_dir, None
+    if champ_dir is None:
+        entry = reg.champion(cfg.task.name)
+        if entry is None:
+            _fail(f"registry {cfg.registry}: task {cfg.task.name!r} has no champion; promote one or pass --student DIR")
+        champ_dir, champ_run = entry["path"], entry["run_id"]
+    chall_dir, chall_run = challenger or cfg.serve.challenger_dir, None
+    if chall_dir is None and want_challenger:
+        entry = reg.challenger(cfg.task.name)
+        if entry is not None:
+            chall_dir, chall_run = entry["path"], entry["run_id"]
+    return champ_dir, champ_run, chall_dir, chall_run
+
+
+@app.command("serve")
+def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (defaults when omitted)."),
+              set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+              student: Optional[Path] = typer.Option(None, help="Champion student directory (default: registry champion)."),
+              challenger: Optional[Path] = typer.Option(None, help="Challenger directory for shadow/canary "
+                                                                   "(default: registry challenger)."),
+              host: Optional[str] = typer.Option(None, help="Bind address (serve.host)."),
+              port: Optional[int] = typer.Option(None, help="Port (serve.port).")):
+    """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env)."""
+    _offline_env()
+    overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
+    cfg = _load(config, overrides)
+    from distill.config import ConfigError
+    from distill.serve import serve_forever
+
+    s = cfg.serve
+    uses_teacher = s.fallback_confidence is not None or (s.shadow and s.shadow_teacher)
+    champ_dir, champ_run, chall_dir, chall_run = _serving_models(cfg, student, challenger,
+                                                                 s.shadow or s.canary_fraction > 0)
+    typer.echo(f"serving {champ_run or champ_dir} on http://{s.host}:{s.port}/v1"
+               + (f" (challenger {chall_run or chall_dir})" if chall_dir else ""))
+    try:
+        serve_forever(champ_dir, s, challenger_dir=chall_dir, teacher=cfg.teacher if uses_teacher else None,
+                      champion_run=champ_run, challenger_run=chall_run)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@shadow_app.command("report")
+def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML config (defaults when omitted)."),
+                  set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+                  log_url: Optional[str] = typer.Option(None, help="Shadow log URL (default serve.log_url)."),
+                  gold: Optional[Path] = typer.Option(None, help="CSV/JSONL of gold labels (task text/label columns)."),
+                  student: str = typer.Option("champion", help="Whose readiness is judged: champion or challenger."),
+                  max_wrong: Optional[float] = typer.Option(None, help="Not ready above this share of wrong "
+                                                                       "disagreements (serve.review_max_wrong)."),
+                  limit: int = typer.Option(5000, help="Most recent logged requests reviewed."),
+                  grader: bool = typer.Option(True, help="Ask serve.review_grader about disagreements without gold."),
+                  out: Optional[Path] = typer.Option(None, help="Also write the markdown report here.")):
+    """Adjudicate champion/challenger/teacher disagreements from the shadow log and decide readiness."""
+    _offline_env()
+    cfg = _load(config, set_)
+    import json as _json
+
+    from distill.config import ConfigError
+    from distill.data import write_text
+    from distill.shadow import ShadowLog, load_gold, openai_grader, render_review, review
+
+    try:
+        gold_map = load_gold(gold, cfg.task.text_field, cfg.task.label_field or "label") if gold else None
+        grade = None
+        if grader and cfg.serve.review_grader is not None:
+            g = cfg.serve.review_grader
+            labels = cfg.task.label_set() if cfg.task.kind == "classification" else None
+            grade = openai_grader(g, os.environ.get(g.api_key_env), labels)
+        log = ShadowLog(log_url or cfg.serve.log_url)
+        result = review(log.recent(limit=limit), student=student, gold=gold_map, grader=grade,
+                        max_wrong=cfg.serve.review_max_wrong if max_wrong is None else max_wrong)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    report = render_review(result)
+    typer.echo(report)
+    if out:
+        write_text(out, report)
+        write_text(out.with_suffix(".json"), _json.dumps(result, indent=1))
+    if result["ready"] is False:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover

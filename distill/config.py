@@ -360,7 +360,7 @@ class EvaluateConfig(Section):
     latency_concurrency: int = Field(4, ge=1, description="Concurrent clients during the latency measurement.")
     robustness: bool = Field(True, description="Measure accuracy on deterministic rephrasings.")
     robustness_rows: int | None = Field(
-        600, ge=1, description="Holdout rows (a fixed, hash-ordered subset) rephrased five ways; None: all rows."
+        400, ge=1, description="Holdout rows (a fixed, hash-ordered subset) rephrased five ways; None: all rows."
     )
     ood_path: Path | None = Field(None, description="Out-of-domain inputs (one text per line); bundled set when unset.")
     abstain_threshold: float = Field(
@@ -601,7 +601,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path", "decisions_path",
-              "student_model", "init_from_teacher", "teacher_model"}
+              "student_model", "init_from_teacher", "teacher_model", "student_dir", "challenger_dir",
+              "reference_path"}
 
 
 _MODEL_KEYS = {"student_model", "init_from_teacher", "teacher_model"}

@@ -1,0 +1,654 @@
+"""`distill teacher serve`: an OpenAI-compatible server over a local teacher model.
+
+Three kinds of model directory are served, detected from the directory:
+
+- an embedding-classifier teacher (`teacher.json` kind "embedding-classifier",
+  `distill.encoders.EmbeddingClassifier`): the demo teacher;
+- any Hugging Face sequence-classification directory (e.g. a distill student);
+- any Hugging Face causal LM: real generation through its chat template.
+
+A classifier answers a chat completion with the label of the LAST user message
+as content; with logprobs, `content[0]` holds the label and `top_logprobs` the
+top-k labels, each label one "token" (see distill/soft_labels.py). Classifiers
+are deterministic: the answer is always the argmax, whatever the temperature.
+Concurrent classifier requests are batched dynamically into one forward pass.
+
+The OpenAI Batch API (`/v1/files`, `/v1/batches`) is implemented too, so batch
+clients are tested over real HTTP. Multipart uploads are parsed with the
+standard library's email parser, which keeps `python-multipart` out of the
+dependency set.
+"""
+
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill.config import ConfigError
+from distill.data import write_text
+
+MIN_LOGPROB = -9999.0  # OpenAI's floor; keeps -inf out of JSON
+
+
+# ----------------------------------------------------------------------------- request schema
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    # Unknown OpenAI parameters (user, response_format, ...) are accepted and ignored, like vLLM does.
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=100)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's `{"error": {"message", "type", "code", "param"}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+def validation_error(e: ValidationError) -> ApiError:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+    return ApiError(422, f"{where}: {first['msg']}", code="invalid_value", param=where)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+class ClassifierTeacher:
+    """Label log-probabilities for a batch of texts, from either classifier kind."""
+
+    def __init__(self, path: Path):
+        if (path / "teacher.json").exists():
+            from distill.encoders import EmbeddingClassifier
+
+            try:
+                clf = EmbeddingClassifier.load(path)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            self.kind, self.labels = "embedding-classifier", clf.labels
+            self._logits, self._tokenizer, self._max_length = clf.logits, clf.encoder.tokenizer, clf.encoder.max_length
+        else:
+            from distill.student import ClassifierStudent
+
+            student = ClassifierStudent(path)
+            self.kind, self.labels = "sequence-classifier", student.labels
+            self._logits = lambda texts: student.logits(texts) / student.temperature
+            self._tokenizer, self._max_length = student.tokenizer, student.max_length
+
+    def classify(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        """(label log-probabilities, prompt tokens read) per text."""
+        logprobs = _log_softmax(np.asarray(self._logits(texts), dtype=np.float64))
+        lengths = [min(len(ids), self._max_length) for ids in self._tokenizer(texts)["input_ids"]]
+        return list(zip(logprobs, lengths))
+
+
+class CausalTeacher:
+    """Chat generation with per-token logprobs from a local causal LM."""
+
+    kind = "causal-lm"
+
+    def __init__(self, path: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = set(eos + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # A base model without a template: a plain transcript it can continue.
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def generate(self, messages: list[dict[str, str]], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int | None, top_logprobs: int | None, stop: list[str]) -> dict:
+        """Sample `n` completions; returns {"prompt_tokens", "choices": [{"text", "finish_reason",
+        "tokens": [(token_id, logprob, [(alt_id, alt_logprob), ...]), ...], "completion_tokens"}]}."""
+        import torch
+
+        enc = self.tokenizer(self.prompt(messages), return_tensors="pt", add_special_tokens=False)
+        prompt_len = enc["input_ids"].shape[1]
+        if seed is not None:
+            torch.manual_seed(seed)  # model calls run on one worker thread, so the global RNG is ours
+        sample = temperature > 0
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, return_dict_in_generate=True, output_logits=True,
+                                      pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None)
+        if sample:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+        else:
+            kwargs.update(do_sample=False)  # greedy is deterministic: one run serves all n choices
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        seqs = out.sequences[:, prompt_len:]
+        # Raw logits (before temperature / top-p), as vLLM reports by default: the model's own distribution.
+        logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+        k = min(top_logprobs or 0, logp.shape[-1])
+        choices = []
+        for i in range(seqs.shape[0]):
+            tokens, finish = [], "length"
+            for t, tid in enumerate(seqs[i].tolist()):
+                if tid in self.eos_ids:
+                    finish = "stop"
+                    break
+                alts = []
+                if k:
+                    vals, ids = torch.topk(logp[i, t], k)
+                    alts = list(zip(ids.tolist(), vals.tolist()))
+                tokens.append((tid, float(logp[i, t, tid]), alts))
+            completion_tokens = len(tokens) + (finish == "stop")
+            text = self.tokenizer.decode([tok[0] for tok in tokens], skip_special_tokens=True)
+            if stop:
+                tokens, text, finish = self._cut_at_stop(tokens, text, finish, stop)
+            choices.append({"text": text, "finish_reason": finish, "tokens": tokens,
+                            "completion_tokens": completion_tokens})
+        while len(choices) < n:
+            choices.append(dict(choices[0]))
+        return {"prompt_tokens": prompt_len, "choices": choices}
+
+    def _cut_at_stop(self, tokens: list, text: str, finish: str, stop: list[str]) -> tuple[list, str, str]:
+        hits = [text.find(s) for s in stop if s and s in text]
+        if not hits:
+            return tokens, text, finish
+        cut = min(hits)
+        for j in range(1, len(tokens) + 1):  # the first token whose text reaches the stop string
+            if len(self.tokenizer.decode([t[0] for t in tokens[:j]], skip_special_tokens=True)) > cut:
+                return tokens[:j], text[:cut], "stop"
+        return tokens, text[:cut], "stop"
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def load_teacher(model_path: str | Path) -> ClassifierTeacher | CausalTeacher:
+    """Load a teacher directory, detecting its kind (see module doc). Raises ConfigError when it is none."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: teacher model directory not found")
+    if (path / "teacher.json").exists():
+        return ClassifierTeacher(path)
+    config = path / "config.json"
+    if not config.exists():
+        raise ConfigError(f"{path}: not a model directory (no teacher.json or config.json)")
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return ClassifierTeacher(path)
+    if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
+        return CausalTeacher(path)
+    raise ConfigError(f"{config}: architectures {architectures} is neither a sequence classifier nor a causal LM")
+
+
+# ----------------------------------------------------------------------------- dynamic batching
+
+class MicroBatcher:
+    """Collects concurrent requests for up to `wait_s` (or `max_batch` items) and runs one call for all.
+
+    `fn(items) -> results` runs on `executor` so the event loop keeps answering
+    while the model works; requests arriving meanwhile form the next batch.
+    """
+
+    def __init__(self, fn, executor, max_batch: int = 64, wait_s: float = 0.002):
+        self.fn, self.executor, self.max_batch, self.wait_s = fn, executor, max_batch, wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, future))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            live = [(item, fut) for item, fut in batch if not fut.done()]  # skip requests whose client left
+            if not live:
+                continue
+            self.batches += 1
+            self.items += len(live)
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in live])
+            except Exception as e:  # one bad batch fails its requests, never the server
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), result in zip(live, results):
+                if not fut.done():
+                    fut.set_result(result)
+
+
+# ----------------------------------------------------------------------------- chat completions
+
+def _text_of(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ApiError(400, f"content part type {part.get('type')!r} is not supported (text only)",
+                           param="messages")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def _token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": max(float(logprob), MIN_LOGPROB), "bytes": list(text.encode("utf-8"))}
+
+
+def _check(state: "ServerState", req: ChatRequest) -> None:
+    if req.model != state.model_name:
+        raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{state.model_name}`.",
+                       code="model_not_found", param="model")
+    if req.stream:
+        raise ApiError(400, "stream=true is not supported by this server", code="unsupported_value", param="stream")
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs requires logprobs=true", code="invalid_value", param="top_logprobs")
+
+
+async def chat_completion(state: "ServerState", req: ChatRequest) -> dict:
+    """The OpenAI chat.completion body for one request (raises ApiError on bad requests)."""
+    _check(state, req)
+    teacher = state.teacher
+    if isinstance(teacher, ClassifierTeacher):
+        users = [m for m in req.messages if m.role == "user"]
+        if not users:
+            raise ApiError(400, "a classifier teacher needs at least one user message", param="messages")
+        logprobs, prompt_tokens = await state.batcher.submit(_text_of(users[-1].content))
+        order = np.argsort(-logprobs, kind="stable")
+        label = teacher.labels[order[0]]
+        lp = None
+        if req.logprobs:
+            k = min(req.top_logprobs or 0, len(teacher.labels))
+            tops = [_token(teacher.labels[j], logprobs[j]) for j in order[:k]]
+            lp = {"content": [{**_token(label, logprobs[order[0]]), "top_logprobs": tops}], "refusal": None}
+        choices = [{"index": i, "message": {"role": "assistant", "content": label, "refusal": None},
+                    "logprobs": lp, "finish_reason": "stop"} for i in range(req.n)]
+        completion_tokens = req.n
+    else:
+        messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
+        result = await asyncio.get_running_loop().run_in_executor(
+            state.executor, lambda: teacher.generate(
+                messages, n=req.n, temperature=temperature, top_p=req.top_p or 1.0,
+                max_tokens=req.max_completion_tokens or req.max_tokens or 256, seed=req.seed,
+                top_logprobs=req.top_logprobs if req.logprobs else 0, stop=stop))
+        prompt_tokens = result["prompt_tokens"]
+        choices = []
+        for i, c in enumerate(result["choices"]):
+            lp = None
+            if req.logprobs:
+                lp = {"content": [{**_token(teacher.token_text(tid), tlp),
+                                   "top_logprobs": [_token(teacher.token_text(a), alp) for a, alp in alts]}
+                                  for tid, tlp, alts in c["tokens"]], "refusal": None}
+            choices.append({"index": i, "message": {"role": "assistant", "content": c["text"], "refusal": None},
+                            "logprobs": lp, "finish_reason": c["finish_reason"]})
+        completion_tokens = sum(c["completion_tokens"] for c in result["choices"])
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices, "system_fingerprint": None,
+            "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
+                      "total_tokens": int(prompt_tokens + completion_tokens)}}
+
+
+async def answer(state: "ServerState", body: Any) -> tuple[int, dict]:
+    """(status code, body) for one raw chat request: the HTTP route and the batch runner share this."""
+    try:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        return 200, await chat_completion(state, req)
+    except ApiError as e:
+        return e.status, e.body()
+    except Exception as e:  # a model failure answers 500 instead of dropping the connection
+        return 500, ApiError(500, f"{type(e).__name__}: {e}", type="server_error").body()
+
+
+# ----------------------------------------------------------------------------- files and batches
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ServerState:
+    """Everything the routes share: the model, its worker thread, the batcher, stored files and batches."""
+
+    def __init__(self, teacher, model_name: str, files_dir: Path, max_batch: int, wait_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.teacher, self.model_name, self.files_dir = teacher, model_name, files_dir
+        self.max_batch, self.wait_s = max_batch, wait_s
+        # One worker: torch already uses every core per call, and one writer keeps the RNG seedable.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-model")
+        self.batcher: MicroBatcher | None = None
+        self.batches: dict[str, dict] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def save_file(self, content: bytes, filename: str, purpose: str) -> dict:
+        meta = {"id": _new_id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+        try:
+            write_text(self.files_dir / f"{meta['id']}.data", content.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, f"{filename}: file content must be UTF-8 text (JSONL)", param="file") from None
+        write_text(self.files_dir / f"{meta['id']}.json", json.dumps(meta))
+        return meta
+
+    def file_meta(self, file_id: str) -> dict:
+        path = self.files_dir / f"{Path(file_id).name}.json"
+        if not path.exists():
+            raise ApiError(404, f"No such File object: {file_id}", code="file_not_found", param="file_id")
+        return json.loads(path.read_text())
+
+    def file_content(self, file_id: str) -> str:
+        self.file_meta(file_id)
+        return (self.files_dir / f"{Path(file_id).name}.data").read_text(encoding="utf-8")
+
+    def update_batch(self, batch: dict, **changes: Any) -> None:
+        batch.update(changes)
+        public = {k: v for k, v in batch.items() if not k.startswith("_")}
+        write_text(self.files_dir / "batches" / f"{batch['id']}.json", json.dumps(public))
+
+
+def _parse_batch_input(text: str, endpoint: str) -> tuple[list[dict], list[dict]]:
+    """(requests, errors) of a batch input file; errors name the 1-based line like OpenAI's."""
+    requests, errors, seen = [], [], set()
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        def bad(msg: str) -> None:
+            errors.append({"code": "invalid_request", "message": f"line {i}: {msg}", "param": None, "line": i})
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(f"invalid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("custom_id"), str):
+            bad("expected an object with a string custom_id")
+        elif row["custom_id"] in seen:
+            bad(f"duplicate custom_id {row['custom_id']!r}")
+        elif row.get("method") != "POST" or row.get("url") != endpoint:
+            bad(f"method must be POST and url {endpoint!r}")
+        elif not isinstance(row.get("body"), dict):
+            bad("body must be an object")
+        else:
+            seen.add(row["custom_id"])
+            requests.append(row)
+    if not requests and not errors:
+        errors.append({"code": "empty_file", "message": "the input file has no requests", "param": None, "line": None})
+    return requests, errors
+
+
+async def run_batch(state: ServerState, batch: dict) -> None:
+    """Validate, answer every request (through the same batcher as live traffic) and write the results."""
+    requests, errors = _parse_batch_input(state.file_content(batch["input_file_id"]), batch["endpoint"])
+    if errors:
+        state.update_batch(batch, status="failed", failed_at=int(time.time()), errors={"object": "list", "data": errors})
+        return
+    state.update_batch(batch, status="in_progress", in_progress_at=int(time.time()),
+                       request_counts={"total": len(requests), "completed": 0, "failed": 0})
+    limit = asyncio.Semaphore(max(state.max_batch, 1) * 2)
+    counts = batch["request_counts"]
+
+    async def one(row: dict) -> tuple[int, dict]:
+        async with limit:
+            status, body = await answer(state, row["body"])
+        counts["completed" if status == 200 else "failed"] += 1
+        line = {"id": _new_id("batch_req"), "custom_id": row["custom_id"],
+                "response": {"status_code": status, "request_id": _new_id("req"), "body": body}, "error": None}
+        return status, line
+
+    results = await asyncio.gather(*(one(r) for r in requests))
+    state.update_batch(batch, status="finalizing", finalizing_at=int(time.time()))
+    ok = [line for status, line in results if status == 200]
+    failed = [line for status, line in results if status != 200]
+    out = {}
+    for key, lines in (("output_file_id", ok), ("error_file_id", failed)):
+        if lines:
+            name = f"{batch['id']}_{'output' if key == 'output_file_id' else 'error'}.jsonl"
+            text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            out[key] = state.save_file(text.encode("utf-8"), name, "batch_output")["id"]
+    state.update_batch(batch, status="completed", completed_at=int(time.time()), **out)
+
+
+async def _guard_batch(state: ServerState, batch: dict) -> None:
+    try:
+        await run_batch(state, batch)
+    except Exception as e:  # the batch fails visibly instead of staying in_progress forever
+        state.update_batch(batch, status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
+            {"code": "server_error", "message": f"{type(e).__name__}: {e}", "param": None, "line": None}]})
+
+
+def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """Fields of a multipart/form-data body: {name: (filename or None, bytes)}."""
+    from email import policy
+    from email.parser import BytesParser
+
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, "expected multipart/form-data with fields file and purpose")
+    msg = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+                                                     + body)
+    if not msg.is_multipart():
+        raise ApiError(400, "malformed multipart body")
+    fields = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+# ----------------------------------------------------------------------------- the app
+
+def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
+               batch_wait_ms: float = 2.0, files_dir: str | Path | None = None) -> "FastAPI":
+    """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
+
+    Args:
+        model_path: teacher directory (embedding classifier, HF sequence classifier or HF causal LM).
+        model_name: the `model` clients must send; defaults to the directory name.
+        max_batch: most classifier requests answered by one forward pass.
+        batch_wait_ms: how long the first request of a batch waits for company.
+        files_dir: where /v1/files and batch results are kept; a fresh temp directory when None.
+    """
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+
+    if max_batch < 1 or batch_wait_ms < 0:
+        raise ConfigError("max_batch must be >= 1 and batch_wait_ms >= 0")
+    teacher = load_teacher(model_path)
+    name = model_name or Path(model_path).resolve().name
+    files = Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="distill-teacher-files-"))
+    (files / "batches").mkdir(parents=True, exist_ok=True)
+    state = ServerState(teacher, name, files, max_batch, batch_wait_ms / 1000)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runner = None
+        if isinstance(teacher, ClassifierTeacher):
+            state.batcher = MicroBatcher(teacher.classify, state.executor, max_batch, state.wait_s)
+            runner = asyncio.create_task(state.batcher.run())
+        yield
+        for task in [runner, *state.tasks]:
+            if task:
+                task.cancel()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="distill teacher", lifespan=lifespan)
+    app.state.teacher = state
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        return error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    @app.get("/health")
+    async def health():
+        labels = getattr(teacher, "labels", None)
+        return {"status": "ok", "model": name, "kind": teacher.kind, "labels": labels,
+                "batches": state.batcher.batches if state.batcher else 0,
+                "batched_requests": state.batcher.items if state.batcher else 0}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "distill"}]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise ApiError(404, f"The model `{model_id}` does not exist", code="model_not_found", param="model")
+        return {"id": name, "object": "model", "created": 0, "owned_by": "distill"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        status, out = await answer(state, body)
+        return JSONResponse(out, status_code=status)
+
+    @app.post("/v1/files")
+    async def upload(request: Request):
+        fields = parse_multipart(request.headers.get("content-type", ""), await request.body())
+        if "file" not in fields or "purpose" not in fields:
+            raise ApiError(400, "multipart fields `file` and `purpose` are required")
+        purpose = fields["purpose"][1].decode("utf-8", "replace").strip()
+        return state.save_file(fields["file"][1], fields["file"][0] or "upload.jsonl", purpose)
+
+    @app.get("/v1/files/{file_id}")
+    async def file_meta(file_id: str):
+        return state.file_meta(file_id)
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str):
+        return PlainTextResponse(state.file_content(file_id), media_type="application/jsonl")
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str):
+            raise ApiError(400, "input_file_id is required", param="input_file_id")
+        if body.get("endpoint") != "/v1/chat/completions":
+            raise ApiError(400, "endpoint must be /v1/chat/completions", code="invalid_value", param="endpoint")
+        if body.get("completion_window") != "24h":
+            raise ApiError(400, "completion_window must be 24h", code="invalid_value", param="completion_window")
+        state.file_meta(body["input_file_id"])
+        now = int(time.time())
+        batch = {"id": _new_id("batch"), "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                 "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "validating",
+                 "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+                 "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
+                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata")}
+        state.batches[batch["id"]] = batch
+        state.update_batch(batch)
+        task = asyncio.create_task(_guard_batch(state, batch))
+        state.tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            state.tasks.discard(t)
+            if t.cancelled():  # also covers a task cancelled before it ever ran
+                state.update_batch(batch, status="cancelled", cancelled_at=int(time.time()))
+
+        task.add_done_callback(done)
+        batch["_task"] = task
+        return _public(batch)
+
+    def _batch(batch_id: str) -> dict:
+        if batch_id not in state.batches:
+            raise ApiError(404, f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id")
+        return state.batches[batch_id]
+
+    def _public(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    @app.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str):
+        return _public(_batch(batch_id))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str):
+        batch = _batch(batch_id)
+        if batch["status"] in ("validating", "in_progress", "finalizing"):
+            state.update_batch(batch, status="cancelling", cancelling_at=int(time.time()))
+            batch["_task"].cancel()
+        return _public(batch)
+
+    return app
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8765, model_name: str | None = None,
+          max_batch: int = 64, batch_wait_ms: float = 2.0, files_dir: str | Path | None = None) -> None:
+    """Run the server in the foreground until interrupted (what `distill teacher serve` does)."""
+    import uvicorn
+
+    app = create_app(model_path, model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms, files_dir=files_dir)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -1,0 +1,338 @@
+"""Training the classification student: soft-label KD with the Hugging Face Trainer.
+
+The student is any `AutoModelForSequenceClassification` encoder. It starts either
+from `config.student_model` (a local HF directory) or, DistilBERT-style, from the
+first `config.student_layers` layers of `config.init_from_teacher` (a local encoder,
+or the packaged MiniLM by name) with a fresh classification head for the task's labels.
+
+Loss: `distill.losses.soft_label_kd_loss` (alpha * T^2 * KL(teacher_T || student_T)
++ (1 - alpha) * CE), passed to `Trainer` as `compute_loss_func`. The Trainer calls
+that function with the popped `labels` only, so the collator packs everything the
+loss needs into one float tensor per batch: column 0 the hard label index, column 1
+the example weight, columns 2.. the teacher distribution (zeros when a row has no
+soft labels, which the loss treats as cross-entropy only).
+
+Output directory layout:
+    checkpoints/            Trainer checkpoints (a rerun resumes from the last one)
+    student/                the servable model (LoRA merged in), loadable by ClassifierStudent
+    adapter/                the LoRA adapter alone (only with LoRA)
+    history.json            Trainer log history (losses, validation metrics per step)
+    training_curves.png     the same history as a plot
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.config import ConfigError, TrainConfig
+from distill.data import write_text
+
+HISTORY_FILE = "history.json"
+CURVES_FILE = "training_curves.png"
+
+
+def check_rows(rows: list[dict[str, Any]], labels: list[str]) -> None:
+    """Raise ConfigError naming the first training row that cannot be trained on."""
+    if not labels:
+        raise ConfigError("train: the label set is empty")
+    if len(set(labels)) != len(labels):
+        raise ConfigError("train: the label set has duplicates")
+    known = set(labels)
+    n_train = 0
+    for i, row in enumerate(rows):
+        where = f"training row {i} (id {row.get('id')!r})"
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ConfigError(f"{where}: empty 'text'")
+        if row.get("target") not in known:
+            raise ConfigError(f"{where}: target {row.get('target')!r} is not in the label set")
+        soft = row.get("soft_labels")
+        if soft is not None:
+            unknown = [k for k in soft if k not in known]
+            if unknown:
+                raise ConfigError(f"{where}: soft_labels name unknown label(s) {unknown[:3]}")
+            if any(not isinstance(v, (int, float)) or v < 0 or math.isnan(v) for v in soft.values()):
+                raise ConfigError(f"{where}: soft_labels must be non-negative numbers")
+        weight = row.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"{where}: weight must be a non-negative number, got {weight!r}")
+        if row.get("split", "train") not in ("train", "validation"):
+            raise ConfigError(f"{where}: split must be 'train' or 'validation', got {row.get('split')!r}")
+        n_train += row.get("split", "train") == "train"
+    if n_train == 0:
+        raise ConfigError("train: no rows with split 'train'")
+
+
+def resolve_device(config: TrainConfig) -> str:
+    """'cuda' or 'cpu'; asking for cuda on a machine without it is a config error, not a silent fallback."""
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def build_student(config: TrainConfig, labels: list[str]):
+    """(model, tokenizer) for a fresh student with a classification head over `labels`.
+
+    Args:
+        config: the train section (student_model, or init_from_teacher + student_layers).
+        labels: the task's labels, in the order the head's outputs will follow.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from distill.encoders import resolve_encoder
+
+    id2label = dict(enumerate(labels))
+    label2id = {l: i for i, l in enumerate(labels)}
+    if config.student_model is not None:
+        source = Path(config.student_model)
+        if not (source / "config.json").exists():
+            raise ConfigError(f"train.student_model: {source} is not a model directory (no config.json)")
+        overrides: dict[str, Any] = {}
+    elif config.init_from_teacher is not None:
+        try:
+            source = resolve_encoder(config.init_from_teacher)
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.init_from_teacher: {e}") from None
+        overrides = {"num_hidden_layers": config.student_layers}
+    else:
+        raise ConfigError("train: set student_model or init_from_teacher")
+    model_config = AutoConfig.from_pretrained(source, num_labels=len(labels), id2label=id2label,
+                                              label2id=label2id, **overrides)
+    have = AutoConfig.from_pretrained(source).to_dict().get("num_hidden_layers")
+    if overrides and have is not None and config.student_layers > have:
+        raise ConfigError(f"train.student_layers: {config.student_layers} > the {have} layers of {source}")
+    # Loading a truncated encoder reports the dropped upper layers and the fresh head as
+    # unexpected/missing keys; both are intended here, so the report is silenced.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        # ignore_mismatched_sizes: a student_model trained for another label set gets a fresh head.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, config=model_config, use_safetensors=True, ignore_mismatched_sizes=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def _encode(rows, tokenizer, labels, max_length):
+    index = {l: i for i, l in enumerate(labels)}
+    enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+    out = []
+    for i, row in enumerate(rows):
+        soft = row.get("soft_labels")
+        item = {k: enc[k][i] for k in enc.keys()}
+        item["label"] = index[row["target"]]
+        item["weight"] = float(row.get("weight", 1.0))
+        item["soft"] = [float(soft.get(l, 0.0)) for l in labels] if soft else None
+        out.append(item)
+    return out
+
+
+class _Collator:
+    """Dynamic padding plus the packed label tensor described in the module docstring."""
+
+    def __init__(self, tokenizer, num_labels: int):
+        self.tokenizer = tokenizer
+        self.num_labels = num_labels
+
+    def __call__(self, items):
+        import torch
+
+        features = [{k: v for k, v in it.items() if k not in ("label", "weight", "soft")} for it in items]
+        batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+        packed = torch.zeros(len(items), 2 + self.num_labels)
+        for i, it in enumerate(items):
+            packed[i, 0] = it["label"]
+            packed[i, 1] = it["weight"]
+            if it["soft"] is not None:
+                total = sum(it["soft"])
+                if total > 0:
+                    packed[i, 2:] = torch.tensor(it["soft"]) / total
+        batch["labels"] = packed
+        return dict(batch)
+
+
+def _metrics(eval_pred) -> dict[str, float]:
+    import numpy as np
+
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    packed = eval_pred.label_ids
+    pred = logits.argmax(axis=-1)
+    out = {"accuracy": float((pred == packed[:, 0].astype(int)).mean())}
+    teacher = packed[:, 2:]
+    has = teacher.sum(axis=1) > 0
+    if has.any():
+        out["teacher_agreement"] = float((pred[has] == teacher[has].argmax(axis=1)).mean())
+    return out
+
+
+def training_kwargs(config: TrainConfig, checkpoint_dir: Path, device: str, has_validation: bool,
+                    progress: bool, metric: str) -> dict[str, Any]:
+    """TrainingArguments fields shared by every mode (TrainingArguments, SFTConfig and GKDConfig take them)."""
+    on_gpu = device == "cuda"
+    return dict(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is read as a share of all steps
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=max(config.batch_size, 64),
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.checkpoint_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model=metric if has_validation else None,
+        greater_is_better=metric.endswith("accuracy") if has_validation else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=not on_gpu,
+        bf16=bool(config.bf16 and on_gpu),
+        activation_checkpointing=bool(config.gradient_checkpointing and on_gpu),
+        report_to="none",
+        disable_tqdm=not progress,
+        # Each loss here is already a per-batch mean; scaling by the process count would
+        # multiply the effective learning rate under multi-GPU `accelerate launch`.
+        average_tokens_across_devices=False,
+    )
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
+def save_history(trainer, out_dir: Path, title: str) -> tuple[list[dict], Path]:
+    """history.json and training_curves.png from the Trainer's log history."""
+    history = [dict(h) for h in trainer.state.log_history]
+    write_text(out_dir / HISTORY_FILE, json.dumps(history, indent=1))
+    return history, plot_curves(history, out_dir / CURVES_FILE, title)
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> Path:
+    """Training loss, validation loss and validation accuracy against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    acc = [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if acc:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), marker="s", color="tab:green", label="validation accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, out_dir: str | Path,
+                     progress: bool = True, callbacks: list | None = None) -> dict:
+    """Train a classification student on training rows; see the module docstring for the output layout.
+
+    Args:
+        rows: training rows ({"text", "target", "soft_labels", "weight", "split", ...}); rows with
+            split "validation" drive early stopping and best-checkpoint selection.
+        labels: the label set; the student's head follows this order (config.id2label).
+        config: the train section.
+        out_dir: run directory for checkpoints and outputs; a rerun on the same directory
+            resumes from its last checkpoint (config.resume).
+        progress: show progress bars.
+        callbacks: extra transformers TrainerCallbacks (e.g. to stop or observe a run).
+
+    Returns:
+        {"model_dir", "adapter_dir" (or None), "steps", "history", "best_metric", "curves_png", "train_s"}
+    """
+    import torch
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+
+    from distill.losses import soft_label_kd_loss
+
+    check_rows(rows, labels)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config)
+    set_seed(config.seed)
+    model, tokenizer = build_student(config, labels)
+    if config.lora.enabled:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=config.lora.r, lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules))
+    elif config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+
+    train_rows = [r for r in rows if r.get("split", "train") == "train"]
+    val_rows = [r for r in rows if r.get("split") == "validation"]
+    train_ds = _encode(train_rows, tokenizer, labels, config.max_length)
+    val_ds = _encode(val_rows, tokenizer, labels, config.max_length) if val_rows else None
+
+    def loss_func(outputs, packed, num_items_in_batch=None):
+        return soft_label_kd_loss(outputs.logits, packed[:, 2:], packed[:, 0].long(), config.temperature,
+                                  config.alpha, weights=packed[:, 1])
+
+    metric = "eval_accuracy" if config.early_stopping_metric == "accuracy" else "eval_loss"
+    kwargs = training_kwargs(config, out_dir / "checkpoints", device, val_ds is not None, progress, metric)
+    # label_names: a PeftModel hides the forward signature the Trainer would read it from.
+    args = TrainingArguments(**kwargs, label_names=["labels"], remove_unused_columns=False,
+                             train_sampling_strategy="group_by_length")
+    extra = list(callbacks or [])
+    if val_ds is not None and config.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      data_collator=_Collator(tokenizer, len(labels)), compute_loss_func=loss_func,
+                      compute_metrics=_metrics if val_ds is not None else None, callbacks=extra)
+    resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    train_s = time.perf_counter() - started
+
+    model = trainer.model
+    adapter_dir = None
+    if config.lora.enabled:
+        adapter_dir = out_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        # Serving loads a plain model: the adapters are folded into the base weights.
+        model = model.merge_and_unload()
+    model_dir = out_dir / "student"
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {l: i for i, l in enumerate(labels)}
+    model.to(torch.device("cpu")).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    history, curves = save_history(trainer, out_dir, f"classifier student ({len(train_ds)} rows)")
+    return {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
+            "steps": trainer.state.global_step, "history": history, "best_metric": trainer.state.best_metric,
+            "curves_png": str(curves), "train_s": train_s}

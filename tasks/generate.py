@@ -1,0 +1,92 @@
+"""Prefect task around `distill.teacher.generate`: key lookup, output file, progress and summary artifacts."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from distill.config import GenerationConfig, TeacherConfig
+from distill.data import write_jsonl
+from distill.teacher import generate, resolve_api_key
+
+
+def resolve_key(teacher: TeacherConfig) -> str | None:
+    """The API key: the environment variable first, else the Prefect Secret block the config names."""
+    key = resolve_api_key(teacher)
+    if key is None and teacher.api_key_secret_block:
+        from prefect.blocks.system import Secret
+
+        key = Secret.load(teacher.api_key_secret_block, _sync=True).get() or None
+    return key
+
+
+def summary_table(summary: dict) -> list[dict]:
+    """The summary as metric/value rows (one row per failure reason), for a Prefect table artifact."""
+    rows = [{"metric": k, "value": v} for k, v in summary.items() if k != "failed_by_reason"]
+    rows += [{"metric": f"failed: {reason}", "value": n} for reason, n in sorted(summary["failed_by_reason"].items())]
+    return rows
+
+
+class _Progress:
+    """Terminal bar plus a Prefect progress artifact, the artifact updated at most once a second."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, unit="req", desc="generate", file=sys.stderr, dynamic_ncols=True,
+                        disable=None)
+        self.artifact_id = create_progress_artifact(progress=0.0, key="teacher-generation-progress",
+                                                    description="Teacher responses in their final state", _sync=True)
+        self.last = 0.0
+
+    def __call__(self, finished: int, total: int) -> None:
+        self.bar.update(finished - self.bar.n)
+        now = time.monotonic()
+        if finished == total or now - self.last >= 1.0:
+            self.last = now
+            # Called from inside the generation event loop: force the blocking client explicitly.
+            update_progress_artifact(self.artifact_id, progress=100.0 * finished / max(total, 1), _sync=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@task(name="generate-completions", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig,
+                         out_path: str) -> tuple[list[dict], dict]:
+    """Teacher records for `rows`, written atomically to `out_path`.
+
+    Retrying the task costs nothing already bought: answers live in the request cache.
+
+    Args:
+        rows: task rows with "id" and "messages".
+        teacher: endpoint section of the config.
+        generation: generation section of the config.
+        out_path: JSONL destination for the records.
+
+    Returns (records, summary) as produced by `distill.teacher.generate`.
+    """
+    logger = get_run_logger()
+    key = resolve_key(teacher)
+    total = len(rows) * generation.samples_per_prompt
+    progress = _Progress(total)
+    try:
+        result = generate(rows, teacher, generation, api_key=key, progress=progress)
+    finally:
+        progress.close()
+    write_jsonl(out_path, result.records)
+    s = result.summary
+    create_table_artifact(table=summary_table(s), key="teacher-generation-summary",
+                          description=f"Teacher generation: {s['done']}/{s['requested']} done, "
+                                      f"{s['cached']} from cache, ${s['cost_usd']:.4f}", _sync=True)
+    logger.info("teacher: %d/%d done (%d cached), %d failed %s, %d+%d tokens, $%.4f, %.1f req/s",
+                s["done"], s["requested"], s["cached"], s["failed"], s["failed_by_reason"], s["prompt_tokens"],
+                s["completion_tokens"], s["cost_usd"], s["requests_per_s"])
+    if s["budget_exhausted"]:
+        logger.warning("teacher budget reached: rows not yet bought are marked budget_exhausted")
+    return result.records, s

@@ -1,0 +1,76 @@
+"""deployments/prefect.yaml and docker/: what `prefect deploy` and `docker build` will read
+points at real flows, parameters, presets and project files."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in SPEC["deployments"]}
+
+
+def flow_signature(entrypoint: str) -> tuple[str, list[str]]:
+    """(flow name from @flow(name=...), parameter names) read from source, without importing it."""
+    path, func = entrypoint.split(":")
+    tree = ast.parse((ROOT / path).read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
+    deco = next(d for d in fn.decorator_list if isinstance(d, ast.Call) and getattr(d.func, "id", "") == "flow")
+    name = next(k.value.value for k in deco.keywords if k.arg == "name")
+    return name, [a.arg for a in fn.args.args + fn.args.kwonlyargs]
+
+
+def test_deployments_point_at_real_flows_and_parameters():
+    assert set(DEPLOYMENTS) >= {"distillation-cycle", "drift-watch"}
+    for dep in DEPLOYMENTS.values():
+        name, params = flow_signature(dep["entrypoint"])
+        assert name == dep["entrypoint"].split(":")[1].replace("_", "-")
+        assert set(dep["parameters"]) <= set(params), dep["name"]
+        preset = ROOT / dep["parameters"]["config_path"]
+        assert preset.exists(), preset
+        for trig in dep.get("triggers", []):
+            assert set(trig.get("parameters", {})) <= set(params)
+
+
+def test_schedules_and_trigger_are_valid_prefect_objects():
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.events import DeploymentEventTrigger
+
+    cycle, watch = DEPLOYMENTS["distillation-cycle"], DEPLOYMENTS["drift-watch"]
+    for dep in (cycle, watch):
+        for s in dep["schedules"]:
+            CronSchedule(cron=s["cron"], timezone=s["timezone"])
+    (trig,) = cycle["triggers"]
+    t = DeploymentEventTrigger.model_validate(trig)
+    assert t.expect == {"distill.drift.detected"} and t.threshold == 1
+    assert t.posture.value == "Reactive"
+    assert re.search(r"event\.payload\.cycle_overrides", trig["parameters"]["overrides"])
+    assert "triggers" not in watch  # the watch runs on its clock only
+
+
+def test_work_pools_cpu_and_gpu():
+    cycle, watch = DEPLOYMENTS["distillation-cycle"], DEPLOYMENTS["drift-watch"]
+    assert watch["work_pool"]["name"] == "distill-cpu"
+    gpu = cycle["work_pool"]
+    assert gpu["name"] == "distill-gpu"
+    jv = gpu["job_variables"]
+    assert jv["image"].startswith("distill-cuda")
+    (req,) = jv["container_create_kwargs"]["device_requests"]
+    assert req["driver"] == "nvidia" and req["capabilities"] == [["gpu"]]
+    assert DEPLOYMENTS["distillation-cycle-cpu"]["work_pool"]["name"] == "distill-cpu"
+
+
+@pytest.mark.parametrize("dockerfile,torch_index", [("Dockerfile.cpu", "whl/cpu"), ("Dockerfile.cuda", "whl/cu")])
+def test_dockerfiles_install_the_project_files(dockerfile, torch_index):
+    text = (ROOT / "docker" / dockerfile).read_text()
+    assert '"torch==2.13.0"' in text and torch_index in text
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), f"{dockerfile}: COPY {src} does not exist"
+    assert "-c requirements.lock" in text
