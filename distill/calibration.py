@@ -127,10 +127,10 @@ def reliability_diagram(confidence: Sequence[float], correct: Sequence[float], p
     centers = (edges[:-1] + edges[1:]) / 2
     width = edges[1] - edges[0]
     fig, (ax, axh) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    acc = np.nan_to_num(b["accuracy"])
-    conf = np.where(np.isnan(b["confidence"]), centers, b["confidence"])
-    ax.bar(centers, acc, width=width * 0.95, color="#4878d0", edgecolor="black", label="accuracy")
-    ax.bar(centers, conf - acc, bottom=acc, width=width * 0.95, color="#ee854a", alpha=0.45,
+    filled = b["count"] > 0  # empty bins have no accuracy to draw
+    acc, conf, at = b["accuracy"][filled], b["confidence"][filled], centers[filled]
+    ax.bar(at, acc, width=width * 0.95, color="#4878d0", edgecolor="black", label="accuracy")
+    ax.bar(at, conf - acc, bottom=acc, width=width * 0.95, color="#ee854a", alpha=0.45,
            edgecolor="#d65f5f", label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_ylim(0, 1)

@@ -272,7 +272,8 @@ class MixConfig(Section):
 
 
 class FilterConfig(Section):
-    """The filter pipeline, in order; every stage can be switched off."""
+    """The filter pipeline. Stages run heuristics, consistency, entropy, dedup, grader (after dedup, so
+    no duplicate is graded and paid for), spotcheck, then the mix; every stage can be switched off."""
 
     heuristics: HeuristicsConfig = Field(default_factory=HeuristicsConfig)
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)

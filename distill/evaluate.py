@@ -124,11 +124,11 @@ def load_tail_rows(path: str | Path, holdout: Sequence[dict[str, Any]], labels: 
         if gold not in labels:
             raise ConfigError(f"{where}: label {gold!r} is not in the task's label set (evaluate.tail_path)")
         out.append({"id": str(r.get("id") or f"tail-{r['_line']}"), "text": text, "gold": gold,
-                    "messages": _messages_like(sample, text), "_line": r["_line"]})
+                    "messages": messages_like(sample, text), "_line": r["_line"]})
     return out
 
 
-def _messages_like(sample: dict[str, Any], text: str) -> list[dict[str, str]]:
+def messages_like(sample: dict[str, Any], text: str) -> list[dict[str, str]]:
     """The production chat for `text`, built from a holdout row's chat (same system prompt and template)."""
     messages = []
     for m in sample.get("messages") or []:
@@ -160,14 +160,14 @@ def _ask_teacher(rows: list[dict[str, Any]], path: Path, url: str, model: str, a
     return {r["id"]: label_of(saved[r["id"]].get("response"), labels) for r in rows}
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """JSON-safe: numpy scalars to Python, NaN/inf to None (metrics.json must be strict JSON)."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return clean_json(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -175,7 +175,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _first_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def first_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Teacher records by id, the first sample of each (self-consistency samples beyond it are not judged)."""
     by_id: dict[str, dict[str, Any]] = {}
     for r in records:
         if r.get("id") not in by_id or r.get("sample", 0) < by_id[r["id"]].get("sample", 0):
@@ -239,7 +240,7 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
     texts = [r["text"] for r in holdout]
     gold = [r["gold"] for r in holdout]
     y = np.array([index[g] for g in gold])
-    by_id = _first_records(teacher_records)
+    by_id = first_records(teacher_records)
     teacher_pred: list[str | None] = []
     teacher_conf: dict[str, float] = {}
     for r in holdout:
@@ -331,7 +332,7 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
     lap("latency")
     m["eval_stage_s"] = stages
     m["eval_s"] = round(time.perf_counter() - started, 2)
-    return _clean(m)
+    return clean_json(m)
 
 
 def _tail(student, holdout, user, labels, config, out_dir, teacher_pred, student_pred, teacher_conf,

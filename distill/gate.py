@@ -143,9 +143,9 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
         ["Brier", _v(m, "brier_before"), _v(m, "brier")],
         ["NLL (holdout)", _v(m, "nll_before"), _v(m, "nll")],
     ])]
-    for name in ("reliability_before", "reliability_after"):
-        if name in plots:
-            out += ["", f"![{name.replace('_', ' ')}]({plots[name]})"]
+    for name, path in plots.items():
+        if name.startswith("reliability"):
+            out += ["", f"![{name.replace('_', ' ')}]({path})"]
 
     out += ["", "## Robustness", ""]
     rob = [["rephrased rows (source rows x 5 kinds)", _v(m, "robustness_rows")],

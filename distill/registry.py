@@ -87,8 +87,8 @@ class Registry:
         _check_name("task", task)
         _check_name("run id", run_id)
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").exists():
-            raise ConfigError(f"{model_dir}: not a model directory (no config.json)")
+        if not ((model_dir / "config.json").exists() or (model_dir / "adapter_config.json").exists()):
+            raise ConfigError(f"{model_dir}: not a model directory (no config.json or adapter_config.json)")
         with self._locked() as index:
             t = self._task(index, task, create=True)
             if run_id in t["models"]:

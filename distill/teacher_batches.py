@@ -12,6 +12,8 @@ keeps `python-multipart` out of the dependency set.
 
 import asyncio
 import json
+import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +23,20 @@ from distill.data import write_text
 from distill.teacher_server import ApiError
 
 Answer = Callable[[Any], Awaitable[tuple[int, dict]]]  # raw request body -> (status code, response body)
+
+
+def _write_bytes(path: Path, content: bytes) -> None:
+    # Same all-or-nothing guarantee as distill.data.write_text, for bytes that must round-trip exactly.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def new_id(prefix: str) -> str:
@@ -39,10 +55,7 @@ class BatchStore:
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict:
         meta = {"id": new_id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
                 "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
-        try:
-            write_text(self.directory / f"{meta['id']}.data", content.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, f"{filename}: file content must be UTF-8 text (JSONL)", param="file") from None
+        _write_bytes(self.directory / f"{meta['id']}.data", content)
         write_text(self.directory / f"{meta['id']}.json", json.dumps(meta))
         return meta
 
@@ -52,9 +65,10 @@ class BatchStore:
             raise ApiError(404, f"No such File object: {file_id}", code="file_not_found", param="file_id")
         return json.loads(path.read_text())
 
-    def file_content(self, file_id: str) -> str:
+    def file_content(self, file_id: str) -> bytes:
+        """The exact bytes uploaded (or written as batch results)."""
         self.file_meta(file_id)
-        return (self.directory / f"{Path(file_id).name}.data").read_text(encoding="utf-8")
+        return (self.directory / f"{Path(file_id).name}.data").read_bytes()
 
     def batch(self, batch_id: str) -> dict:
         if batch_id not in self.batches:
@@ -67,27 +81,34 @@ class BatchStore:
         return batch
 
 
-def parse_batch_input(text: str, endpoint: str) -> tuple[list[dict], list[dict]]:
+def _line_problem(row: Any, seen: set[str], endpoint: str) -> str | None:
+    if not isinstance(row, dict) or not isinstance(row.get("custom_id"), str):
+        return "expected an object with a string custom_id"
+    if row["custom_id"] in seen:
+        return f"duplicate custom_id {row['custom_id']!r}"
+    if row.get("method") != "POST" or row.get("url") != endpoint:
+        return f"method must be POST and url {endpoint!r}"
+    if not isinstance(row.get("body"), dict):
+        return "body must be an object"
+    return None
+
+
+def parse_batch_input(data: bytes, endpoint: str) -> tuple[list[dict], list[dict]]:
     """(requests, errors) of a batch input file; each error names its 1-based line, like OpenAI's."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return [], [{"code": "invalid_file", "message": f"the input file is not UTF-8 (byte {e.start})",
+                     "param": None, "line": None}]
     requests, errors, seen = [], [], set()
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        problem = None
         try:
             row = json.loads(line)
+            problem = _line_problem(row, seen, endpoint)
         except json.JSONDecodeError as e:
-            row, problem = None, f"invalid JSON ({e.msg})"
-        if problem:
-            pass
-        elif not isinstance(row, dict) or not isinstance(row.get("custom_id"), str):
-            problem = "expected an object with a string custom_id"
-        elif row["custom_id"] in seen:
-            problem = f"duplicate custom_id {row['custom_id']!r}"
-        elif row.get("method") != "POST" or row.get("url") != endpoint:
-            problem = f"method must be POST and url {endpoint!r}"
-        elif not isinstance(row.get("body"), dict):
-            problem = "body must be an object"
+            problem = f"invalid JSON ({e.msg})"
         if problem:
             errors.append({"code": "invalid_request", "message": f"line {i}: {problem}", "param": None, "line": i})
         else:
@@ -194,7 +215,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 def add_batch_routes(app: Any, store: BatchStore, answer: Answer, concurrency: int = 128) -> None:
     """Register /v1/files and /v1/batches on a FastAPI `app`; `answer` handles one chat request body."""
     from fastapi import Request
-    from fastapi.responses import PlainTextResponse
+    from fastapi.responses import Response
 
     async def json_body(request: Request) -> Any:
         try:
@@ -216,7 +237,7 @@ def add_batch_routes(app: Any, store: BatchStore, answer: Answer, concurrency: i
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str):
-        return PlainTextResponse(store.file_content(file_id), media_type="application/jsonl")
+        return Response(store.file_content(file_id), media_type="application/octet-stream")
 
     @app.post("/v1/batches")
     async def create(request: Request):

@@ -13,10 +13,8 @@ top-k labels, each label one "token" (see distill/soft_labels.py). Classifiers
 are deterministic: the answer is always the argmax, whatever the temperature.
 Concurrent classifier requests are batched dynamically into one forward pass.
 
-The OpenAI Batch API (`/v1/files`, `/v1/batches`) is implemented too, so batch
-clients are tested over real HTTP. Multipart uploads are parsed with the
-standard library's email parser, which keeps `python-multipart` out of the
-dependency set.
+The OpenAI Batch API (`/v1/files`, `/v1/batches`) is served too, from
+distill/teacher_batches.py, so batch clients are tested over real HTTP.
 """
 
 import asyncio
@@ -31,7 +29,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distill.config import ConfigError
-from distill.data import write_text
 
 MIN_LOGPROB = -9999.0  # OpenAI's floor; keeps -inf out of JSON
 
@@ -127,7 +124,8 @@ class CausalTeacher:
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = set(eos + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []))
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
 
     def prompt(self, messages: list[dict[str, str]]) -> str:
         if self.tokenizer.chat_template:
@@ -170,12 +168,15 @@ class CausalTeacher:
                     vals, ids = torch.topk(logp[i, t], k)
                     alts = list(zip(ids.tolist(), vals.tolist()))
                 tokens.append((tid, float(logp[i, t, tid]), alts))
-            completion_tokens = len(tokens) + (finish == "stop")
+            eos = finish == "stop"
             text = self.tokenizer.decode([tok[0] for tok in tokens], skip_special_tokens=True)
             if stop:
+                generated = len(tokens)
                 tokens, text, finish = self._cut_at_stop(tokens, text, finish, stop)
+                eos = eos and len(tokens) == generated  # cut before the EOS: what follows is not billed
+            # The EOS token is generated (and billed) but, as with OpenAI, never part of content or logprobs.
             choices.append({"text": text, "finish_reason": finish, "tokens": tokens,
-                            "completion_tokens": completion_tokens})
+                            "completion_tokens": len(tokens) + eos})
         while len(choices) < n:
             choices.append(dict(choices[0]))
         return {"prompt_tokens": prompt_len, "choices": choices}
@@ -270,6 +271,18 @@ class MicroBatcher:
                     fut.set_result(result)
 
 
+class ServerState:
+    """What the routes share: the model, its worker thread and the dynamic batcher."""
+
+    def __init__(self, teacher: ClassifierTeacher | CausalTeacher, model_name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.teacher, self.model_name = teacher, model_name
+        # One worker: torch already uses every core per call, and one caller keeps the RNG seedable.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-model")
+        self.batcher: MicroBatcher | None = None
+
+
 # ----------------------------------------------------------------------------- chat completions
 
 def _text_of(content: str | list[dict[str, Any]] | None) -> str:
@@ -288,7 +301,7 @@ def _token(text: str, logprob: float) -> dict:
     return {"token": text, "logprob": max(float(logprob), MIN_LOGPROB), "bytes": list(text.encode("utf-8"))}
 
 
-def _check(state: "ServerState", req: ChatRequest) -> None:
+def _check(state: ServerState, req: ChatRequest) -> None:
     if req.model != state.model_name:
         raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{state.model_name}`.",
                        code="model_not_found", param="model")
@@ -298,7 +311,7 @@ def _check(state: "ServerState", req: ChatRequest) -> None:
         raise ApiError(400, "top_logprobs requires logprobs=true", code="invalid_value", param="top_logprobs")
 
 
-async def chat_completion(state: "ServerState", req: ChatRequest) -> dict:
+async def chat_completion(state: ServerState, req: ChatRequest) -> dict:
     """The OpenAI chat.completion body for one request (raises ApiError on bad requests)."""
     _check(state, req)
     teacher = state.teacher
@@ -343,7 +356,7 @@ async def chat_completion(state: "ServerState", req: ChatRequest) -> dict:
                       "total_tokens": int(prompt_tokens + completion_tokens)}}
 
 
-async def answer(state: "ServerState", body: Any) -> tuple[int, dict]:
+async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
     """(status code, body) for one raw chat request: the HTTP route and the batch runner share this."""
     try:
         if not isinstance(body, dict):
@@ -357,140 +370,6 @@ async def answer(state: "ServerState", body: Any) -> tuple[int, dict]:
         return e.status, e.body()
     except Exception as e:  # a model failure answers 500 instead of dropping the connection
         return 500, ApiError(500, f"{type(e).__name__}: {e}", type="server_error").body()
-
-
-# ----------------------------------------------------------------------------- files and batches
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-class ServerState:
-    """Everything the routes share: the model, its worker thread, the batcher, stored files and batches."""
-
-    def __init__(self, teacher, model_name: str, files_dir: Path, max_batch: int, wait_s: float):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.teacher, self.model_name, self.files_dir = teacher, model_name, files_dir
-        self.max_batch, self.wait_s = max_batch, wait_s
-        # One worker: torch already uses every core per call, and one writer keeps the RNG seedable.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-model")
-        self.batcher: MicroBatcher | None = None
-        self.batches: dict[str, dict] = {}
-        self.tasks: set[asyncio.Task] = set()
-
-    def save_file(self, content: bytes, filename: str, purpose: str) -> dict:
-        meta = {"id": _new_id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
-                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
-        try:
-            write_text(self.files_dir / f"{meta['id']}.data", content.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, f"{filename}: file content must be UTF-8 text (JSONL)", param="file") from None
-        write_text(self.files_dir / f"{meta['id']}.json", json.dumps(meta))
-        return meta
-
-    def file_meta(self, file_id: str) -> dict:
-        path = self.files_dir / f"{Path(file_id).name}.json"
-        if not path.exists():
-            raise ApiError(404, f"No such File object: {file_id}", code="file_not_found", param="file_id")
-        return json.loads(path.read_text())
-
-    def file_content(self, file_id: str) -> str:
-        self.file_meta(file_id)
-        return (self.files_dir / f"{Path(file_id).name}.data").read_text(encoding="utf-8")
-
-    def update_batch(self, batch: dict, **changes: Any) -> None:
-        batch.update(changes)
-        public = {k: v for k, v in batch.items() if not k.startswith("_")}
-        write_text(self.files_dir / "batches" / f"{batch['id']}.json", json.dumps(public))
-
-
-def _parse_batch_input(text: str, endpoint: str) -> tuple[list[dict], list[dict]]:
-    """(requests, errors) of a batch input file; errors name the 1-based line like OpenAI's."""
-    requests, errors, seen = [], [], set()
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        def bad(msg: str) -> None:
-            errors.append({"code": "invalid_request", "message": f"line {i}: {msg}", "param": None, "line": i})
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(f"invalid JSON ({e.msg})")
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("custom_id"), str):
-            bad("expected an object with a string custom_id")
-        elif row["custom_id"] in seen:
-            bad(f"duplicate custom_id {row['custom_id']!r}")
-        elif row.get("method") != "POST" or row.get("url") != endpoint:
-            bad(f"method must be POST and url {endpoint!r}")
-        elif not isinstance(row.get("body"), dict):
-            bad("body must be an object")
-        else:
-            seen.add(row["custom_id"])
-            requests.append(row)
-    if not requests and not errors:
-        errors.append({"code": "empty_file", "message": "the input file has no requests", "param": None, "line": None})
-    return requests, errors
-
-
-async def run_batch(state: ServerState, batch: dict) -> None:
-    """Validate, answer every request (through the same batcher as live traffic) and write the results."""
-    requests, errors = _parse_batch_input(state.file_content(batch["input_file_id"]), batch["endpoint"])
-    if errors:
-        state.update_batch(batch, status="failed", failed_at=int(time.time()), errors={"object": "list", "data": errors})
-        return
-    state.update_batch(batch, status="in_progress", in_progress_at=int(time.time()),
-                       request_counts={"total": len(requests), "completed": 0, "failed": 0})
-    limit = asyncio.Semaphore(max(state.max_batch, 1) * 2)
-    counts = batch["request_counts"]
-
-    async def one(row: dict) -> tuple[int, dict]:
-        async with limit:
-            status, body = await answer(state, row["body"])
-        counts["completed" if status == 200 else "failed"] += 1
-        line = {"id": _new_id("batch_req"), "custom_id": row["custom_id"],
-                "response": {"status_code": status, "request_id": _new_id("req"), "body": body}, "error": None}
-        return status, line
-
-    results = await asyncio.gather(*(one(r) for r in requests))
-    state.update_batch(batch, status="finalizing", finalizing_at=int(time.time()))
-    ok = [line for status, line in results if status == 200]
-    failed = [line for status, line in results if status != 200]
-    out = {}
-    for key, lines in (("output_file_id", ok), ("error_file_id", failed)):
-        if lines:
-            name = f"{batch['id']}_{'output' if key == 'output_file_id' else 'error'}.jsonl"
-            text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-            out[key] = state.save_file(text.encode("utf-8"), name, "batch_output")["id"]
-    state.update_batch(batch, status="completed", completed_at=int(time.time()), **out)
-
-
-async def _guard_batch(state: ServerState, batch: dict) -> None:
-    try:
-        await run_batch(state, batch)
-    except Exception as e:  # the batch fails visibly instead of staying in_progress forever
-        state.update_batch(batch, status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
-            {"code": "server_error", "message": f"{type(e).__name__}: {e}", "param": None, "line": None}]})
-
-
-def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """Fields of a multipart/form-data body: {name: (filename or None, bytes)}."""
-    from email import policy
-    from email.parser import BytesParser
-
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(400, "expected multipart/form-data with fields file and purpose")
-    msg = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-                                                     + body)
-    if not msg.is_multipart():
-        raise ApiError(400, "malformed multipart body")
-    fields = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if name:
-            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
-    return fields
 
 
 # ----------------------------------------------------------------------------- the app
@@ -509,25 +388,26 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
+
+    from distill.teacher_batches import BatchStore, add_batch_routes
 
     if max_batch < 1 or batch_wait_ms < 0:
         raise ConfigError("max_batch must be >= 1 and batch_wait_ms >= 0")
     teacher = load_teacher(model_path)
     name = model_name or Path(model_path).resolve().name
-    files = Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="distill-teacher-files-"))
-    (files / "batches").mkdir(parents=True, exist_ok=True)
-    state = ServerState(teacher, name, files, max_batch, batch_wait_ms / 1000)
+    store = BatchStore(Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="distill-teacher-files-")))
+    state = ServerState(teacher, name)
 
     @asynccontextmanager
     async def lifespan(app):
         runner = None
         if isinstance(teacher, ClassifierTeacher):
-            state.batcher = MicroBatcher(teacher.classify, state.executor, max_batch, state.wait_s)
+            state.batcher = MicroBatcher(teacher.classify, state.executor, max_batch, batch_wait_ms / 1000)
             runner = asyncio.create_task(state.batcher.run())
         yield
-        for task in [runner, *state.tasks]:
+        for task in [runner, *store.tasks.values()]:
             if task:
                 task.cancel()
         state.executor.shutdown(wait=False, cancel_futures=True)
@@ -572,76 +452,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
         status, out = await answer(state, body)
         return JSONResponse(out, status_code=status)
 
-    @app.post("/v1/files")
-    async def upload(request: Request):
-        fields = parse_multipart(request.headers.get("content-type", ""), await request.body())
-        if "file" not in fields or "purpose" not in fields:
-            raise ApiError(400, "multipart fields `file` and `purpose` are required")
-        purpose = fields["purpose"][1].decode("utf-8", "replace").strip()
-        return state.save_file(fields["file"][1], fields["file"][0] or "upload.jsonl", purpose)
-
-    @app.get("/v1/files/{file_id}")
-    async def file_meta(file_id: str):
-        return state.file_meta(file_id)
-
-    @app.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str):
-        return PlainTextResponse(state.file_content(file_id), media_type="application/jsonl")
-
-    @app.post("/v1/batches")
-    async def create_batch(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str):
-            raise ApiError(400, "input_file_id is required", param="input_file_id")
-        if body.get("endpoint") != "/v1/chat/completions":
-            raise ApiError(400, "endpoint must be /v1/chat/completions", code="invalid_value", param="endpoint")
-        if body.get("completion_window") != "24h":
-            raise ApiError(400, "completion_window must be 24h", code="invalid_value", param="completion_window")
-        state.file_meta(body["input_file_id"])
-        now = int(time.time())
-        batch = {"id": _new_id("batch"), "object": "batch", "endpoint": body["endpoint"], "errors": None,
-                 "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "validating",
-                 "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-                 "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
-                 "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata")}
-        state.batches[batch["id"]] = batch
-        state.update_batch(batch)
-        task = asyncio.create_task(_guard_batch(state, batch))
-        state.tasks.add(task)
-
-        def done(t: asyncio.Task) -> None:
-            state.tasks.discard(t)
-            if t.cancelled():  # also covers a task cancelled before it ever ran
-                state.update_batch(batch, status="cancelled", cancelled_at=int(time.time()))
-
-        task.add_done_callback(done)
-        batch["_task"] = task
-        return _public(batch)
-
-    def _batch(batch_id: str) -> dict:
-        if batch_id not in state.batches:
-            raise ApiError(404, f"No such Batch object: {batch_id}", code="batch_not_found", param="batch_id")
-        return state.batches[batch_id]
-
-    def _public(batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if not k.startswith("_")}
-
-    @app.get("/v1/batches/{batch_id}")
-    async def get_batch(batch_id: str):
-        return _public(_batch(batch_id))
-
-    @app.post("/v1/batches/{batch_id}/cancel")
-    async def cancel_batch(batch_id: str):
-        batch = _batch(batch_id)
-        if batch["status"] in ("validating", "in_progress", "finalizing"):
-            state.update_batch(batch, status="cancelling", cancelling_at=int(time.time()))
-            batch["_task"].cancel()
-        return _public(batch)
-
+    add_batch_routes(app, store, lambda body: answer(state, body), concurrency=2 * max_batch)
     return app
 
 

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from distill.config import ConfigError, EvaluateConfig, GateConfig, TeacherConfig
+from distill.config import EvaluateConfig, GateConfig, TeacherConfig
 
 HEADLINE = ("teacher_accuracy", "student_accuracy", "retention", "agreement", "ece_before", "ece", "brier",
             "temperature", "tail_size", "tail_gap", "robustness_drop", "ood_abstain_rate", "output_entropy",
@@ -28,7 +28,7 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
         student_dir: the trained student.
         holdout: gold task rows.
         teacher_records: the teacher's records for the holdout.
-        labels: the label set (None for generation tasks, which this stage does not measure yet).
+        labels: the label set; None for generation tasks (distill.evaluate_generative measures those).
         evaluate: the evaluate section.
         run_dir: the run directory (plots, tail.jsonl, robustness.jsonl).
         validation: training rows with split "validation" (the temperature is fitted there).
@@ -36,10 +36,9 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
         train_rows: the training rows; their label frequencies define the rare labels of the tail.
     """
     from distill.evaluate import evaluate_classifier
+    from distill.evaluate_generative import evaluate_generative
 
     logger = get_run_logger()
-    if not labels:
-        raise ConfigError("task.kind: evaluation measures classification students; generation is not supported yet")
     counts = None
     if train_rows:
         counts = dict(Counter(r["target"] for r in train_rows if r.get("split", "train") == "train"))
@@ -50,9 +49,13 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
 
         url, model, key = teacher.base_url, teacher.model, resolve_key(teacher)
         price = (teacher.input_price_per_1m, teacher.output_price_per_1m)
-    metrics = evaluate_classifier(student_dir, holdout, teacher_records, labels, evaluate, run_dir,
-                                  validation=validation, teacher_url=url, teacher_model=model, teacher_api_key=key,
-                                  teacher_price=price, train_label_counts=counts)
+    if labels:
+        metrics = evaluate_classifier(student_dir, holdout, teacher_records, labels, evaluate, run_dir,
+                                      validation=validation, teacher_url=url, teacher_model=model,
+                                      teacher_api_key=key, teacher_price=price, train_label_counts=counts)
+    else:
+        metrics = evaluate_generative(student_dir, holdout, teacher_records, evaluate, run_dir, teacher_url=url,
+                                      teacher_model=model, teacher_api_key=key, teacher_price=price)
     rows = [{"metric": k, "value": metrics.get(k)} for k in HEADLINE]
     create_table_artifact(rows, key="evaluation-metrics", description="Student evaluation (gold holdout)")
     logger.info("student %s vs teacher %s accuracy (retention %s), ECE %s, P95 %s ms",

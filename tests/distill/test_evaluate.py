@@ -76,6 +76,7 @@ def test_evaluate_classifier_end_to_end(tmp_path, tiny_classifier):
     wrong = {l: LABELS[(k + 1) % 3] for k, l in enumerate(LABELS)}
     records = [_record(r, r["gold"] if i % 5 else wrong[r["gold"]], 0.6 + 0.3 * (i % 2)) for i, r in enumerate(holdout)]
     records.append({**records[0], "sample": 1, "response": "negative"})  # later samples are ignored
+    records[1] = {**records[1], "status": "failed", "response": None, "logprobs": None}  # counts as wrong
     validation = [{"id": f"v{i}", "text": r["text"], "target": r["gold"], "split": "validation"}
                   for i, r in enumerate(_rows(30, "v"))]
     tail_file = tmp_path / "tail.csv"
@@ -100,7 +101,8 @@ def test_evaluate_classifier_end_to_end(tmp_path, tiny_classifier):
                 "student_cost_per_1k", "teacher_cost_per_1k", "per_label", "plots"]
     assert not [k for k in required if k not in m]
     json.dumps(m, allow_nan=False)  # strict JSON: NaN became null
-    assert m["teacher_accuracy"] == pytest.approx(36 / 45)  # every fifth answer was wrong
+    assert m["teacher_accuracy"] == pytest.approx(35 / 45)  # every fifth answer was wrong, one failed
+    assert m["teacher_unanswered"] == 1
     assert m["retention"] == pytest.approx(m["student_accuracy"] / m["teacher_accuracy"])
     assert sum(v["support"] for v in m["per_label"].values()) == 45
     assert sum(map(sum, m["confusion"]["matrix"])) == 45

@@ -43,8 +43,8 @@ def test_percentiles_against_a_server_with_known_delay():
     assert app.state.counter["keys"] == {"Bearer sekret"}
     assert 50 <= r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert r["p50_ms"] < 150
-    # Four clients in parallel: about 40 x 50 ms / 4 = 0.5 s of wall time, not 2 s.
-    assert r["wall_s"] < 1.5
+    # Four clients in parallel: about 40 x 50 ms / 4 = 0.5 s of wall time; one at a time would take 2 s.
+    assert r["wall_s"] < 1.6
     assert 25 < r["throughput_rps"] <= 81
     assert "sekret" not in repr(r)
 

@@ -100,3 +100,13 @@ def test_cli_list_promote_rollback(tmp_path, model_dirs):
     assert r.exit_code != 0  # --reason is required
     r = runner.invoke(app, ["models", "rollback", "other", "--registry", str(root)])
     assert r.exit_code == 2 and "no models registered" in r.output
+
+
+def test_cli_reads_the_registry_from_a_config(tmp_path, model_dirs):
+    Registry(tmp_path / "reg").register("banking77", "run-a", model_dirs[0], {}, {})
+    (tmp_path / "cfg.yaml").write_text(f"registry: {tmp_path / 'reg'}\n")
+    r = CliRunner().invoke(app, ["models", "list", "--config", str(tmp_path / "cfg.yaml"), "--json"])
+    assert r.exit_code == 0 and [e["run_id"] for e in json.loads(r.output)] == ["run-a"]
+    (tmp_path / "bad.yaml").write_text("registry: [1\n")
+    r = CliRunner().invoke(app, ["models", "list", "--config", str(tmp_path / "bad.yaml")])
+    assert r.exit_code == 2 and "bad.yaml" in r.output

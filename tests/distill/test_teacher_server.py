@@ -221,6 +221,12 @@ def test_batch_api_round_trip(clf_server):
     failed = wait_batch(client, client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
                                                       completion_window="24h").id)
     assert failed.status == "failed" and failed.errors.data[0].line == 5
+    binary = client.files.create(file=("bin.jsonl", io.BytesIO(b"\xff\xfe{}\n")), purpose="batch")
+    assert client.files.content(binary.id).content == b"\xff\xfe{}\n"  # stored byte for byte
+    failed = wait_batch(client, client.batches.create(input_file_id=binary.id, endpoint="/v1/chat/completions",
+                                                      completion_window="24h").id)
+    assert failed.status == "failed" and "UTF-8" in failed.errors.data[0].message
+    assert client.batches.cancel(batch.id).status == "completed"  # finished batches stay as they are
     import openai
 
     with pytest.raises(openai.NotFoundError):

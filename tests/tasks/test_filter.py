@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
+from starlette.requests import Request
 
 from distill.config import FilterConfig, TaskConfig
 from distill.data import load_task_rows, read_jsonl, write_jsonl
@@ -102,9 +103,7 @@ def test_filter_flow_on_banking77_auto_approved(prefect_harness, banking, tmp_pa
     teach, real, records_path = banking
     SHARED.update(teach=teach, real=real)
     overrides = {"spotcheck": {"auto_approve": True, "fraction": 0.05}}
-    t0 = time.perf_counter()
     result = filter_flow(str(records_path), str(tmp_path), overrides)
-    wall = time.perf_counter() - t0
     report = json.loads((tmp_path / "filter_report.json").read_text())
     assert report == json.loads(json.dumps(result["report"]))
     stages = {s["stage"]: s for s in report["stages"]}
@@ -141,7 +140,6 @@ def test_filter_flow_on_banking77_auto_approved(prefect_harness, banking, tmp_pa
                for r in dataset if r["source"] == "teacher")
     assert report["spotcheck"]["mode"] == "auto_approve" and report["spotcheck"]["sampled"] >= 100
     assert (tmp_path / "spotcheck.csv").exists()
-    assert wall < 60
 
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -216,3 +214,53 @@ def test_headless_decisions_file(prefect_harness, banking, tmp_path):
     rejected = [r for r in read_jsonl(second / "rejected.jsonl") if r["stage"] == "spotcheck"]
     assert [(r["id"], r["reason"]) for r in rejected] == [(sampled[0]["id"], "reviewer: ambiguous question")]
     assert Path(second / "dataset.jsonl").exists()
+
+
+def strict_grader_app(seen):
+    """Scores card_arrival answers 1 (say it is always wrong), everything else 4."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        seen.append(request.headers.get("authorization"))
+        answer = body["messages"][-1]["content"].split("## The model's answer\n", 1)[1].split("\n\n", 1)[0]
+        score = 1 if answer == "card_arrival" else 4
+        content = json.dumps({"score": score, "reason": "always wrong" if score == 1 else "fine"})
+        return {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5}, "model": body["model"]}
+
+    return app
+
+
+def test_grader_stage_in_the_flow_uses_its_endpoint_and_key(prefect_harness, banking, tmp_path, monkeypatch):
+    from distill.config import GenerationConfig, TeacherConfig
+    from distill.httpserver import start_in_thread
+
+    teach, real, records_path = banking
+    small = teach[:200]
+    monkeypatch.setenv("GRADER_TEST_KEY", "sk-grader-SECRET-42")
+    seen: list = []
+
+    @flow(name="filter-with-grader")
+    def graded(run_dir: str, url: str) -> dict:
+        cfg = FilterConfig.model_validate({
+            "spotcheck": {"enabled": False},
+            "grader": {"enabled": True, "min_score": 3,
+                       "endpoint": {"base_url": url, "model": "judge", "api_key_env": "GRADER_TEST_KEY"}}})
+        gen = GenerationConfig(cache_path=tmp_path / "cache.sqlite", max_retries=0)
+        _, report = filter_rows(small, read_jsonl(str(records_path)), real[:50], TASK, cfg, run_dir,
+                                teacher=TeacherConfig(base_url="http://127.0.0.1:9/v1"), generation=gen)
+        return report
+
+    with start_in_thread(strict_grader_app(seen)) as server:
+        report = graded(str(tmp_path / "run"), server.url + "/v1")
+    stage = next(s for s in report["stages"] if s["stage"] == "grader")
+    assert stage["dropped"] > 0 and stage["top_reasons"] == {"grader": stage["dropped"]}
+    assert report["grader"]["done"] == stage["in"] and seen and set(seen) == {"Bearer sk-grader-SECRET-42"}
+    rejected = [r for r in read_jsonl(tmp_path / "run" / "rejected.jsonl") if r["stage"] == "grader"]
+    assert all(r["response"] == "card_arrival" and r["reason"].endswith("always wrong") for r in rejected)
+    for f in (tmp_path / "run").iterdir():
+        assert "sk-grader-SECRET-42" not in f.read_text()
