@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--fit-rows", type=int, default=770, help="BANKING77 rows the teacher head is fitted on.")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, nargs="*", default=[0],
+                    help="Torch threads per run (0: the server default, all cores but one).")
     ap.add_argument("--no-baseline", action="store_true", help="Skip the max_batch=1 comparison run.")
     args = ap.parse_args()
 
@@ -70,9 +72,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         EmbeddingClassifier.fit(MINILM, [r["text"] for r in fit], [r["category"] for r in fit], labels).save(
             Path(tmp) / "teacher")
-        runs = [("dynamic batching", args.max_batch)] + ([] if args.no_baseline else [("no batching", 1)])
-        for name, max_batch in runs:
-            app = create_app(Path(tmp) / "teacher", "bench", max_batch=max_batch, batch_wait_ms=args.batch_wait_ms)
+        runs = [("dynamic batching", args.max_batch, t) for t in args.threads]
+        runs += [] if args.no_baseline else [("no batching", 1, args.threads[0])]
+        for name, max_batch, threads in runs:
+            app = create_app(Path(tmp) / "teacher", "bench", max_batch=max_batch, batch_wait_ms=args.batch_wait_ms,
+                             threads=threads or None)
             with start_in_thread(app) as server:
                 asyncio.run(fire(server.url, "bench", texts[:64], args.concurrency))  # warm-up
                 before = httpx.get(server.url + "/health").json()
@@ -80,7 +84,8 @@ def main() -> None:
                 after = httpx.get(server.url + "/health").json()
             batches = after["batches"] - before["batches"]
             lat.sort()
-            print(f"teacher_server {name:>16} (max_batch={max_batch}): {len(texts) / wall:8.1f} req/s  "
+            print(f"teacher_server {name:>16} (max_batch={max_batch}, threads={after['threads']}): "
+                  f"{len(texts) / wall:8.1f} req/s  "
                   f"concurrency={args.concurrency} requests={len(texts)} "
                   f"mean_batch={len(texts) / max(batches, 1):.1f} "
                   f"p50={statistics.median(lat) * 1000:.1f}ms p95={lat[int(0.95 * (len(lat) - 1))] * 1000:.1f}ms "

@@ -143,6 +143,7 @@ def teacher_serve(
     batch_wait_ms: float = typer.Option(2.0, help="How long a classifier request waits for others to batch with."),
     files_dir: Optional[Path] = typer.Option(None, help="Where /v1/files and batch results are kept (default: a "
                                              "temporary directory)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads for model calls (default: all cores but one)."),
 ):
     """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
     _offline_env()
@@ -151,7 +152,7 @@ def teacher_serve(
 
     try:
         serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
-              batch_wait_ms=batch_wait_ms, files_dir=files_dir)
+              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads)
     except ConfigError as e:
         _fail(str(e))
 

@@ -31,6 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from distill.config import ConfigError
 
 MIN_LOGPROB = -9999.0  # OpenAI's floor; keeps -inf out of JSON
+# A collected batch is encoded in length-sorted chunks of this size: one padded tensor for 64 texts
+# of mixed lengths wastes most of its FLOPs on padding (MiniLM on CPU: 148 texts/s in chunks of 8,
+# 70 texts/s as one batch of 64, 70 texts/s one at a time).
+ENCODE_CHUNK = 8
 
 
 # ----------------------------------------------------------------------------- request schema
@@ -95,13 +99,15 @@ class ClassifierTeacher:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             self.kind, self.labels = "embedding-classifier", clf.labels
-            self._logits, self._tokenizer, self._max_length = clf.logits, clf.encoder.tokenizer, clf.encoder.max_length
+            # EmbeddingClassifier.logits, with the chunk size that avoids padding waste.
+            self._logits = lambda texts: clf.encoder.encode(texts, batch_size=ENCODE_CHUNK) @ clf.weight.T + clf.bias
+            self._tokenizer, self._max_length = clf.encoder.tokenizer, clf.encoder.max_length
         else:
             from distill.student import ClassifierStudent
 
             student = ClassifierStudent(path)
             self.kind, self.labels = "sequence-classifier", student.labels
-            self._logits = lambda texts: student.logits(texts) / student.temperature
+            self._logits = lambda texts: student.logits(texts, batch_size=ENCODE_CHUNK) / student.temperature
             self._tokenizer, self._max_length = student.tokenizer, student.max_length
 
     def classify(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
@@ -274,12 +280,23 @@ class MicroBatcher:
 class ServerState:
     """What the routes share: the model, its worker thread and the dynamic batcher."""
 
-    def __init__(self, teacher: ClassifierTeacher | CausalTeacher, model_name: str):
+    def __init__(self, teacher: ClassifierTeacher | CausalTeacher, model_name: str, threads: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
+        import torch
+
         self.teacher, self.model_name = teacher, model_name
-        # One worker: torch already uses every core per call, and one caller keeps the RNG seedable.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-model")
+        default = torch.get_num_threads()
+        # All cores but one by default: torch's thread team stalls whenever the event loop (or an
+        # in-process client) takes one of its cores; on 2 busy cores that was 4x slower than 1 thread.
+        self.threads = threads or max(default - 1, 1)
+        # One worker: torch parallelises inside each call, and one caller keeps the RNG seedable.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-model",
+                                           initializer=torch.set_num_threads, initargs=(self.threads,))
+        self.executor.submit(torch.get_num_threads).result()
+        # set_num_threads also changes the default for threads started later; the worker keeps its
+        # own setting, everything else in the process gets the old default back.
+        torch.set_num_threads(default)
         self.batcher: MicroBatcher | None = None
 
 
@@ -375,7 +392,8 @@ async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
 # ----------------------------------------------------------------------------- the app
 
 def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
-               batch_wait_ms: float = 2.0, files_dir: str | Path | None = None) -> "FastAPI":
+               batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
+               threads: int | None = None) -> "FastAPI":
     """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
 
     Args:
@@ -384,6 +402,8 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
         max_batch: most classifier requests answered by one forward pass.
         batch_wait_ms: how long the first request of a batch waits for company.
         files_dir: where /v1/files and batch results are kept; a fresh temp directory when None.
+        threads: torch threads for model calls (only the model's worker thread is changed);
+            None: all cores but one, which stays free for the event loop and HTTP clients.
     """
     from contextlib import asynccontextmanager
 
@@ -393,12 +413,12 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
 
     from distill.teacher_batches import BatchStore, add_batch_routes
 
-    if max_batch < 1 or batch_wait_ms < 0:
-        raise ConfigError("max_batch must be >= 1 and batch_wait_ms >= 0")
+    if max_batch < 1 or batch_wait_ms < 0 or (threads is not None and threads < 1):
+        raise ConfigError("max_batch and threads must be >= 1, batch_wait_ms >= 0")
     teacher = load_teacher(model_path)
     name = model_name or Path(model_path).resolve().name
     store = BatchStore(Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="distill-teacher-files-")))
-    state = ServerState(teacher, name)
+    state = ServerState(teacher, name, threads)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -429,7 +449,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
     @app.get("/health")
     async def health():
         labels = getattr(teacher, "labels", None)
-        return {"status": "ok", "model": name, "kind": teacher.kind, "labels": labels,
+        return {"status": "ok", "model": name, "kind": teacher.kind, "labels": labels, "threads": state.threads,
                 "batches": state.batcher.batches if state.batcher else 0,
                 "batched_requests": state.batcher.items if state.batcher else 0}
 
@@ -457,9 +477,11 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8765, model_name: str | None = None,
-          max_batch: int = 64, batch_wait_ms: float = 2.0, files_dir: str | Path | None = None) -> None:
+          max_batch: int = 64, batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
+          threads: int | None = None) -> None:
     """Run the server in the foreground until interrupted (what `distill teacher serve` does)."""
     import uvicorn
 
-    app = create_app(model_path, model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms, files_dir=files_dir)
+    app = create_app(model_path, model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms, files_dir=files_dir,
+                     threads=threads)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

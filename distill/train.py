@@ -87,7 +87,7 @@ def build_student(config: TrainConfig, labels: list[str]):
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from distill.encoders import resolve_encoder
+    from distill.encoders import MINILM, resolve_encoder
 
     id2label = dict(enumerate(labels))
     label2id = {l: i for i, l in enumerate(labels)}
@@ -97,8 +97,13 @@ def build_student(config: TrainConfig, labels: list[str]):
             raise ConfigError(f"train.student_model: {source} is not a model directory (no config.json)")
         overrides: dict[str, Any] = {}
     elif config.init_from_teacher is not None:
+        ref = config.init_from_teacher
+        # A preset's relative paths are resolved against the preset's folder, which turns the
+        # packaged encoder's name into a path that does not exist: read it back as the name.
+        if not Path(ref).exists() and Path(ref).name == MINILM:
+            ref = MINILM
         try:
-            source = resolve_encoder(config.init_from_teacher)
+            source = resolve_encoder(ref)
         except FileNotFoundError as e:
             raise ConfigError(f"train.init_from_teacher: {e}") from None
         overrides = {"num_hidden_layers": config.student_layers}
@@ -162,8 +167,6 @@ class _Collator:
 
 
 def _metrics(eval_pred) -> dict[str, float]:
-    import numpy as np
-
     logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     packed = eval_pred.label_ids
     pred = logits.argmax(axis=-1)

@@ -139,11 +139,11 @@ def test_logit_kd_pulls_student_towards_teacher(tmp_path, student_lm, on_policy)
 
 
 def test_logit_kd_rejects_a_teacher_with_another_tokenizer(tmp_path, tiny_causal_lm):
+    from conftest import make_tiny_causal_lm
     from transformers import AutoTokenizer
 
     other = tmp_path / "other"
-    make = __import__("conftest").make_tiny_causal_lm
-    make(other)
+    make_tiny_causal_lm(other)
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["zebra"])
     tok.save_pretrained(other)
