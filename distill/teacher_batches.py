@@ -44,7 +44,11 @@ def new_id(prefix: str) -> str:
 
 
 class BatchStore:
-    """Uploaded files and batch objects under `directory` (files survive a restart; batches are in memory)."""
+    """Uploaded files and batch objects under `directory`.
+
+    Files survive a restart; batch objects are written there too, but only the server that runs a
+    batch answers for it.
+    """
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)

@@ -38,14 +38,17 @@ def free_port() -> int:
 
 def build_bert_tokenizer(directory: Path):
     """A BERT-style WordPiece tokenizer over WORDS, saved to and reloaded from `directory`."""
-    from transformers import AutoTokenizer, BertTokenizerFast
+    from transformers import AutoTokenizer, BertTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + list("abcdefghijklmnopqrstuvwxyz0123456789?!.,'")
     (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores `vocab_file=`; `vocab=` is the argument that takes the word list.
+    tok = BertTokenizer(vocab=str(directory / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
+    loaded = AutoTokenizer.from_pretrained(directory)
+    assert len(loaded) > 100 and loaded.unk_token_id not in loaded("my card")["input_ids"]
+    return loaded
 
 
 def make_tiny_bert_classifier(directory: Path, labels: list[str], seed: int = 0, num_layers: int = 2) -> Path:

@@ -300,3 +300,20 @@ def test_cli_serves_a_student_directory(tiny_classifier, port):
         proc.wait(30)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
     assert proc.returncode in (0, -15)
+
+
+def test_thread_setting_stays_inside_the_model_worker(tiny_classifier):
+    """The server's torch thread count must not leak into the rest of the process (e.g. training)."""
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    app = create_app(tiny_classifier, "t", threads=1)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and seen == [before]
+    assert app.state.teacher.executor.submit(torch.get_num_threads).result() == 1
+    app.state.teacher.executor.shutdown()
