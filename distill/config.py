@@ -344,6 +344,10 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
     resume: bool = Field(True, description="Continue from the last checkpoint in the output directory if one exists.")
     max_new_tokens: int = Field(64, ge=1, description="logit_kd: tokens sampled per on-policy student completion.")
+    pooling: Literal["cls", "mean"] = Field(
+        "mean", description="classifier_kd: sentence representation fed to the head. mean: average of the last "
+        "hidden states (what sentence encoders like MiniLM are trained for); cls: the model's stock head."
+    )
     freeze_embeddings: bool = Field(
         True, description="classifier_kd full fine-tuning: keep the token embeddings fixed (most of a small "
         "encoder's weights; updating them costs much CPU time and gains little on a narrow task)."

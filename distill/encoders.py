@@ -96,8 +96,14 @@ class EmbeddingClassifier:
         clf.fit(x, y)
         weight = np.zeros((len(labels), x.shape[1]), dtype=np.float32)
         bias = np.full(len(labels), -1e4, dtype=np.float32)  # labels absent from the fit set get ~0 probability
-        weight[clf.classes_] = clf.coef_
-        bias[clf.classes_] = clf.intercept_
+        if len(clf.classes_) == 2:
+            # Binary fits return one coefficient row for the positive class; softmax over
+            # logits (0, w.x + b) is the same model as sigmoid(w.x + b).
+            weight[clf.classes_[0]], bias[clf.classes_[0]] = 0.0, 0.0
+            weight[clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+        else:
+            weight[clf.classes_] = clf.coef_
+            bias[clf.classes_] = clf.intercept_
         return cls(encoder, labels, weight, bias, encoder_ref)
 
     def save(self, path: str | Path) -> Path:

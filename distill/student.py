@@ -16,6 +16,24 @@ from pathlib import Path
 import numpy as np
 
 
+def classifier_logits(model, enc: dict):
+    """Logits with the pooling the student was trained with.
+
+    `config.distill_pooling == "mean"` means: mean of the last hidden states over
+    real tokens, then the model's own linear head. Sentence encoders such as
+    MiniLM were trained for mean pooling; their [CLS] state is not a sentence
+    representation, and reading it (the stock BERT head) learnt far slower in
+    our BANKING77 runs (36 % vs 74 % after one epoch on 4k rows).
+    """
+    if getattr(model.config, "distill_pooling", "cls") != "mean":
+        return model(**enc).logits
+    hidden = model.base_model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    dropout = getattr(model, "dropout", None)
+    return model.classifier(dropout(pooled) if dropout is not None else pooled)
+
+
 class ClassifierStudent:
     """A sequence-classification model that returns probabilities over its labels."""
 
@@ -49,7 +67,7 @@ class ClassifierStudent:
                 idx = order[i : i + batch_size]
                 enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt").to(self.device)
-                out[idx] = self.model(**enc).logits.float().cpu().numpy()
+                out[idx] = classifier_logits(self.model, enc).float().cpu().numpy()
         return out
 
     def predict_proba(self, texts: list[str], temperature: float | None = None) -> np.ndarray:

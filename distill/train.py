@@ -110,7 +110,7 @@ def build_student(config: TrainConfig, labels: list[str]):
     else:
         raise ConfigError("train: set student_model or init_from_teacher")
     model_config = AutoConfig.from_pretrained(source, num_labels=len(labels), id2label=id2label,
-                                              label2id=label2id, **overrides)
+                                              label2id=label2id, distill_pooling=config.pooling, **overrides)
     have = AutoConfig.from_pretrained(source).to_dict().get("num_hidden_layers")
     if overrides and have is not None and config.student_layers > have:
         raise ConfigError(f"train.student_layers: {config.student_layers} > the {have} layers of {source}")
@@ -164,6 +164,58 @@ class _Collator:
                     packed[i, 2:] = torch.tensor(it["soft"]) / total
         batch["labels"] = packed
         return dict(batch)
+
+
+def _check_mean_head(model) -> None:
+    import torch
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(hf, "classifier", None)
+    saved = getattr(head, "modules_to_save", None)  # peft wraps a trainable head copy
+    if saved is not None and "default" in saved:
+        head = saved["default"]
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"train.pooling: 'mean' needs a model whose head is one linear layer "
+                          f"(BERT-style); {type(hf).__name__} has another head, use pooling: cls")
+
+
+_POOLED = None
+
+
+def _pooled_classifier_class():
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from distill.student import classifier_logits
+
+    class PooledClassifier(torch.nn.Module):
+        """Runs a sequence classifier with mean pooling (see distill.student.classifier_logits).
+
+        A thin wrapper rather than a model subclass, so the saved student stays a stock
+        `AutoModelForSequenceClassification` checkpoint with `distill_pooling` in its config.
+        """
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.config = model.config
+
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **_):
+            enc = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                enc["token_type_ids"] = token_type_ids
+            hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            return SequenceClassifierOutput(logits=classifier_logits(hf, enc))
+
+    return PooledClassifier
+
+
+def PooledClassifier(model):  # noqa: N802 - reads like the class it builds
+    # The class is built on first use so importing this module does not import torch.
+    global _POOLED
+    if _POOLED is None:
+        _POOLED = _pooled_classifier_class()
+    return _POOLED(model)
 
 
 def _metrics(eval_pred) -> dict[str, float]:
@@ -315,6 +367,9 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     extra = list(callbacks or [])
     if val_ds is not None and config.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    if config.pooling == "mean":
+        _check_mean_head(model)
+        model = PooledClassifier(model)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                       data_collator=_Collator(tokenizer, len(labels)), compute_loss_func=loss_func,
                       compute_metrics=_metrics if val_ds is not None else None, callbacks=extra)
@@ -324,6 +379,8 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     train_s = time.perf_counter() - started
 
     model = trainer.model
+    if config.pooling == "mean":
+        model = model.model
     adapter_dir = None
     if config.lora.enabled:
         adapter_dir = out_dir / "adapter"
