@@ -84,11 +84,17 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
         tmp = teacher_dir.with_name(teacher_dir.name + ".tmp")
         teacher.save(tmp)
         tmp.replace(teacher_dir)
+    # The teacher split's texts go in too, without their labels: the student may learn the
+    # teacher's answers on them, never their gold labels.
+    unlabelled = [{**r, "category": ""} for r in teacher_rows]
+    if quick:
+        unlabelled = unlabelled[:: max(1, len(unlabelled) // 300)]
     train_path = workdir / ("student-train-quick.csv" if quick else "student-train.csv")
-    _write_csv(train_path, [{"id": f"train-{i}", **r} for i, r in enumerate(student_rows)],
+    _write_csv(train_path, [{"id": f"train-{i}", **r} for i, r in enumerate(student_rows + unlabelled)],
                ["id", "text", "category"])
     return {"teacher_dir": teacher_dir, "train_path": train_path, "teacher_fit_rows": len(teacher_rows),
-            "student_rows": len(student_rows), "fit_s": round(time.perf_counter() - t0, 1)}
+            "student_rows": len(student_rows) + len(unlabelled), "gold_rows": len(student_rows),
+            "fit_s": round(time.perf_counter() - t0, 1)}
 
 
 def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str]) -> DistillConfig:
@@ -123,7 +129,7 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     started = time.perf_counter()
     prep = prepare_demo(workdir, quick=quick)
     print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows "
-          f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows")
+          f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
     app = create_app(prep["teacher_dir"], model_name="banking77-teacher")
     # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
     # a second run is served from the cache and pays for nothing.

@@ -166,6 +166,22 @@ class _Collator:
         return dict(batch)
 
 
+def _optimizer(model, config: TrainConfig):
+    """AdamW with the fresh head on its own (larger) learning rate; the Trainer adds the schedule."""
+    import torch
+
+    head_lr = config.head_learning_rate or config.learning_rate
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = "classifier" in name or "score" in name
+        # Biases and norms are not decayed, as the Trainer's own optimizer does.
+        decay = 0.0 if (name.endswith("bias") or "LayerNorm" in name or "norm" in name) else config.weight_decay
+        groups.setdefault((head_lr if is_head else config.learning_rate, decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+
+
 def _check_mean_head(model) -> None:
     import torch
 
@@ -371,6 +387,7 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
         _check_mean_head(model)
         model = PooledClassifier(model)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      optimizers=(_optimizer(model, config), None),
                       data_collator=_Collator(tokenizer, len(labels)), compute_loss_func=loss_func,
                       compute_metrics=_metrics if val_ds is not None else None, callbacks=extra)
     resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
