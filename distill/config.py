@@ -340,7 +340,21 @@ class TrainConfig(Section):
     packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
     merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
     on_policy_fraction: float = Field(0.0, ge=0, le=1, description="logit_kd: share of batches on student samples (GKD).")
-    work_pool: str | None = Field(None, description="Run training as a deployment on this Prefect work pool (GPU).")
+    deployment: str | None = Field(
+        None, pattern=r"^[^/\s]+/[^/\s]+$",
+        description="Train remotely as this Prefect deployment ('flow-name/deployment-name', normally "
+        "'train-student/train-student' on the distill-gpu work pool, see deployments/gpu.md); None trains in "
+        "the calling process. The rows and the student travel through `store`, which must then be shared "
+        "storage the worker can reach (s3://...), not a directory only this machine sees.",
+    )
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict, description="Per-run overrides of the deployment's job variables when "
+        "`deployment` is set, e.g. {image: distill-cuda:cu124} or {env: {CUDA_VISIBLE_DEVICES: '0,1'}}.",
+    )
+    deployment_timeout_s: float | None = Field(
+        None, gt=0, description="Give up waiting for the remote training run after this many seconds (it keeps "
+        "running); None waits until it finishes. A pool without a polling worker otherwise waits forever.",
+    )
     early_stopping_metric: Literal["loss", "accuracy"] = Field(
         "loss", description="Validation metric that picks the best checkpoint and drives early stopping "
         "(accuracy applies to classifier_kd only)."

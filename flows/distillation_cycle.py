@@ -23,7 +23,7 @@ from distill.data import load_task_rows, write_text
 from tasks.evaluate import evaluate_student, gate_student, register_student
 from tasks.filter import filter_rows
 from tasks.generate import generate_completions
-from tasks.train import train_student
+from tasks.train import train_where_configured
 
 
 def new_run_id(config: DistillConfig) -> str:
@@ -99,7 +99,7 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     dataset, filter_report = filter_rows(teacher_rows, records, real_rows, cfg.task, cfg.filter, str(run_dir),
                                          teacher=cfg.teacher, generation=cfg.generation, seed=cfg.seed)
 
-    trained = train_student(dataset, labels, cfg.train, str(run_dir))
+    trained = train_where_configured(dataset, labels, cfg.train, str(run_dir), run_id=run_id, store=str(cfg.store))
     validation = [r for r in dataset if r.get("split") == "validation"]
     metrics = evaluate_student(trained["model_dir"], holdout, holdout_records, labels, cfg.evaluate, str(run_dir),
                                validation=validation, teacher=cfg.teacher, train_rows=dataset)
