@@ -367,6 +367,10 @@ class TrainConfig(Section):
         "mean", description="classifier_kd: sentence representation fed to the head. mean: average of the last "
         "hidden states (what sentence encoders like MiniLM are trained for); cls: the model's stock head."
     )
+    head_init: Literal["random", "linear_probe"] = Field(
+        "linear_probe", description="classifier_kd with mean pooling: start the fresh head from a logistic "
+        "regression on the student's own pooled features (linear probing, then fine-tuning), or at random."
+    )
     freeze_embeddings: bool = Field(
         True, description="classifier_kd full fine-tuning: keep the token embeddings fixed (most of a small "
         "encoder's weights; updating them costs much CPU time and gains little on a narrow task)."

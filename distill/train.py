@@ -110,7 +110,9 @@ def build_student(config: TrainConfig, labels: list[str]):
     else:
         raise ConfigError("train: set student_model or init_from_teacher")
     model_config = AutoConfig.from_pretrained(source, num_labels=len(labels), id2label=id2label,
-                                              label2id=label2id, distill_pooling=config.pooling, **overrides)
+                                              label2id=label2id, **overrides)
+    # Set as an attribute: from_pretrained drops unknown keyword arguments silently.
+    model_config.distill_pooling = config.pooling
     have = AutoConfig.from_pretrained(source).to_dict().get("num_hidden_layers")
     if overrides and have is not None and config.student_layers > have:
         raise ConfigError(f"train.student_layers: {config.student_layers} > the {have} layers of {source}")
@@ -180,6 +182,52 @@ def _optimizer(model, config: TrainConfig):
         decay = 0.0 if (name.endswith("bias") or "LayerNorm" in name or "norm" in name) else config.weight_decay
         groups.setdefault((head_lr if is_head else config.learning_rate, decay), []).append(p)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+
+
+def linear_probe_head(model, tokenizer, rows: list[dict], labels: list[str], config: TrainConfig) -> None:
+    """Initialise the fresh head with a logistic regression on the student's own pooled features.
+
+    Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): a random head sends large,
+    noisy gradients into the pretrained layers until it has learnt something, which on a
+    77-label task and a CPU budget of a few hundred steps costs most of the run. Fitting the
+    head first on frozen features starts fine-tuning from a working classifier.
+    """
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from distill.student import classifier_logits
+
+    index = {l: i for i, l in enumerate(labels)}
+    texts = [r["text"] for r in rows]
+    y = np.array([index[r["target"]] for r in rows])
+    w = np.array([float(r.get("weight", 1.0)) for r in rows])
+    feats = []
+    head = model.classifier
+    model.eval()
+    with torch.inference_mode():
+        # Capture what the head sees (the pooled features) by running the real forward path.
+        handle = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0].float().cpu().numpy()))
+        try:
+            for i in range(0, len(texts), 256):
+                enc = tokenizer(texts[i:i + 256], padding=True, truncation=True, max_length=config.max_length,
+                                return_tensors="pt")
+                classifier_logits(model, dict(enc))
+        finally:
+            handle.remove()
+    x = np.concatenate(feats)
+    clf = LogisticRegression(C=1.0, max_iter=300, random_state=config.seed)
+    clf.fit(x, y, sample_weight=w)
+    weight = np.zeros((len(labels), x.shape[1]), dtype=np.float32)
+    bias = np.full(len(labels), -10.0, dtype=np.float32)  # labels never seen start unlikely, not impossible
+    if len(clf.classes_) == 2:
+        weight[clf.classes_[1]], bias[clf.classes_[1]], bias[clf.classes_[0]] = clf.coef_[0], clf.intercept_[0], 0.0
+    else:
+        weight[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    model.train()
 
 
 def _check_mean_head(model) -> None:
@@ -357,6 +405,10 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     device = resolve_device(config)
     set_seed(config.seed)
     model, tokenizer = build_student(config, labels)
+    resuming = config.resume and last_checkpoint(out_dir / "checkpoints") is not None
+    if config.head_init == "linear_probe" and config.pooling == "mean" and not resuming:
+        linear_probe_head(model, tokenizer, [r for r in rows if r.get("split", "train") == "train"], labels,
+                          config)
     if config.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -379,7 +431,7 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     kwargs = training_kwargs(config, out_dir / "checkpoints", device, val_ds is not None, progress, metric)
     # label_names: a PeftModel hides the forward signature the Trainer would read it from.
     args = TrainingArguments(**kwargs, label_names=["labels"], remove_unused_columns=False,
-                             train_sampling_strategy="group_by_length")
+                             )
     extra = list(callbacks or [])
     if val_ds is not None and config.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
