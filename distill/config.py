@@ -149,28 +149,16 @@ class HeuristicsConfig(Section):
         True, description="Treat unbalanced brackets/quotes in an answer as truncation (generation tasks)."
     )
 
-    @field_validator("refusal_patterns")
+    @field_validator("refusal_patterns", "answer_regex")
     @classmethod
-    def _patterns_compile(cls, v: list[str]) -> list[str]:
+    def _regexes_compile(cls, v: list[str] | str | None) -> list[str] | str | None:
         import re
 
-        for p in v:
+        for p in ([v] if isinstance(v, str) else v or []):
             try:
                 re.compile(p)
             except re.error as e:
-                raise ValueError(f"refusal pattern {p!r} is not a valid regex: {e}") from None
-        return v
-
-    @field_validator("answer_regex")
-    @classmethod
-    def _regex_compiles(cls, v: str | None) -> str | None:
-        import re
-
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"not a valid regex: {e}") from None
+                raise ValueError(f"{p!r} is not a valid regex: {e}") from None
         return v
 
     @field_validator("json_schema")

@@ -12,31 +12,15 @@ keeps `python-multipart` out of the dependency set.
 
 import asyncio
 import json
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from distill.data import write_text
+from distill.data import write_bytes, write_text
 from distill.teacher_server import ApiError
 
 Answer = Callable[[Any], Awaitable[tuple[int, dict]]]  # raw request body -> (status code, response body)
-
-
-def _write_bytes(path: Path, content: bytes) -> None:
-    # Same all-or-nothing guarantee as distill.data.write_text, for bytes that must round-trip exactly.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def new_id(prefix: str) -> str:
@@ -59,7 +43,7 @@ class BatchStore:
     def save_file(self, content: bytes, filename: str, purpose: str) -> dict:
         meta = {"id": new_id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
                 "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
-        _write_bytes(self.directory / f"{meta['id']}.data", content)
+        write_bytes(self.directory / f"{meta['id']}.data", content)
         write_text(self.directory / f"{meta['id']}.json", json.dumps(meta))
         return meta
 
