@@ -434,6 +434,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
 
     app = FastAPI(title="distill teacher", lifespan=lifespan)
     app.state.teacher = state
+    app.state.batch_store = store
 
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)

@@ -414,7 +414,9 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
 
         model = get_peft_model(model, LoraConfig(
             task_type=TaskType.SEQ_CLS, r=config.lora.r, lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules))
+            lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules,
+            # Mean pooling bypasses BERT's [CLS] pooler: adapters there would never train.
+            exclude_modules=r".*pooler.*" if config.pooling == "mean" else None))
     elif config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
 

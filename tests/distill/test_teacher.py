@@ -358,7 +358,7 @@ def test_batch_mode_over_real_http_matches_online_and_resumes(teacher_server, tm
     with sqlite3.connect(tmp_path / "b.sqlite") as db:
         db.execute("DELETE FROM responses")
         db.execute("UPDATE batches SET status = 'open'")
-    before = len(teacher_server.server.config.app.state.teacher.batches)
+    before = len(teacher_server.server.config.app.state.batch_store.batches)
     again = generate(rows, teacher, gen)
     assert again.summary["done"] == 4 and again.summary["cached"] == 0
-    assert len(teacher_server.server.config.app.state.teacher.batches) == before
+    assert len(teacher_server.server.config.app.state.batch_store.batches) == before

@@ -78,8 +78,10 @@ def toy_rows(n: int, seed: int, validation_every: int = 0) -> list[dict]:
 def test_kd_student_reaches_teacher_agreement(tmp_path, tiny_encoder):
     rows = toy_rows(480, seed=0, validation_every=8)
     rows[1]["soft_labels"] = None  # a gold row without a teacher distribution trains on CE only
+    # The stock [CLS] head: a random tiny encoder has no sentence features worth mean-pooling
+    # (the mean-pooled, linear-probed path is what the BANKING77 demo test trains).
     cfg = TrainConfig(init_from_teacher=tiny_encoder, student_layers=2, learning_rate=3e-3, batch_size=16,
-                      epochs=4, eval_steps=20, checkpoint_steps=40, logging_steps=5, max_length=16)
+                      pooling="cls", head_init="random", epochs=8, eval_steps=20, checkpoint_steps=40, logging_steps=5, max_length=16)
     result = train_classifier(rows, LABELS, cfg, tmp_path / "run", progress=False)
 
     student = ClassifierStudent(result["model_dir"])
@@ -128,6 +130,7 @@ def test_lora_changes_adapters_only_and_merges_into_saved_student(tmp_path, tiny
     result = train_classifier(toy_rows(96, seed=2), LABELS, cfg, tmp_path / "run", progress=False)
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_classifier)
+    base.config.distill_pooling = "mean"  # what training recorded in the student's config
     before = {k: v.clone() for k, v in base.state_dict().items()}
     adapter = load_file(f"{result['adapter_dir']}/adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
@@ -143,7 +146,9 @@ def test_lora_changes_adapters_only_and_merges_into_saved_student(tmp_path, tiny
     texts = ["great card", "terrible app", "ok balance"]
     enc = merged.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        expected = peft_model.eval()(**enc).logits.numpy()
+        from distill.student import classifier_logits
+
+        expected = classifier_logits(peft_model.eval().get_base_model(), dict(enc)).numpy()
     assert merged.logits(texts) == pytest.approx(expected, abs=1e-4)
     saved = AutoModelForSequenceClassification.from_pretrained(result["model_dir"])
     assert not any("lora" in k for k in saved.state_dict())
