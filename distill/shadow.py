@@ -4,7 +4,8 @@ Every request the student server answers becomes one row of the `requests`
 table: the input text, which model served it, and, for each model that was
 asked (champion, challenger, teacher), its label, confidence, label
 distribution and latency. SQLite by default (`sqlite:///path`); a PostgreSQL
-URL (`postgresql+psycopg://...`) uses the same SQLAlchemy Core code path.
+URL (`postgresql://...`, run through psycopg 3) uses the same SQLAlchemy Core
+code path.
 
 The drift sensors read recent rows back from here; `review()` adjudicates the
 rows where the student and its reference disagree.
@@ -85,20 +86,38 @@ class ShadowLog:
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
                 dbapi_conn.execute("PRAGMA synchronous=NORMAL")
         elif url.startswith("postgresql"):
-            from sqlalchemy.exc import NoSuchModuleError
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+            # SQLAlchemy maps a bare postgresql:// to psycopg2; the installed driver is psycopg 3.
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url[len("postgresql://"):]
             try:
-                self.engine = create_engine(url, pool_pre_ping=True)
+                # connect_timeout: an unreachable host fails server start-up in seconds, not minutes.
+                self.engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
             except (ModuleNotFoundError, NoSuchModuleError) as e:
                 raise ConfigError(f"serve.log_url: the PostgreSQL driver is not available ({e}); "
                                   "install psycopg and use postgresql+psycopg://, or use sqlite:///") from None
+            except (ArgumentError, ValueError) as e:
+                raise ConfigError(f"serve.log_url: malformed PostgreSQL URL ({e})") from None
         else:
             raise ConfigError(f"serve.log_url: unsupported URL {url.split('://')[0]}:// (sqlite:/// or postgresql://)")
         self.metadata = MetaData()
         self.requests = _table(self.metadata)
         self.history = _history_table(self.metadata)
-        self.metadata.create_all(self.engine)
+        self._create_tables()
         self._lock = threading.Lock()  # one writer at a time: SQLite would raise "database is locked"
+
+    def _create_tables(self) -> None:
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            self.metadata.create_all(self.engine)
+        except OperationalError as e:
+            self.engine.dispose()
+            # The rendered URL hides the password; the driver's message names host, port and cause.
+            where = self.engine.url.render_as_string(hide_password=True)
+            cause = " ".join(str(e.orig).split()) or type(e.orig).__name__
+            raise ConfigError(f"serve.log_url: cannot open the log database {where}: {cause}") from None
 
     def append(self, row: dict[str, Any]) -> None:
         """Insert one request row (unknown keys are an error: the schema is the contract)."""

@@ -28,9 +28,8 @@ def test_log_round_trip_update_and_schema(tmp_path):
     with pytest.raises(ValueError, match="unknown shadow-log column"):
         log.append({"request_id": "r9", "api_key": "leak"})
     assert log.count() == 4
-    for url in ("postgresql://u@127.0.0.1/db", "postgresql+nosuchdriver://u@127.0.0.1/db"):
-        with pytest.raises(ConfigError, match="PostgreSQL driver"):
-            ShadowLog(url)
+    with pytest.raises(ConfigError, match="PostgreSQL driver"):
+        ShadowLog("postgresql+nosuchdriver://u@127.0.0.1/db")
 
 
 @pytest.mark.parametrize("reply,verdict", [
