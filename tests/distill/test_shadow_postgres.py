@@ -21,6 +21,8 @@ from distill.config import ConfigError, ServeConfig, TeacherConfig
 from distill.httpserver import free_port, start_in_thread
 from distill.shadow import ShadowLog
 from tests.conftest import make_tiny_bert_classifier
+# The same tiny challenger and teacher as the SQLite serving tests (pytest picks fixtures up by name).
+from tests.distill.test_serve import challenger_dir, teacher_url  # noqa: F401
 
 LABELS = ["positive", "negative", "neutral"]
 KEY = "test-pg-key"
@@ -152,21 +154,6 @@ def test_unreachable_or_missing_database_is_a_config_error(postgres_url):
         ShadowLog("postgresql://someone@127.0.0.1:notaport/db")
     with pytest.raises(ConfigError, match="no_such_db"):
         ShadowLog(postgres_url.rsplit("/", 1)[0] + "/no_such_db")
-
-
-@pytest.fixture(scope="module")
-def challenger_dir(tmp_path_factory) -> Path:
-    return make_tiny_bert_classifier(tmp_path_factory.mktemp("challenger"), LABELS, seed=1)
-
-
-@pytest.fixture(scope="module")
-def teacher_url(tmp_path_factory):
-    """The project's own teacher server over a third tiny classifier: a real OpenAI-compatible endpoint."""
-    from distill.teacher_server import create_app as teacher_app
-
-    d = make_tiny_bert_classifier(tmp_path_factory.mktemp("teacher"), LABELS, seed=2)
-    with start_in_thread(teacher_app(d, model_name="tiny-teacher")) as srv:
-        yield srv.url + "/v1"
 
 
 def ask(url: str, text: str):
