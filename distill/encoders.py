@@ -27,6 +27,29 @@ def resolve_encoder(name_or_path: str | Path) -> Path:
     return path
 
 
+def mean_pool(hidden, attention_mask):
+    """Mean of the token states over real (unpadded) tokens: the pooling sentence encoders are trained for."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def linear_head(clf, num_labels: int, absent_bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [num_labels, dim], bias [num_labels]) of a fitted scikit-learn linear classifier,
+    laid out over the whole label set.
+
+    Labels the fit never saw get a zero row and `absent_bias`. Binary fits return one coefficient
+    row for the positive class; softmax over logits (0, w.x + b) is the same model as sigmoid(w.x + b).
+    """
+    weight = np.zeros((num_labels, clf.coef_.shape[1]), dtype=np.float32)
+    bias = np.full(num_labels, absent_bias, dtype=np.float32)
+    if len(clf.classes_) == 2:
+        bias[clf.classes_[0]] = 0.0
+        weight[clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+    else:
+        weight[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
+    return weight, bias
+
+
 class SentenceEncoder:
     """Mean-pooled, L2-normalised sentence embeddings from a local HF encoder."""
 
@@ -57,9 +80,7 @@ class SentenceEncoder:
                     [texts[j] for j in idx], padding=True, truncation=True,
                     max_length=self.max_length, return_tensors="pt",
                 ).to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                emb = mean_pool(self.model(**enc).last_hidden_state, enc["attention_mask"])
                 emb = torch.nn.functional.normalize(emb, dim=-1)
                 out.append((idx, emb.float().cpu().numpy()))
         result = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
@@ -94,16 +115,7 @@ class EmbeddingClassifier:
         y = np.array([index[t] for t in targets])
         clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
         clf.fit(x, y)
-        weight = np.zeros((len(labels), x.shape[1]), dtype=np.float32)
-        bias = np.full(len(labels), -1e4, dtype=np.float32)  # labels absent from the fit set get ~0 probability
-        if len(clf.classes_) == 2:
-            # Binary fits return one coefficient row for the positive class; softmax over
-            # logits (0, w.x + b) is the same model as sigmoid(w.x + b).
-            weight[clf.classes_[0]], bias[clf.classes_[0]] = 0.0, 0.0
-            weight[clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
-        else:
-            weight[clf.classes_] = clf.coef_
-            bias[clf.classes_] = clf.intercept_
+        weight, bias = linear_head(clf, len(labels), absent_bias=-1e4)  # labels absent from the fit: ~0 probability
         return cls(encoder, labels, weight, bias, encoder_ref)
 
     def save(self, path: str | Path) -> Path:
@@ -132,7 +144,6 @@ class EmbeddingClassifier:
         return self.encoder.encode(texts) @ self.weight.T + self.bias
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        z = self.logits(texts)
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        from distill.calibration import softmax
+
+        return softmax(self.logits(texts))

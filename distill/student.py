@@ -27,11 +27,16 @@ def classifier_logits(model, enc: dict):
     """
     if getattr(model.config, "distill_pooling", "cls") != "mean":
         return model(**enc).logits
-    hidden = model.base_model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    pooled = pooled_features(model, enc)
     dropout = getattr(model, "dropout", None)
     return model.classifier(dropout(pooled) if dropout is not None else pooled)
+
+
+def pooled_features(model, enc: dict):
+    """What the head of a mean-pooled student reads: its encoder's mean-pooled last hidden states."""
+    from distill.encoders import mean_pool
+
+    return mean_pool(model.base_model(**enc).last_hidden_state, enc["attention_mask"])
 
 
 class ClassifierStudent:
@@ -72,11 +77,9 @@ class ClassifierStudent:
 
     def predict_proba(self, texts: list[str], temperature: float | None = None) -> np.ndarray:
         """Probabilities [len(texts), num_labels], scaled by the calibration temperature unless given."""
-        t = self.temperature if temperature is None else temperature
-        z = self.logits(texts) / t
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        from distill.calibration import softmax
+
+        return softmax(self.logits(texts), self.temperature if temperature is None else temperature)
 
     def predict(self, texts: list[str]) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]

@@ -196,37 +196,27 @@ def linear_probe_head(model, tokenizer, rows: list[dict], labels: list[str], con
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from distill.student import classifier_logits
+    from distill.encoders import linear_head
+    from distill.student import pooled_features
 
     index = {l: i for i, l in enumerate(labels)}
     texts = [r["text"] for r in rows]
     y = np.array([index[r["target"]] for r in rows])
     w = np.array([float(r.get("weight", 1.0)) for r in rows])
     feats = []
-    head = model.classifier
     model.eval()
     with torch.inference_mode():
-        # Capture what the head sees (the pooled features) by running the real forward path.
-        handle = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0].float().cpu().numpy()))
-        try:
-            for i in range(0, len(texts), 256):
-                enc = tokenizer(texts[i:i + 256], padding=True, truncation=True, max_length=config.max_length,
-                                return_tensors="pt")
-                classifier_logits(model, dict(enc))
-        finally:
-            handle.remove()
-    x = np.concatenate(feats)
+        for i in range(0, len(texts), 256):
+            enc = tokenizer(texts[i:i + 256], padding=True, truncation=True, max_length=config.max_length,
+                            return_tensors="pt")
+            feats.append(pooled_features(model, dict(enc)).float().cpu().numpy())
     clf = LogisticRegression(C=1.0, max_iter=300, random_state=config.seed)
-    clf.fit(x, y, sample_weight=w)
-    weight = np.zeros((len(labels), x.shape[1]), dtype=np.float32)
-    bias = np.full(len(labels), -10.0, dtype=np.float32)  # labels never seen start unlikely, not impossible
-    if len(clf.classes_) == 2:
-        weight[clf.classes_[1]], bias[clf.classes_[1]], bias[clf.classes_[0]] = clf.coef_[0], clf.intercept_[0], 0.0
-    else:
-        weight[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
+    clf.fit(np.concatenate(feats), y, sample_weight=w)
+    # Labels never seen start unlikely, not impossible.
+    weight, bias = linear_head(clf, len(labels), absent_bias=-10.0)
     with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-        head.bias.copy_(torch.from_numpy(bias))
+        model.classifier.weight.copy_(torch.from_numpy(weight))
+        model.classifier.bias.copy_(torch.from_numpy(bias))
     model.train()
 
 
