@@ -129,12 +129,17 @@ def load_task_rows(task: TaskConfig, split: str = "train") -> list[dict[str, Any
             "messages": render_messages(task, row, where=f"{path}:{line}: "),
             "_line": line,
         })
-    seen: dict[str, int] = {}
-    for r in out:
+    check_unique_ids(path, out)
+    return out
+
+
+def check_unique_ids(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Raise ConfigError at the second row (by `_line`) that repeats an `id`."""
+    seen: dict[Any, int] = {}
+    for r in rows:
         if r["id"] in seen:
             raise ConfigError(f"{path}:{r['_line']}: duplicate id {r['id']!r} (first at line {seen[r['id']]})")
         seen[r["id"]] = r["_line"]
-    return out
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:

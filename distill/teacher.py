@@ -527,7 +527,7 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
     Rows without messages are rendered through task.system_prompt and task.prompt_template,
     exactly as in production. Errors name the file and line.
     """
-    from distill.data import read_table, render_messages
+    from distill.data import check_unique_ids, read_table, render_messages
 
     path = Path(path)
     out = []
@@ -541,9 +541,5 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
                          and isinstance(m.get("content"), str) for m in msgs)):
             raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         out.append({"id": row["id"], "messages": msgs, "_line": row["_line"]})
-    seen: dict[Any, int] = {}
-    for r in out:
-        if r["id"] in seen:
-            raise ConfigError(f"{path}:{r['_line']}: duplicate id {r['id']!r} (first at line {seen[r['id']]})")
-        seen[r["id"]] = r["_line"]
+    check_unique_ids(path, out)
     return out
