@@ -59,11 +59,25 @@ def check_rows(rows: list[dict[str, Any]], labels: list[str]) -> None:
         weight = row.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"{where}: weight must be a non-negative number, got {weight!r}")
-        if row.get("split", "train") not in ("train", "validation"):
-            raise ConfigError(f"{where}: split must be 'train' or 'validation', got {row.get('split')!r}")
-        n_train += row.get("split", "train") == "train"
+        n_train += split_of(row, where) == "train"
     if n_train == 0:
         raise ConfigError("train: no rows with split 'train'")
+
+
+def split_of(row: dict[str, Any], where: str) -> str:
+    """The row's split ('train' when unset); anything but train/validation is a ConfigError at `where`."""
+    split = row.get("split", "train")
+    if split not in ("train", "validation"):
+        raise ConfigError(f"{where}: split must be 'train' or 'validation', got {split!r}")
+    return split
+
+
+def run_trainer(trainer, out_dir: Path, config: TrainConfig) -> float:
+    """Train, continuing from the last checkpoint under out_dir when config.resume; returns seconds."""
+    resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    return time.perf_counter() - started
 
 
 def resolve_device(config: TrainConfig) -> str:
@@ -434,10 +448,7 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
                       optimizers=(_optimizer(model, config), None),
                       data_collator=_Collator(tokenizer, len(labels)), compute_loss_func=loss_func,
                       compute_metrics=_metrics if val_ds is not None else None, callbacks=extra)
-    resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    train_s = time.perf_counter() - started
+    train_s = run_trainer(trainer, out_dir, config)
 
     model = trainer.model
     if config.pooling == "mean":

@@ -24,12 +24,11 @@ Output directory layout:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, TrainConfig
-from distill.train import last_checkpoint, resolve_device, save_history, training_kwargs
+from distill.train import resolve_device, run_trainer, save_history, split_of, training_kwargs
 
 
 def check_lm_rows(rows: list[dict[str, Any]]) -> None:
@@ -45,9 +44,7 @@ def check_lm_rows(rows: list[dict[str, Any]]) -> None:
             raise ConfigError(f"{where}: 'messages' is the prompt and must not end with an assistant turn")
         if not isinstance(row.get("target"), str) or not row["target"]:
             raise ConfigError(f"{where}: empty 'target' completion")
-        if row.get("split", "train") not in ("train", "validation"):
-            raise ConfigError(f"{where}: split must be 'train' or 'validation', got {row.get('split')!r}")
-        n_train += row.get("split", "train") == "train"
+        n_train += split_of(row, where) == "train"
     if n_train == 0:
         raise ConfigError("train: no rows with split 'train'")
 
@@ -133,8 +130,7 @@ def _export(trainer, tokenizer, config: TrainConfig, out_dir: Path) -> dict[str,
             "merged_dir": str(merged_dir) if merged_dir else None}
 
 
-def _finish(trainer, tokenizer, config, out_dir, started, title) -> dict:
-    train_s = time.perf_counter() - started
+def _finish(trainer, tokenizer, config, out_dir, train_s: float, title) -> dict:
     paths = _export(trainer, tokenizer, config, out_dir)
     history, curves = save_history(trainer, out_dir, title)
     return {**paths, "steps": trainer.state.global_step, "history": history,
@@ -170,10 +166,8 @@ def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progre
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=_callbacks(config, val_ds is not None, callbacks),
                          peft_config=lora_config(config) if config.lora.enabled else None)
-    resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    return _finish(trainer, tokenizer, config, out_dir, started, f"SFT student ({len(train_ds)} rows)")
+    train_s = run_trainer(trainer, out_dir, config)
+    return _finish(trainer, tokenizer, config, out_dir, train_s, f"SFT student ({len(train_ds)} rows)")
 
 
 def _token_kd_trainer(temperature: float):
@@ -238,7 +232,5 @@ def train_logit_kd(rows: list[dict], config: TrainConfig, out_dir: str | Path, p
         model=model, teacher_model=teacher, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         processing_class=tokenizer, callbacks=_callbacks(config, val_ds is not None, callbacks),
         peft_config=lora_config(config) if config.lora.enabled else None)
-    resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    return _finish(trainer, tokenizer, config, out_dir, started, f"logit-KD student ({len(train_ds)} rows)")
+    train_s = run_trainer(trainer, out_dir, config)
+    return _finish(trainer, tokenizer, config, out_dir, train_s, f"logit-KD student ({len(train_ds)} rows)")
