@@ -3,6 +3,8 @@ the readiness rule, the grader prompt/reply split, and `distill shadow report`."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -104,10 +106,9 @@ def test_openai_grader_over_http():
     assert down("x", "a", "b") is None  # the endpoint is gone: unsettled, not a verdict
 
 
-def test_shadow_report_cli(tmp_path):
-    from distill.cli import app
-
-    url = f"sqlite:///{tmp_path}/log.sqlite"
+def seed_disagreements(url: str, tmp_path) -> Path:
+    """Two champion/teacher disagreements (gold: the teacher is right on one) and one agreement;
+    returns the gold CSV."""
     ShadowLog(url).append_many([
         {"request_id": "1", "text": "one", "champion_label": "positive", "teacher_label": "negative"},
         {"request_id": "2", "text": "two", "champion_label": "positive", "teacher_label": "negative"},
@@ -115,6 +116,14 @@ def test_shadow_report_cli(tmp_path):
     ])
     gold = tmp_path / "gold.csv"
     gold.write_text("text,category\none,negative\ntwo,positive\n")
+    return gold
+
+
+def test_shadow_report_cli(tmp_path):
+    from distill.cli import app
+
+    url = f"sqlite:///{tmp_path}/log.sqlite"
+    gold = seed_disagreements(url, tmp_path)
     runner = CliRunner()
     res = runner.invoke(app, ["shadow", "report", "--log-url", url, "--gold", str(gold), "--out",
                               str(tmp_path / "review.md")])

@@ -23,6 +23,7 @@ from distill.shadow import ShadowLog
 from tests.conftest import make_tiny_bert_classifier
 # The same tiny challenger and teacher as the SQLite serving tests (pytest picks fixtures up by name).
 from tests.distill.test_serve import challenger_dir, teacher_url  # noqa: F401
+from tests.distill.test_shadow import seed_disagreements
 
 LABELS = ["positive", "negative", "neutral"]
 KEY = "test-pg-key"
@@ -214,13 +215,7 @@ def test_student_server_shadow_logs_to_postgres(tiny_classifier, challenger_dir,
 def test_shadow_report_cli_reads_postgres(pg_url, tmp_path):
     from distill.cli import app
 
-    ShadowLog(pg_url).append_many([
-        {"request_id": "1", "text": "one", "champion_label": "positive", "teacher_label": "negative"},
-        {"request_id": "2", "text": "two", "champion_label": "positive", "teacher_label": "negative"},
-        {"request_id": "3", "text": "three", "champion_label": "neutral", "teacher_label": "neutral"},
-    ])
-    gold = tmp_path / "gold.csv"
-    gold.write_text("text,category\none,negative\ntwo,positive\n")
+    gold = seed_disagreements(pg_url, tmp_path)
     runner = CliRunner()
     res = runner.invoke(app, ["shadow", "report", "--log-url", pg_url, "--gold", str(gold),
                               "--out", str(tmp_path / "review.md")])
