@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import time
@@ -22,24 +23,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill.config import BUNDLED_DATA, DistillConfig, load_config
+from distill.data import read_table, write_text
 
 DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in fields})
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows({k: r[k] for k in fields} for r in rows)
+    write_text(path, buf.getvalue())
 
 
 def split_train(rows: list[dict[str, str]], teacher_fraction: float, seed: int
@@ -69,7 +64,7 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
 
     workdir.mkdir(parents=True, exist_ok=True)
     labels = json.loads((DATA / "categories.json").read_text())
-    rows = _read_csv(DATA / "train.csv")
+    rows = read_table(DATA / "train.csv", required=["text", "category"])
     teacher_rows, student_rows = split_train(rows, teacher_fraction, seed)
     if quick:
         student_rows = student_rows[:: max(1, len(student_rows) // 600)]
@@ -109,21 +104,10 @@ def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list
 DEMO_PORT = 8765
 
 
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,
              workdir: Path = Path(".distill/demo")) -> dict[str, Any]:
     """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher."""
-    from distill.httpserver import start_in_thread
+    from distill.httpserver import port_is_free, start_in_thread
     from distill.teacher_server import create_app
 
     started = time.perf_counter()
@@ -133,7 +117,7 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     app = create_app(prep["teacher_dir"], model_name="banking77-teacher")
     # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
     # a second run is served from the cache and pays for nothing.
-    port = DEMO_PORT if _port_free(DEMO_PORT) else 0
+    port = DEMO_PORT if port_is_free(DEMO_PORT) else 0
     with start_in_thread(app, port=port) as server:
         print(f"demo teacher serving at {server.url}/v1")
         cfg = demo_config(server.url, prep["train_path"], quick, overrides or [])

@@ -8,10 +8,11 @@ from a word list.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from distill.httpserver import free_port  # noqa: F401 - tests import it from here
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -28,12 +29,6 @@ WORDS = (
     "identity change address close cancel help please hello thanks good bad cat dog red blue green "
     "positive negative neutral great terrible fine love hate ok one two three four five"
 ).split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_bert_tokenizer(directory: Path):
