@@ -52,31 +52,25 @@ def config_validate(config: Path = typer.Argument(..., help="YAML config file.")
                     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
                     show: bool = typer.Option(False, help="Print the effective config.")):
     """Validate a config (and its data files' headers) without calling the teacher."""
-    from distill.config import ConfigError, dump_config
-    from distill.data import load_task_rows
+    from distill.config import dump_config
 
     cfg = _load(config, set_)
-    try:
-        cfg.task.label_set()
-        rows = load_task_rows(cfg.task, "train")
-        test = load_task_rows(cfg.task, "test") if cfg.task.test_path else []
-    except ConfigError as e:
-        _fail(str(e))
+    rows, test = _check_inputs(cfg)
     if show:
         typer.echo(dump_config(cfg))
     typer.echo(f"ok: {config} ({len(rows)} training rows, {len(test)} holdout rows, config {cfg.digest()[:12]})")
 
 
-def _check_inputs(cfg) -> None:
-    """Fail before any teacher call (and before Prefect starts) on bad data or labels."""
+def _check_inputs(cfg) -> tuple[list[dict], list[dict]]:
+    """(training rows, holdout rows); fails before any teacher call (and before Prefect starts) on bad
+    data or labels."""
     from distill.config import ConfigError
     from distill.data import load_task_rows
 
     try:
         cfg.task.label_set()
-        load_task_rows(cfg.task, "train")
-        if cfg.task.test_path:
-            load_task_rows(cfg.task, "test")
+        rows = load_task_rows(cfg.task, "train")
+        return rows, load_task_rows(cfg.task, "test") if cfg.task.test_path else []
     except ConfigError as e:
         _fail(str(e))
 
