@@ -21,8 +21,8 @@ from prefect.runtime import flow_run
 from distill.config import DistillConfig, dump_config, load_config
 from distill.data import load_task_rows, write_text
 from tasks.evaluate import evaluate_student, gate_student, register_student
-from tasks.filter import filter_rows
-from tasks.generate import generate_completions
+from tasks.filter import filter_rows, report_markdown
+from tasks.generate import generate_completions, summary_line
 from tasks.train import train_where_configured
 
 
@@ -120,8 +120,8 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
         "Run": f"run id `{run_id}`, config `{cfg.digest()[:12]}`, task `{cfg.task.name}`, "
                f"{len(train_rows)} training inputs ({len(teacher_rows)} to the teacher, {len(real_rows)} real), "
                f"{len(holdout)} holdout rows, wall {metrics['wall_s']} s",
-        "Generation": _summary_line(gen_summary),
-        "Filtering": _filter_lines(filter_report),
+        "Generation": summary_line(gen_summary) if gen_summary else "no teacher calls",
+        "Filtering": report_markdown(filter_report, heading=None),
         "Training": f"{trained.get('steps')} steps in {trained.get('train_s', 0):.0f} s; best validation "
                     f"{trained.get('best_metric')}",
     })
@@ -150,23 +150,3 @@ def _scalars(metrics: dict) -> dict:
 def _spend(summary: dict) -> dict:
     keys = ("requested", "done", "failed", "cached", "prompt_tokens", "completion_tokens", "cost_usd")
     return {k: summary.get(k) for k in keys if k in summary}
-
-
-def _summary_line(s: dict) -> str:
-    if not s:
-        return "no teacher calls"
-    return (f"{s.get('done', 0)} done, {s.get('failed', 0)} failed {s.get('failed_by_reason') or ''}, "
-            f"{s.get('cached', 0)} from cache, {s.get('prompt_tokens', 0)}+{s.get('completion_tokens', 0)} tokens, "
-            f"${s.get('cost_usd', 0):.4f}, {s.get('requests_per_s', 0):.1f} req/s")
-
-
-def _filter_lines(report: dict) -> str:
-    stages = report.get("stages", report) if isinstance(report, dict) else {}
-    lines = ["| stage | in | kept | dropped | top reasons |", "|---|---|---|---|---|"]
-    items = stages.items() if isinstance(stages, dict) else ((s.get("stage"), s) for s in stages)
-    for name, s in items:
-        if not isinstance(s, dict) or "in" not in s:
-            continue
-        reasons = ", ".join(f"{k} ({v})" for k, v in list((s.get("top_reasons") or {}).items())[:3])
-        lines.append(f"| {name} | {s.get('in')} | {s.get('kept')} | {s.get('dropped')} | {reasons} |")
-    return "\n".join(lines)

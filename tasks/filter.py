@@ -96,9 +96,13 @@ def stage_report(stage: str, rows_in: int, kept: list[dict], rejected: list[dict
             "examples": shown}
 
 
-def report_markdown(report: dict[str, Any]) -> str:
-    """The report as markdown: per-stage counts and top reasons, then the final mix."""
-    lines = ["# Filter report", "", "| stage | in | kept | dropped | top reasons |", "|---|---|---|---|---|"]
+def report_markdown(report: dict[str, Any], heading: str | None = "# Filter report") -> str:
+    """The report as markdown: per-stage counts and top reasons, then the final mix and examples.
+
+    heading: first line; None when the table goes inside another document (the run's report.md).
+    """
+    lines = ([heading, ""] if heading else []) + ["| stage | in | kept | dropped | top reasons |",
+                                                  "|---|---|---|---|---|"]
     for s in report["stages"]:
         reasons = "skipped" if s["skipped"] else ", ".join(f"{code} ({n})" for code, n in s["top_reasons"].items())
         lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {s['dropped']} | {reasons or '-'} |")

@@ -24,6 +24,13 @@ def resolve_key(teacher: TeacherConfig) -> str | None:
     return key
 
 
+def summary_line(s: dict) -> str:
+    """One line for logs and the run report: done, cached, failures, tokens, spend, throughput."""
+    return (f"{s['done']}/{s['requested']} done ({s['cached']} cached), {s['failed']} failed "
+            f"{s['failed_by_reason']}, {s['prompt_tokens']}+{s['completion_tokens']} tokens, "
+            f"${s['cost_usd']:.4f}, {s['requests_per_s']:.1f} req/s")
+
+
 def summary_table(summary: dict) -> list[dict]:
     """The summary as metric/value rows (one row per failure reason), for a Prefect table artifact."""
     rows = [{"metric": k, "value": v} for k, v in summary.items() if k != "failed_by_reason"]
@@ -84,9 +91,7 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
     create_table_artifact(table=summary_table(s), key="teacher-generation-summary",
                           description=f"Teacher generation: {s['done']}/{s['requested']} done, "
                                       f"{s['cached']} from cache, ${s['cost_usd']:.4f}", _sync=True)
-    logger.info("teacher: %d/%d done (%d cached), %d failed %s, %d+%d tokens, $%.4f, %.1f req/s",
-                s["done"], s["requested"], s["cached"], s["failed"], s["failed_by_reason"], s["prompt_tokens"],
-                s["completion_tokens"], s["cost_usd"], s["requests_per_s"])
+    logger.info("teacher: %s", summary_line(s))
     if s["budget_exhausted"]:
         logger.warning("teacher budget reached: rows not yet bought are marked budget_exhausted")
     return result.records, s
