@@ -142,44 +142,48 @@ def check_unique_ids(path: str | Path, rows: list[dict[str, Any]]) -> None:
         seen[r["id"]] = r["_line"]
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Write rows atomically: a crash leaves the old file or none, never half of the new one."""
+def write_chunks(path: str | Path, chunks: Iterable[bytes]) -> dict[str, Any]:
+    """Write byte chunks atomically and return {"sha256", "bytes"} of what was written.
+
+    The one writer behind every artifact: a temporary file beside `path`, fsync, then rename,
+    so a crash leaves the old file or none, never half of the new one.
+    """
+    import hashlib
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    h, size = hashlib.sha256(), 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                h.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write rows atomically (see write_chunks)."""
+    write_chunks(path, ((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows))
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Atomic text write (same guarantee as write_jsonl)."""
+    """Atomic text write (see write_chunks)."""
     return write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str | Path, content: bytes) -> Path:
-    """Atomic binary write (same guarantee as write_jsonl), for bytes that must round-trip exactly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic binary write (see write_chunks), for bytes that must round-trip exactly."""
+    write_chunks(path, (content,))
+    return Path(path)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

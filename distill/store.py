@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from distill.data import write_chunks, write_text
+
 CHUNK = 1 << 20
 
 
@@ -76,24 +78,6 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def _atomic_write(self, dest: Path, chunks) -> dict[str, Any]:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        h, size = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    h.update(chunk)
-                    size += len(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return {"sha256": h.hexdigest(), "bytes": size}
-
     def put_file(self, local_path: str | Path, key: str) -> dict[str, Any]:
         """Copy a file to `key` atomically. Returns {"key", "sha256", "bytes"}."""
         src, dest = Path(local_path), self._path(key)
@@ -109,11 +93,11 @@ class LocalStore:
                 while chunk := f.read(CHUNK):
                     yield chunk
 
-        return {"key": key, **self._atomic_write(dest, chunks())}
+        return {"key": key, **write_chunks(dest, chunks())}
 
     def put_bytes(self, data: bytes, key: str) -> dict[str, Any]:
         """Write bytes to `key` atomically. Returns {"key", "sha256", "bytes"}."""
-        return {"key": key, **self._atomic_write(self._path(key), [bytes(data)])}
+        return {"key": key, **write_chunks(self._path(key), [bytes(data)])}
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
         """The content of `key`; raises StoreError when missing or when `sha256` does not match."""
@@ -137,10 +121,10 @@ class LocalStore:
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
                     yield chunk
-            # Checked before the rename inside _atomic_write, so a bad copy never lands.
+            # Checked before the rename inside write_chunks, so a bad copy never lands.
             _verify(str(src), h.hexdigest(), sha256)
 
-        self._atomic_write(dest, chunks())
+        write_chunks(dest, chunks())
         return dest
 
     def digest(self, key: str) -> tuple[str, int]:
@@ -397,8 +381,6 @@ def publish_run(local_run_dir: str | Path, store: LocalStore | S3Store, run_id: 
         manifest: from `distill.manifest.build_manifest`; gets "artifacts", "store" and "store_uri".
     Returns the final manifest, also written to `local_run_dir/manifest.json`.
     """
-    from distill.data import write_text
-
     local = Path(local_run_dir)
     if not local.is_dir():
         raise StoreError(f"{local}: run directory not found")
