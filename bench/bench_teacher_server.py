@@ -59,9 +59,9 @@ def main() -> None:
     import httpx
 
     from distill.config import BUNDLED_DATA
-    from distill.encoders import MINILM, EmbeddingClassifier
     from distill.httpserver import start_in_thread
-    from distill.teacher_server import create_app
+    from distill.models.encoders import MINILM, EmbeddingClassifier
+    from distill.teacher.server import create_app
 
     with open(BUNDLED_DATA / "banking77" / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))

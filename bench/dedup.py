@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distill.dedup import dedup_texts, exact_representatives, normalize_batch  # noqa: E402
+from distill.filter.dedup import dedup_texts, exact_representatives, normalize_batch  # noqa: E402
 
 
 def make_corpus(n: int, seed: int = 0, exact_share: float = 0.05, near_share: float = 0.10):

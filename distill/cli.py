@@ -1,4 +1,9 @@
-"""The `distill` command line. Imports stay light: each command imports what it needs."""
+"""The `distill` command line: the core commands, which need no Prefect.
+
+The commands that run flows (`run`, `demo`, `generate`) are added by `flows/cli.py`, the
+installed entry point, so that the core never imports the orchestration layer. Imports stay
+light: each command imports what it needs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from distill.offline import apply_offline_env
 
 app = typer.Typer(help="Distil an expensive teacher into a small, cheap student, and keep it that way.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -25,26 +32,18 @@ app.add_typer(shadow_app, name="shadow")
 SET_HELP = "Override a config field, e.g. --set generation.concurrency=64 (repeatable)."
 
 
-def _offline_env() -> None:
-    # Nothing may reach a hub or a telemetry endpoint; set before prefect/transformers import.
-    for k, v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                 "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(k, v)
-
-
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
-def _load(config: Optional[Path], overrides: Optional[List[str]]):
+def load_or_fail(config: Optional[Path], overrides: Optional[List[str]]):
     from distill.config import ConfigError, load_config
 
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @config_app.command("validate")
@@ -54,14 +53,14 @@ def config_validate(config: Path = typer.Argument(..., help="YAML config file.")
     """Validate a config (and its data files' headers) without calling the teacher."""
     from distill.config import dump_config
 
-    cfg = _load(config, set_)
-    rows, test = _check_inputs(cfg)
+    cfg = load_or_fail(config, set_)
+    rows, test = check_inputs(cfg)
     if show:
         typer.echo(dump_config(cfg))
     typer.echo(f"ok: {config} ({len(rows)} training rows, {len(test)} holdout rows, config {cfg.digest()[:12]})")
 
 
-def _check_inputs(cfg) -> tuple[list[dict], list[dict]]:
+def check_inputs(cfg) -> tuple[list[dict], list[dict]]:
     """(training rows, holdout rows); fails before any teacher call (and before Prefect starts) on bad
     data or labels."""
     from distill.config import ConfigError
@@ -72,57 +71,7 @@ def _check_inputs(cfg) -> tuple[list[dict], list[dict]]:
         rows = load_task_rows(cfg.task, "train")
         return rows, load_task_rows(cfg.task, "test") if cfg.task.test_path else []
     except ConfigError as e:
-        _fail(str(e))
-
-
-@app.command("run")
-def run(config: Path = typer.Argument(..., help="YAML config file (see deployments/configs/)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
-    """Run the whole distillation cycle (generate, filter, train, evaluate, gate, register)."""
-    _offline_env()
-    cfg = _load(config, set_)
-    _check_inputs(cfg)
-    from distill.config import ConfigError
-    from flows.distillation_cycle import distillation_cycle
-
-    try:
-        result = distillation_cycle(config=cfg)
-    except ConfigError as e:
-        _fail(str(e))
-    _print_result(result)
-
-
-def _print_result(result: dict) -> None:
-    m = result.get("metrics", {})
-    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "ece", "ece_before",
-            "tail_gap", "robustness_drop", "teacher_p50_ms", "teacher_p95_ms", "student_p50_ms",
-            "student_p95_ms", "teacher_cost_usd", "wall_s", "demo_wall_s"]
-    for k in keys:
-        if k in m and m[k] is not None:
-            v = m[k]
-            typer.echo(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
-    if "decision" in result:
-        d = result["decision"]
-        typer.echo(f"{'gate':>18}: {'SHIP' if d.get('ship') else 'DO NOT SHIP'}")
-        for r in d.get("reasons", []):
-            typer.echo(f"{'':>20}- {r}")
-    typer.echo(f"run directory: {result['run_dir']}")
-
-
-@app.command("demo")
-def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests.")):
-    """Distil BANKING77 intent classification end to end, offline, on CPU."""
-    _offline_env()
-    from distill.config import ConfigError
-    from distill.demo import run_demo
-    from flows.distillation_cycle import distillation_cycle
-
-    try:
-        result = run_demo(distillation_cycle, overrides=set_ or [], quick=quick)
-    except ConfigError as e:
-        _fail(str(e))
-    _print_result(result)
+        fail(str(e))
 
 
 # --- teacher (distill/teacher_server.py) ------------------------------------------------------
@@ -140,74 +89,16 @@ def teacher_serve(
     threads: Optional[int] = typer.Option(None, help="Torch threads for model calls (default: all cores but one)."),
 ):
     """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
-    _offline_env()
+    apply_offline_env()
     from distill.config import ConfigError
-    from distill.teacher_server import serve
+    from distill.teacher.server import serve
 
     try:
         serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
               batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
 
-
-
-# --- generate (distill/teacher.py, tasks/generate.py) ------------------------------------------
-
-
-@app.command("generate")
-def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teacher, generation and task sections)."),
-                 input: Path = typer.Option(..., "--input", help="CSV/JSONL prompts: `id` plus `messages` or the "
-                                            "task's input fields (rendered with the config's prompt template)."),
-                 output: Path = typer.Option(..., "--output", help="JSONL of teacher records, one per id (and "
-                                             "sample), each done or failed with a reason; written atomically."),
-                 set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-                 dry_run: bool = typer.Option(False, "--dry-run", help="Estimate tokens and cost; call nothing."),
-                 progress: bool = typer.Option(True, help="Show a progress bar on stderr.")):
-    """Ask the teacher for every prompt, with the run's request cache, retries, limits and budget.
-
-    Exits 0 when every row is done, 1 when some rows failed (the output still holds them, with reasons).
-    """
-    from distill.config import ConfigError
-    from distill.data import write_jsonl
-    from distill.teacher import estimate_cost, generate, load_prompt_rows, resolve_api_key
-
-    cfg = _load(config, set_)
-    try:
-        rows = load_prompt_rows(input, cfg.task)
-        if dry_run:
-            est = estimate_cost(rows, cfg.teacher, cfg.generation)
-            for k, v in est.items():
-                typer.echo(f"{k:>22}: {v}")
-            return
-        key = resolve_api_key(cfg.teacher)
-        if key is None and cfg.teacher.api_key_secret_block:
-            _offline_env()
-            from tasks.generate import resolve_key
-
-            key = resolve_key(cfg.teacher)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(rows) * cfg.generation.samples_per_prompt, unit="req", desc="generate",
-                       file=sys.stderr, dynamic_ncols=True)
-        result = generate(rows, cfg.teacher, cfg.generation, api_key=key,
-                          progress=(lambda n, total: bar.update(n - bar.n)) if bar else None)
-        if bar:
-            bar.close()
-    except ConfigError as e:
-        _fail(str(e))
-    write_jsonl(output, result.records)
-    s = result.summary
-    typer.echo(f"{s['done']}/{s['requested']} done ({s['cached']} cached), {s['failed']} failed "
-               f"{s['failed_by_reason'] or ''}, {s['prompt_tokens']}+{s['completion_tokens']} tokens, "
-               f"${s['cost_usd']:.4f}, {s['requests_per_s']:.1f} req/s -> {output}")
-    if s["budget_exhausted"]:
-        typer.echo("budget reached: unrequested rows are marked budget_exhausted; raise generation.budget_usd "
-                   "and re-run to buy the rest (stored answers are not bought again)")
-    if s["failed"]:
-        raise typer.Exit(1)
 
 
 # --- models (distill/registry.py) --------------------------------------------------------------
@@ -217,10 +108,10 @@ CONFIG_OPT_HELP = "YAML config whose `registry` field names the registry."
 
 
 def _registry(registry: Optional[Path], config: Optional[Path]):
-    from distill.registry import Registry
+    from distill.serve.registry import Registry
 
     if registry is None:
-        registry = _load(config, None).registry if config else Path(".distill/registry")
+        registry = load_or_fail(config, None).registry if config else Path(".distill/registry")
     return Registry(registry)
 
 
@@ -237,7 +128,7 @@ def models_list(task: Optional[str] = typer.Option(None, help="Only this task's 
     try:
         entries = _registry(registry, config).list(task)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         typer.echo(json.dumps(entries, indent=1))
         return
@@ -269,7 +160,7 @@ def models_promote(task: str = typer.Argument(..., help="Task name."),
     try:
         entry = _registry(registry, config).promote(task, run_id, reason)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"champion of {task}: {entry['run_id']} ({entry['path']})")
 
 
@@ -283,7 +174,7 @@ def models_rollback(task: str = typer.Argument(..., help="Task name."),
     try:
         entry = _registry(registry, config).rollback(task)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"champion of {task}: {entry['run_id']} (rolled back)")
 
 
@@ -299,7 +190,7 @@ def _runs_store(uri: str):
     try:
         return open_store(uri)
     except StoreError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _run_with_metrics(store, run_id: str) -> dict:
@@ -311,7 +202,7 @@ def _run_with_metrics(store, run_id: str) -> dict:
     try:
         manifest = read_manifest(store, run_id)
     except StoreError as e:
-        _fail(str(e))
+        fail(str(e))
     art = (manifest.get("artifacts") or {}).get("metrics.json")
     if "metrics" not in manifest and art:
         try:
@@ -456,14 +347,14 @@ def runs_diff(run_a: str = typer.Argument(..., help="Baseline run id."),
 
 def _serving_models(cfg, student: Optional[Path], challenger: Optional[Path], want_challenger: bool):
     """(champion dir, champion run, challenger dir, challenger run): flags, then config, then the registry."""
-    from distill.registry import Registry
+    from distill.serve.registry import Registry
 
     reg = Registry(cfg.registry)
     champ_dir, champ_run = student or cfg.serve.student_dir, None
     if champ_dir is None:
         entry = reg.champion(cfg.task.name)
         if entry is None:
-            _fail(f"registry {cfg.registry}: task {cfg.task.name!r} has no champion; promote one or pass --student DIR")
+            fail(f"registry {cfg.registry}: task {cfg.task.name!r} has no champion; promote one or pass --student DIR")
         champ_dir, champ_run = entry["path"], entry["run_id"]
     chall_dir, chall_run = challenger or cfg.serve.challenger_dir, None
     if chall_dir is None and want_challenger:
@@ -482,11 +373,11 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
               host: Optional[str] = typer.Option(None, help="Bind address (serve.host)."),
               port: Optional[int] = typer.Option(None, help="Port (serve.port).")):
     """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env)."""
-    _offline_env()
+    apply_offline_env()
     overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
-    cfg = _load(config, overrides)
+    cfg = load_or_fail(config, overrides)
     from distill.config import ConfigError
-    from distill.serve import serve_forever
+    from distill.serve.app import serve_forever
 
     s = cfg.serve
     uses_teacher = s.fallback_confidence is not None or (s.shadow and s.shadow_teacher)
@@ -498,7 +389,7 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
         serve_forever(champ_dir, s, challenger_dir=chall_dir, teacher=cfg.teacher if uses_teacher else None,
                       champion_run=champ_run, challenger_run=chall_run)
     except (ConfigError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @shadow_app.command("report")
@@ -513,13 +404,19 @@ def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML confi
                   grader: bool = typer.Option(True, help="Ask serve.review_grader about disagreements without gold."),
                   out: Optional[Path] = typer.Option(None, help="Also write the markdown report here.")):
     """Adjudicate champion/challenger/teacher disagreements from the shadow log and decide readiness."""
-    _offline_env()
-    cfg = _load(config, set_)
+    apply_offline_env()
+    cfg = load_or_fail(config, set_)
     import json as _json
 
     from distill.config import ConfigError
     from distill.data import write_text
-    from distill.shadow import ShadowLog, load_gold, openai_grader, render_review, review
+    from distill.serve.shadow import (
+        ShadowLog,
+        load_gold,
+        openai_grader,
+        render_review,
+        review,
+    )
 
     try:
         gold_map = load_gold(gold, cfg.task.text_field, cfg.task.label_field or "label") if gold else None
@@ -532,7 +429,7 @@ def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML confi
         result = review(log.recent(limit=limit), student=student, gold=gold_map, grader=grade,
                         max_wrong=cfg.serve.review_max_wrong if max_wrong is None else max_wrong)
     except (ConfigError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     report = render_review(result)
     typer.echo(report)
     if out:

@@ -9,10 +9,10 @@ Row shapes passed between stages (plain dicts, JSON-serialisable):
   "logprobs" (OpenAI `choices[0].logprobs.content` list or None), "usage" ({"prompt_tokens",
   "completion_tokens"}), "cost_usd", "latency_s", "attempts", "cached" (bool), "model", "messages",
   "params" (sampling params sent)}
-- candidate row (`distill.filters`): a task row joined with one teacher record: {"id", "sample",
+- candidate row (`distill.filter.rows.build_candidates`): a task row joined with one teacher record: {"id", "sample",
   "text", "gold", "messages", "response", "finish_reason", "truncated", "logprobs", "label" (the
   answer's label for classification, else None), "soft_labels" ({label: prob} or None), "entropy"}
-- training row (`distill.filters.mix_dataset`): {"id", "text", "messages", "target" (label or
+- training row (`distill.filter.mix.mix_dataset`): {"id", "text", "messages", "target" (label or
   completion), "soft_labels" ({label: prob} or None), "source": "teacher"|"real", "weight" (float),
   "split": "train"|"validation"}
 """

@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 from distill.config import BUNDLED_DATA, DistillConfig, load_config
 from distill.data import read_table, write_text
+from distill.httpserver import port_is_free, start_in_thread
+from distill.models.encoders import MINILM, EmbeddingClassifier
+from distill.teacher.server import create_app
 
 DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
@@ -60,7 +63,6 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
     Returns {"teacher_dir", "train_path", "teacher_accuracy_fit_rows", "fit_s"}. The teacher is
     cached under `workdir` by a hash of its inputs, so a second demo run reuses it.
     """
-    from distill.encoders import MINILM, EmbeddingClassifier
 
     workdir.mkdir(parents=True, exist_ok=True)
     labels = json.loads((DATA / "categories.json").read_text())
@@ -107,8 +109,6 @@ DEMO_PORT = 8765
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,
              workdir: Path = Path(".distill/demo")) -> dict[str, Any]:
     """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher."""
-    from distill.httpserver import port_is_free, start_in_thread
-    from distill.teacher_server import create_app
 
     started = time.perf_counter()
     prep = prepare_demo(workdir, quick=quick)

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from distill.config import ConfigError, DistillConfig
+from distill.store import file_sha256
 
 SCHEMA_VERSION = 1
 PACKAGES = ("distill", "torch", "transformers", "tokenizers", "safetensors", "peft", "trl", "accelerate",
@@ -80,7 +81,6 @@ def scrub(value: Any, name: str = "") -> Any:
 
 
 def sha256_file(path: str | Path) -> str:
-    from distill.store import file_sha256
 
     return file_sha256(path)[0]
 

@@ -183,7 +183,11 @@ class S3Store:
 
     def _error(self, e: Exception, where: str) -> StoreError:
         """A boto error as a StoreError that says what to fix (never echoing credentials)."""
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
 
         endpoint = getattr(getattr(self._client, "meta", None), "endpoint_url", "?")
         if isinstance(e, NoCredentialsError):

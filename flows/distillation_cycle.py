@@ -14,16 +14,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from distill_tasks.evaluate import evaluate_student, gate_student, register_student
+from distill_tasks.filter import filter_rows, report_markdown
+from distill_tasks.generate import generate_completions, summary_line
+from distill_tasks.train import train_where_configured
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from distill.config import DistillConfig, dump_config, load_config
 from distill.data import load_task_rows, write_text
-from tasks.evaluate import evaluate_student, gate_student, register_student
-from tasks.filter import filter_rows, report_markdown
-from tasks.generate import generate_completions, summary_line
-from tasks.train import train_where_configured
 
 
 def new_run_id(config: DistillConfig) -> str:
@@ -114,7 +114,7 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     write_text(run_dir / "metrics.json", json.dumps({"run_id": run_id, **metrics, "gate": decision}, indent=1,
                                                     default=str))
 
-    from distill.gate import render_report
+    from distill.evaluate.report import render_report
 
     report = render_report(metrics, decision, extra_sections={
         "Run": f"run id `{run_id}`, config `{cfg.digest()[:12]}`, task `{cfg.task.name}`, "

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill_tasks.drift import (
+    emit_drift_event,
+    read_traffic,
+    record_watch,
+    run_sensors,
+    score_holdout,
+    watched_model,
+)
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from distill.config import load_config
 from distill.data import load_task_rows
-from distill.drift import render_report
-from tasks.drift import emit_drift_event, read_traffic, record_watch, run_sensors, score_holdout, watched_model
+from distill.drift.sensors import render_report
 
 
 @flow(name="drift-watch", log_prints=True)

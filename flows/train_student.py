@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distill_tasks.train import RESULT_FILE, RESULT_PATHS, train_student
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from distill.config import TrainConfig
 from distill.data import read_jsonl
-from tasks.train import RESULT_FILE, RESULT_PATHS, train_student
 
 # Checkpoints stay on the worker: they only serve a retry there, and are the bulk of the bytes.
 UNPUBLISHED = ("checkpoints",)

@@ -193,7 +193,7 @@ run_watch() {  # name, then overrides: runs the drift-watch flow on the Prefect 
     NAME=$1 PRESET=$PRESET python - "${@:2}" <<'PY'
 import json, os, sys
 
-from flows.drift_watch import drift_watch
+from distill_flows.drift_watch import drift_watch
 
 out = drift_watch(config_path=os.environ["PRESET"], overrides=sys.argv[1:])
 for name, r in out["results"].items():

@@ -19,7 +19,7 @@ def watched_model(cfg: DistillConfig) -> dict[str, Any]:
     """
     if cfg.drift.student_dir is not None:
         return {"model_dir": str(cfg.drift.student_dir), "run_id": None, "metrics": {}}
-    from distill.registry import Registry
+    from distill.serve.registry import Registry
 
     entry = Registry(cfg.registry).champion(cfg.task.name)
     if entry is None:
@@ -37,7 +37,7 @@ def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> d
     import numpy as np
 
     from distill.data import load_task_rows
-    from distill.student import ClassifierStudent
+    from distill.models.classifier import ClassifierStudent
 
     path = drift.reference_path or task_cfg.test_path
     if path is None:
@@ -55,7 +55,7 @@ def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> d
 @task(name="read-traffic", cache_policy=NO_CACHE)
 def read_traffic(log_url: str, limit: int) -> dict[str, Any]:
     """Recent logged requests and the drift-watch history from the shadow log."""
-    from distill.shadow import ShadowLog
+    from distill.serve.shadow import ShadowLog
 
     log = ShadowLog(log_url)
     try:
@@ -68,7 +68,7 @@ def read_traffic(log_url: str, limit: int) -> dict[str, Any]:
 def run_sensors(model: dict[str, Any], holdout: dict[str, Any], traffic: dict[str, Any],
                 train_texts: list[str], drift: DriftConfig) -> dict[str, dict]:
     """All four sensors; returns {sensor name: result dict}."""
-    from distill import drift as sensors
+    from distill.drift import sensors as sensors
 
     metrics = model.get("metrics") or {}
     baseline_acc = drift.baseline_accuracy if drift.baseline_accuracy is not None else metrics.get("student_accuracy")
@@ -80,7 +80,7 @@ def run_sensors(model: dict[str, Any], holdout: dict[str, Any], traffic: dict[st
     student_p, teacher_p = sensors.paired_probs(traffic["rows"], holdout["labels"])
     embed = None
     if drift.embedder:
-        from distill.encoders import SentenceEncoder
+        from distill.models.encoders import SentenceEncoder
 
         embed = SentenceEncoder(drift.embedder).encode
     recent_texts = [r["text"] for r in traffic["rows"] if r.get("text")]
@@ -98,7 +98,7 @@ def run_sensors(model: dict[str, Any], holdout: dict[str, Any], traffic: dict[st
 @task(name="record-drift-watch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def record_watch(log_url: str, model_run: str, holdout: dict[str, Any], results: dict[str, dict]) -> None:
     """Append this watch's numbers to the history the entropy-collapse sensor reads next time."""
-    from distill.shadow import ShadowLog
+    from distill.serve.shadow import ShadowLog
 
     log = ShadowLog(log_url)
     try:

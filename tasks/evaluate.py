@@ -35,8 +35,8 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
         teacher: the teacher endpoint, for its latency and for unanswered user tail rows.
         train_rows: the training rows; their label frequencies define the rare labels of the tail.
     """
-    from distill.evaluate import evaluate_classifier
-    from distill.evaluate_generative import evaluate_generative
+    from distill.evaluate.classifier import evaluate_classifier
+    from distill.evaluate.generative import evaluate_generative
 
     logger = get_run_logger()
     counts = None
@@ -45,7 +45,7 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
     url = model = key = None
     price = (0.0, 0.0)
     if teacher is not None:
-        from tasks.generate import resolve_key
+        from distill_tasks.generate import resolve_key
 
         url, model, key = teacher.base_url, teacher.model, resolve_key(teacher)
         price = (teacher.input_price_per_1m, teacher.output_price_per_1m)
@@ -67,7 +67,7 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
 @task(name="gate-student", cache_policy=NO_CACHE)
 def gate_student(metrics: dict, gate: GateConfig) -> dict:
     """Ship / don't ship with the failing reasons (see distill.gate.decide); also a markdown artifact."""
-    from distill.gate import decide
+    from distill.evaluate.gate import decide
 
     logger = get_run_logger()
     decision = decide(metrics, gate)
@@ -89,7 +89,7 @@ def register_student(task_name: str, run_id: str, model_dir: str, metrics: dict,
     Returns:
         The registry entry, plus "promoted" (bool) and "champion" (the task's champion run id or None).
     """
-    from distill.registry import Registry
+    from distill.serve.registry import Registry
 
     logger = get_run_logger()
     reg = Registry(registry_path)

@@ -21,10 +21,22 @@ from prefect.input import RunInput
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from distill import filters, grader, spotcheck
-from distill.config import ConfigError, FilterConfig, GenerationConfig, SpotCheckConfig, TaskConfig, TeacherConfig
+from distill.config import (
+    ConfigError,
+    FilterConfig,
+    GenerationConfig,
+    SpotCheckConfig,
+    TaskConfig,
+    TeacherConfig,
+)
 from distill.data import write_jsonl, write_text
-from distill.dedup import dedup
+from distill.filter import grader, spotcheck
+from distill.filter.consistency import consistency
+from distill.filter.dedup import dedup
+from distill.filter.entropy import entropy_filter
+from distill.filter.heuristics import heuristics
+from distill.filter.mix import mix_dataset
+from distill.filter.rows import build_candidates
 
 
 class ReviewInput(RunInput):
@@ -43,22 +55,22 @@ class ReviewInput(RunInput):
 # looking for upstream futures, which takes longer than the stage itself at 10k rows.
 @task(name="filter-candidates", cache_policy=NO_CACHE)
 def candidates_task(task_rows: list[dict], records: list[dict], task_cfg: TaskConfig, label_key: str):
-    return filters.build_candidates(task_rows, records, task_cfg, label_key=label_key)
+    return build_candidates(task_rows, records, task_cfg, label_key=label_key)
 
 
 @task(name="filter-heuristics", cache_policy=NO_CACHE)
 def heuristics_task(rows: list[dict], config, task_cfg: TaskConfig):
-    return filters.heuristics(rows, config, task_cfg)
+    return heuristics(rows, config, task_cfg)
 
 
 @task(name="filter-consistency", cache_policy=NO_CACHE)
 def consistency_task(rows: list[dict], config, task_cfg: TaskConfig):
-    return filters.consistency(rows, config, task_cfg)
+    return consistency(rows, config, task_cfg)
 
 
 @task(name="filter-entropy", cache_policy=NO_CACHE)
 def entropy_task(rows: list[dict], config, task_cfg: TaskConfig):
-    return filters.entropy_filter(rows, config, task_cfg)
+    return entropy_filter(rows, config, task_cfg)
 
 
 @task(name="filter-dedup", cache_policy=NO_CACHE)
@@ -74,7 +86,7 @@ def grader_task(rows: list[dict], config, teacher: TeacherConfig, generation: Ge
 
 @task(name="filter-mix", cache_policy=NO_CACHE)
 def mix_task(rows: list[dict], real_rows: list[dict], labels: list[str] | None, config, seed: int = 0):
-    return filters.mix_dataset(rows, real_rows, labels, config, seed=seed)
+    return mix_dataset(rows, real_rows, labels, config, seed=seed)
 
 
 def _code(reason: str) -> str:
@@ -209,7 +221,7 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
         endpoint = filter.grader.endpoint or teacher
         key = grader_api_key
         if key is None:
-            from tasks.generate import resolve_key
+            from distill_tasks.generate import resolve_key
 
             key = resolve_key(endpoint)
         run("grader", True, lambda r: grader_task(quote(r), filter.grader, teacher, generation, key))

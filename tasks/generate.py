@@ -6,12 +6,17 @@ import sys
 import time
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from distill.config import GenerationConfig, TeacherConfig
 from distill.data import write_jsonl
-from distill.teacher import generate, resolve_api_key
+from distill.teacher.client import resolve_api_key
+from distill.teacher.generation import generate
 
 
 def resolve_key(teacher: TeacherConfig) -> str | None:

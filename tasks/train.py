@@ -56,15 +56,15 @@ def train_student(rows: list[dict], labels: list[str] | None, train: TrainConfig
     if train.mode == "classifier_kd":
         if not labels:
             raise ConfigError("train.mode classifier_kd needs the task's label set")
-        from distill.train import train_classifier
+        from distill.train.classifier import train_classifier
 
         result = train_classifier(rows, labels, train, out_dir)
     elif train.mode == "sft":
-        from distill.train_lm import train_sft
+        from distill.train.lm import train_sft
 
         result = train_sft(rows, train, out_dir)
     else:
-        from distill.train_lm import train_logit_kd
+        from distill.train.lm import train_logit_kd
 
         result = train_logit_kd(rows, train, out_dir)
     create_markdown_artifact(markdown=curves_markdown(result, train.mode), key="training-curves",

@@ -49,7 +49,11 @@ def build_bert_tokenizer(directory: Path):
 def make_tiny_bert_classifier(directory: Path, labels: list[str], seed: int = 0, num_layers: int = 2) -> Path:
     """A random BertForSequenceClassification with `labels`, saved as safetensors."""
     import torch
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
 
     torch.manual_seed(seed)
     tok = build_bert_tokenizer(directory)
@@ -82,7 +86,13 @@ def make_tiny_causal_lm(directory: Path, seed: int = 0) -> Path:
     """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)

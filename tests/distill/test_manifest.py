@@ -9,7 +9,13 @@ import shlex
 import pytest
 
 from distill.config import ConfigError, load_config
-from distill.manifest import REDACTED, build_manifest, diff_manifests, reproduce_command, scrub
+from distill.manifest import (
+    REDACTED,
+    build_manifest,
+    diff_manifests,
+    reproduce_command,
+    scrub,
+)
 
 SECRET = "sk-live-Zx9SuperSecretValue123"
 

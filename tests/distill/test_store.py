@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 
 from distill.config import ConfigError, load_config
-from distill.manifest import build_manifest
-from distill.store import LocalStore, S3Store, StoreError, list_runs, open_store, publish_run, read_manifest, verify_run
 from distill.httpserver import free_port
+from distill.manifest import build_manifest
+from distill.store import (
+    LocalStore,
+    S3Store,
+    StoreError,
+    list_runs,
+    open_store,
+    publish_run,
+    read_manifest,
+    verify_run,
+)
 
 BUCKET = "distill-runs"
 
@@ -241,9 +250,8 @@ def test_store_setting_validated():
 
 
 def test_runs_cli_list_show_diff(s3_endpoint, s3_client, tmp_path):
+    from distill_flows.cli import app
     from typer.testing import CliRunner
-
-    from distill.cli import app
 
     uri = f"s3://{BUCKET}/cli"
     store = open_store(uri)

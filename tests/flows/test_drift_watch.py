@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from distill.registry import Registry
-from distill.shadow import ShadowLog
+from distill.serve.registry import Registry
+from distill.serve.shadow import ShadowLog
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["positive", "negative", "neutral"]
@@ -71,9 +71,10 @@ def log_traffic(log: ShadowLog, texts: list[str], flip_teacher: float, seed: int
 
 
 def test_quiet_on_undrifted_traffic(prefect_harness, setup):
+    from distill_flows.drift_watch import drift_watch
+    from distill_tasks.drift import score_holdout
+
     from distill.config import load_config
-    from flows.drift_watch import drift_watch
-    from tasks.drift import score_holdout
 
     cfg = load_config(setup["config"])
     now = score_holdout.fn(str(Registry(cfg.registry).champion(setup["task"])["path"]), cfg.task, cfg.drift)
@@ -123,11 +124,10 @@ def _flow_runs(deployment_id: str) -> list:
 
 
 def test_drift_fires_event_and_trigger_starts_distillation_cycle(prefect_harness, setup):
+    from distill_flows.drift_watch import drift_watch
+    from distill_tasks.drift import score_holdout
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from flows.drift_watch import drift_watch
-    from tasks.drift import score_holdout
 
     dep_id = _register_cycle_deployment(setup["task"])
     time.sleep(2)  # the trigger service loads new automations periodically

@@ -96,9 +96,10 @@ def worker(pool, tmp_path):
 
 
 def test_trains_on_the_work_pool_and_brings_the_student_back(pool, worker, tmp_path, tiny_classifier):
+    from distill_tasks.train import train_where_configured
+
+    from distill.models.classifier import ClassifierStudent
     from distill.store import open_store
-    from distill.student import ClassifierStudent
-    from tasks.train import train_where_configured
 
     store = tmp_path / "store"
     run_dir = tmp_path / "caller" / "run-1"  # not inside the store: the files must really come back
@@ -138,7 +139,7 @@ def test_trains_on_the_work_pool_and_brings_the_student_back(pool, worker, tmp_p
 
 
 def test_no_worker_on_the_pool_fails_with_a_clear_error(pool, tmp_path):
-    from tasks.train import train_where_configured
+    from distill_tasks.train import train_where_configured
 
     name = deploy(pool, tmp_path / "worker-work")
     train = TrainConfig(deployment=name, max_steps=3, deployment_timeout_s=3)

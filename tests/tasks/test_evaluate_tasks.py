@@ -2,12 +2,12 @@ import json
 import math
 import shutil
 
+from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from prefect import flow
 
 from distill.config import EvaluateConfig, GateConfig, TeacherConfig
 from distill.httpserver import start_in_thread
-from distill.registry import Registry
-from tasks.evaluate import evaluate_student, gate_student, register_student
+from distill.serve.registry import Registry
 
 LABELS = ["positive", "negative", "neutral"]
 

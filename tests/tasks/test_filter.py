@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from distill_tasks.filter import filter_rows, report_markdown, stage_report
 from prefect import flow
 from starlette.requests import Request
 
 from distill.config import FilterConfig, TaskConfig
 from distill.data import load_task_rows, read_jsonl, write_jsonl
-from tasks.filter import filter_rows, report_markdown, stage_report
 
 TASK = TaskConfig()
 PLANTED = {"refusal": 37, "truncated": 41, "failed": 43, "not_a_label": 47, "uncertain": 29}
@@ -150,9 +150,9 @@ def test_filter_flow_on_banking77_auto_approved(prefect_harness, banking, tmp_pa
 
 
 def test_spotcheck_pauses_until_a_reviewer_resumes_with_input(prefect_harness, banking, tmp_path):
+    from prefect import get_client
     from prefect.flow_runs import resume_flow_run
     from prefect.states import StateType
-    from prefect import get_client
 
     teach, real, records_path = banking
     small = teach[:300]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from distill_tasks.generate import summary_table
 from starlette.requests import Request
 
 from distill.config import GenerationConfig, TeacherConfig
 from distill.httpserver import start_in_thread
-from tasks.generate import summary_table
 
 KEY = "sk-block-0123456789-SECRET"
 
@@ -42,11 +42,10 @@ def test_summary_table_lists_every_metric_and_reason():
 
 
 def test_task_uses_secret_block_and_publishes_artifacts(prefect_harness, tmp_path, monkeypatch):
+    from distill_tasks.generate import generate_completions
     from prefect import flow
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
-
-    from tasks.generate import generate_completions
 
     monkeypatch.delenv("DISTILL_TASK_TEST_KEY", raising=False)
     Secret(value=KEY).save("distill-test-teacher-key", overwrite=True)

@@ -1,0 +1,217 @@
+"""Latency of single requests under concurrent load, and what a request costs.
+
+Batched throughput hides what a user waits for, so the harness sends single
+chat-completion requests from `concurrency` closed-loop clients (each sends its
+next request as soon as the previous one answered) and reports percentiles of
+the per-request wall time. The student and the teacher are measured with the
+same harness, the same payloads and the same concurrency, on the same machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from distill.config import ServeConfig
+from distill.evaluate import metrics
+from distill.httpserver import start_in_thread
+from distill.models.classifier import ClassifierStudent
+from distill.serve.app import create_app
+
+
+async def _send_all(url: str, payloads: Sequence[dict], n_requests: int, concurrency: int,
+                    headers: dict[str, str], timeout_s: float, warmup: int, keep_bodies: bool) -> dict[str, Any]:
+    import aiohttp
+
+    results: list[dict[str, Any] | None] = [None] * n_requests
+    next_index = 0
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:
+
+        async def one(payload: dict) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json=payload) as resp:
+                    body = await resp.json(content_type=None) if keep_bodies else await resp.read()
+                    status = resp.status
+                    error = None if status == 200 else f"HTTP {status}"
+            except Exception as e:  # a failed request is counted, never retried: retries would hide latency
+                body, status, error = None, None, type(e).__name__
+            return {"ms": (time.perf_counter() - t0) * 1000, "status": status, "error": error,
+                    "body": body if keep_bodies else None}
+
+        # Warm-up requests (connection setup, lazy initialisation) are not measured.
+        for i in range(warmup):
+            await one(payloads[i % len(payloads)])
+
+        async def client() -> None:
+            nonlocal next_index
+            while next_index < n_requests:
+                i = next_index
+                next_index += 1
+                results[i] = await one(payloads[i % len(payloads)])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"results": results, "wall_s": wall}
+
+
+def _run_coroutine(coro) -> Any:
+    """asyncio.run, also from code that already runs inside an event loop (then in a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="latency-harness")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def measure(url: str, payloads: Sequence[dict], n_requests: int = 200, concurrency: int = 4,
+            api_key: str | None = None, timeout_s: float = 30.0, warmup: int = 2,
+            keep_bodies: bool = False) -> dict[str, Any]:
+    """Send `n_requests` single POST requests from `concurrency` concurrent clients and time each.
+
+    Args:
+        url: full endpoint URL, e.g. http://127.0.0.1:8000/v1/chat/completions.
+        payloads: JSON bodies, used in order and cycled.
+        n_requests: measured requests (warm-up requests come on top).
+        concurrency: clients sending at the same time.
+        api_key: sent as a Bearer token; never logged or returned.
+        timeout_s: per-request timeout; a timed-out request counts as an error.
+        warmup: unmeasured requests sent first, one at a time.
+        keep_bodies: return the parsed response bodies (index-aligned with the requests).
+    Returns:
+        {"n", "ok", "errors", "error_kinds", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms",
+         "wall_s", "throughput_rps", "concurrency"} (+ "bodies" when keep_bodies); percentiles over
+        successful requests only, NaN when none succeeded.
+    """
+    if not payloads:
+        raise ValueError("no payloads to send")
+    if n_requests < 1 or concurrency < 1:
+        raise ValueError("n_requests and concurrency must be >= 1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    out = _run_coroutine(_send_all(url, payloads, n_requests, concurrency, headers, timeout_s, warmup,
+                                   keep_bodies))
+    results = out["results"]
+    ok = [r["ms"] for r in results if r["error"] is None]
+    kinds: dict[str, int] = {}
+    for r in results:
+        if r["error"]:
+            kinds[r["error"]] = kinds.get(r["error"], 0) + 1
+    pct = metrics.percentiles(ok)
+    report = {
+        "n": n_requests, "ok": len(ok), "errors": n_requests - len(ok), "error_kinds": kinds,
+        "p50_ms": pct["p50"], "p95_ms": pct["p95"], "p99_ms": pct["p99"],
+        "mean_ms": float(np.mean(ok)) if ok else math.nan, "max_ms": float(max(ok)) if ok else math.nan,
+        "wall_s": out["wall_s"], "throughput_rps": len(ok) / out["wall_s"] if out["wall_s"] > 0 else math.nan,
+        "concurrency": concurrency,
+    }
+    if keep_bodies:
+        report["bodies"] = [r["body"] for r in results]
+    return report
+
+
+def chat_payloads(rows: Sequence[dict[str, Any]], model: str, limit: int | None = None,
+                  max_tokens: int = 32) -> list[dict[str, Any]]:
+    """Chat-completion bodies from task rows' production `messages` (greedy, short answers)."""
+    rows = list(rows)[:limit] if limit else list(rows)
+    return [{"model": model, "messages": r["messages"], "temperature": 0.0, "max_tokens": max_tokens}
+            for r in rows]
+
+
+def student_cost_per_1k(cost_per_hour: float, throughput_rps: float) -> float:
+    """USD per 1,000 requests for a machine billed by the hour serving at the measured throughput."""
+    if not throughput_rps or math.isnan(throughput_rps):
+        return math.nan
+    return cost_per_hour / (throughput_rps * 3600.0) * 1000.0
+
+
+def teacher_cost_per_1k(records: Sequence[dict[str, Any]], price_per_1m: tuple[float, float]) -> float:
+    """USD per 1,000 teacher requests from the tokens the records used.
+
+    Args:
+        records: teacher records (their `usage` token counts, or `cost_usd` when no price is configured).
+        price_per_1m: (input, output) USD per 1M tokens.
+    """
+    done = [r for r in records if r.get("status") == "done"]
+    if not done:
+        return math.nan
+    pin, pout = price_per_1m
+    if pin or pout:
+        prompt = np.mean([(r.get("usage") or {}).get("prompt_tokens") or 0 for r in done])
+        completion = np.mean([(r.get("usage") or {}).get("completion_tokens") or 0 for r in done])
+        return float((prompt * pin + completion * pout) / 1e6 * 1000)
+    return float(np.mean([r.get("cost_usd") or 0.0 for r in done]) * 1000)
+
+
+def minimal_student_app(student_dir: str | Path):
+    """A bare OpenAI-compatible chat endpoint around a ClassifierStudent.
+
+    Used only when the full server (`distill.serve`) cannot be built, so the
+    student's latency is still measured over real HTTP.
+    """
+    from fastapi import FastAPI
+
+
+    student = ClassifierStudent(student_dir)
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict) -> dict:
+        text = next((m["content"] for m in reversed(body.get("messages") or []) if m.get("role") == "user"), "")
+        probs = student.predict_proba([text])[0]
+        label = student.labels[int(probs.argmax())]
+        return {"id": "chatcmpl-student", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "student"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": label},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}
+
+    return app
+
+
+@contextmanager
+def student_server(student_dir: str | Path, serve_config: Any = None,
+                   api_key: str | None = None) -> Iterator[tuple[str, str]]:
+    """Serve the student on loopback for the duration of the block.
+
+    Args:
+        student_dir: the student directory.
+        serve_config: ServeConfig for the full server (defaults when None).
+        api_key: the key clients must send to the full server (the bare one checks none).
+    Yields:
+        (chat completions URL, which server: "distill.serve" or "minimal").
+    """
+
+    try:
+
+        app = create_app(student_dir, serve_config or ServeConfig(), api_key=api_key)
+        kind = "distill.serve"
+    except Exception:  # the full server may be absent or unusable in this install; measure with the bare one
+        app, kind = minimal_student_app(student_dir), "minimal"
+    server = start_in_thread(app)
+    try:
+        yield f"{server.url}/v1/chat/completions", kind
+    finally:
+        server.stop()

@@ -1,0 +1,211 @@
+"""`generate(rows, teacher, generation)`: plan the requests, serve what the cache holds, buy the rest.
+
+Online mode runs `distill.teacher.client.Client`; batch mode (generation.mode = "batch")
+runs `distill.teacher.batch.run_batch`. Both fill the same records in input order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from distill.config import ConfigError, GenerationConfig, TeacherConfig
+from distill.data import check_unique_ids, read_table, render_messages
+from distill.teacher.batch import run_batch
+from distill.teacher.cache import ResponseCache
+from distill.teacher.client import (
+    Client,
+    Job,
+    cache_key,
+    estimate_tokens,
+    make_record,
+    price,
+    resolve_api_key,
+    sampling_params,
+)
+from distill.teacher.ratelimit import Budget
+
+
+@dataclass
+class GenerationResult:
+    records: list[dict]  # one teacher record per (id, sample), input order, final state
+    summary: dict  # counts, tokens, cost, wall time, throughput, budget_exhausted
+
+
+def _validate_rows(rows: list[dict]) -> None:
+    seen: dict[Any, Any] = {}
+    for i, row in enumerate(rows):
+        where = f"line {row['_line']}" if isinstance(row, dict) and "_line" in row else f"row {i}"
+        if not isinstance(row, dict) or "id" not in row or "messages" not in row:
+            raise ConfigError(f"{where}: a prompt row needs 'id' and 'messages'")
+        msgs = row["messages"]
+        if (not isinstance(msgs, list) or not msgs
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs)):
+            raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        if row["id"] in seen:
+            raise ConfigError(f"{where}: duplicate id {row['id']!r} (first at {seen[row['id']]})")
+        seen[row["id"]] = where
+
+
+def plan(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig) -> tuple[list[dict], list[Job]]:
+    """Output skeleton (one record per (id, sample), in order) and the distinct requests behind it."""
+    _validate_rows(rows)
+    params = sampling_params(generation)
+    records: list[dict] = []
+    jobs: dict[str, Job] = {}
+    for row in rows:
+        messages = [{k: v for k, v in m.items()} for m in row["messages"]]
+        est = estimate_tokens(messages)
+        for s in range(generation.samples_per_prompt):
+            key = cache_key(teacher.base_url, teacher.model, messages, params, s)
+            job = jobs.get(key)
+            if job is None:
+                body = json.dumps({"model": teacher.model, "messages": messages, **params}).encode()
+                job = jobs[key] = Job(key, messages, s, body, est)
+            job.slots.append(len(records))
+            records.append(make_record(row["id"], s, messages, params, teacher.model, error="not requested"))
+    return records, list(jobs.values())
+
+
+def estimate_cost(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig) -> dict:
+    """Tokens and USD a run would spend, without any call (for `--dry-run`).
+
+    Completion tokens are bounded by max_tokens, so `cost_usd` is an upper bound
+    given the prompt estimate. Requests already in the cache cost nothing.
+    """
+    _, jobs = plan(rows, teacher, generation)
+    cached: set[str] = set()
+    if Path(generation.cache_path).exists():
+        cache = ResponseCache(generation.cache_path)
+        try:
+            cached = set(cache.get_many([j.key for j in jobs]))
+        finally:
+            cache.close()
+    todo = [j for j in jobs if j.key not in cached]
+    factor = teacher.batch_price_factor if generation.mode == "batch" else 1.0
+    prompt = sum(j.est_tokens for j in todo)
+    completion = generation.max_tokens * len(todo)
+    return {"requests": len(jobs), "cached": len(jobs) - len(todo), "to_send": len(todo),
+            "prompt_tokens": prompt, "completion_tokens_max": completion,
+            "cost_usd": round(price(teacher, prompt, completion, factor), 6), "mode": generation.mode}
+
+
+def _run_sync(coro_fn: Callable[[], Any]) -> Any:
+    """Run a coroutine from sync code, also when this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro_fn())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(coro_fn())).result()
+
+
+def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig, *,
+             api_key: str | None = None, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Ask the teacher for every row (and sample), resuming from the request cache.
+
+    Args:
+        rows: dicts with "id" (unique) and "messages" (an OpenAI chat); other keys are ignored.
+        teacher: the endpoint, model, prices and timeout.
+        generation: concurrency, limits, retries, sampling, budget, mode and cache path.
+        api_key: the key; None reads the teacher.api_key_env variable (no header when unset).
+        progress: called as progress(finished, total) after every record reaches its final state.
+
+    Returns a GenerationResult whose records follow the teacher-record contract,
+    one per (id, sample) in input order, each "done" or "failed" with a reason.
+    """
+    if api_key is None:
+        api_key = resolve_api_key(teacher)
+    t0 = time.monotonic()
+    records, jobs = plan(rows, teacher, generation)
+    total = len(records)
+    finished = 0
+    cache = ResponseCache(generation.cache_path)
+    try:
+        stored = cache.get_many([j.key for j in jobs])
+
+        def fill(job: Job, fields: dict, cached: bool) -> None:
+            nonlocal finished
+            for n, slot in enumerate(job.slots):
+                rec = records[slot]
+                rec.update(fields)
+                # Only the first copy of a request bought this run carries its cost; the rest are free copies.
+                rec["cached"] = fields["status"] == "done" and (cached or n > 0)
+                if rec["cached"] and not cached:
+                    rec["cost_usd"] = 0.0
+                finished += 1
+                if progress:
+                    progress(finished, total)
+
+        pending = []
+        for job in jobs:
+            if job.key in stored:
+                fill(job, {**stored[job.key], "status": "done", "error": None}, cached=True)
+            else:
+                pending.append(job)
+        budget = Budget(generation.budget_usd)
+        client = Client(teacher, generation, api_key, cache, budget, lambda j, f: fill(j, f, cached=False))
+        if pending and generation.mode == "batch":
+
+            _run_sync(lambda: run_batch(client, pending))
+        elif pending:
+            _run_sync(lambda: client.run(pending))
+    finally:
+        cache.close()
+    return GenerationResult(records, summarize(records, time.monotonic() - t0, budget.exhausted,
+                                               client.http_requests))
+
+
+def summarize(records: list[dict], wall_s: float, budget_exhausted: bool, http_requests: int) -> dict:
+    """The run's generation summary; tokens and cost count only what this run bought."""
+    done = [r for r in records if r["status"] == "done"]
+    bought = [r for r in done if not r["cached"]]
+    by_reason: dict[str, int] = {}
+    for r in records:
+        if r["status"] == "failed":
+            reason = str(r["error"]).split(":", 1)[0]
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {
+        "requested": len(records),
+        "done": len(done),
+        "failed": len(records) - len(done),
+        "failed_by_reason": by_reason,
+        "cached": sum(1 for r in done if r["cached"]),
+        "truncated": sum(1 for r in done if r["truncated"]),
+        "prompt_tokens": sum(r["usage"]["prompt_tokens"] for r in bought),
+        "completion_tokens": sum(r["usage"]["completion_tokens"] for r in bought),
+        "cost_usd": round(sum(r["cost_usd"] for r in bought), 6),
+        "cache_saved_usd": round(sum(r["cost_usd"] for r in done if r["cached"]), 6),
+        "http_requests": http_requests,
+        "wall_s": round(wall_s, 3),
+        "requests_per_s": round(len(bought) / wall_s, 2) if wall_s > 0 else 0.0,
+        "budget_exhausted": budget_exhausted,
+    }
+
+
+def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
+    """Prompt rows from CSV/JSONL: each needs `id` and either `messages` or the task's input fields.
+
+    Rows without messages are rendered through task.system_prompt and task.prompt_template,
+    exactly as in production. Errors name the file and line.
+    """
+
+    path = Path(path)
+    out = []
+    for row in read_table(path, required=["id"]):
+        where = f"{path}:{row['_line']}"
+        msgs = row.get("messages")
+        if msgs is None:
+            msgs = render_messages(task, row, where=f"{where}: ")
+        elif (not isinstance(msgs, list) or not msgs
+              or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                         and isinstance(m.get("content"), str) for m in msgs)):
+            raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        out.append({"id": row["id"], "messages": msgs, "_line": row["_line"]})
+    check_unique_ids(path, out)
+    return out

@@ -1,0 +1,110 @@
+import asyncio
+import math
+
+import pytest
+
+from distill.evaluate import latency
+from distill.httpserver import start_in_thread
+
+PAYLOADS = [{"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(7)]
+
+
+def _app(delay_for):
+    """A chat endpoint whose n-th request (0-based, in arrival order) sleeps delay_for(n) seconds."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    state = {"n": 0, "keys": set()}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        n = state["n"]
+        state["n"] += 1
+        state["keys"].add(request.headers.get("authorization"))
+        delay = delay_for(n)
+        if delay is None:
+            return JSONResponse({"error": "boom"}, status_code=500)
+        await asyncio.sleep(delay)
+        body = await request.json()
+        return {"choices": [{"message": {"role": "assistant", "content": body["messages"][-1]["content"]}}]}
+
+    app.state.counter = state
+    return app
+
+
+def test_percentiles_against_a_server_with_known_delay():
+    app = _app(lambda n: 0.05)
+    with start_in_thread(app) as server:
+        r = latency.measure(f"{server.url}/v1/chat/completions", PAYLOADS, n_requests=40, concurrency=4,
+                            api_key="sekret", warmup=2)
+    assert r["ok"] == 40 and r["errors"] == 0
+    assert app.state.counter["n"] == 42  # 2 warm-up requests + 40 measured
+    assert app.state.counter["keys"] == {"Bearer sekret"}
+    assert 50 <= r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert r["p50_ms"] < 150
+    # Four clients in parallel: about 40 x 50 ms / 4 = 0.5 s of wall time; one at a time would take 2 s.
+    assert r["wall_s"] < 1.6
+    assert 25 < r["throughput_rps"] <= 81
+    assert "sekret" not in repr(r)
+
+
+def test_tail_latency_is_visible_in_p95():
+    # One request in ten is slow: the median stays fast, P95 and P99 are the slow ones.
+    app = _app(lambda n: 0.3 if n % 10 == 9 else 0.01)
+    with start_in_thread(app) as server:
+        r = latency.measure(f"{server.url}/v1/chat/completions", PAYLOADS, n_requests=50, concurrency=5, warmup=0)
+    assert r["ok"] == 50
+    assert r["p50_ms"] < 150
+    assert r["p95_ms"] >= 300 and r["p99_ms"] >= 300
+
+
+def test_failed_requests_are_counted_not_timed_and_bodies_kept():
+    app = _app(lambda n: None if n % 4 == 0 else 0.0)
+    with start_in_thread(app) as server:
+        r = latency.measure(f"{server.url}/v1/chat/completions", PAYLOADS, n_requests=20, concurrency=1, warmup=0,
+                            keep_bodies=True)
+    assert r["errors"] == 5 and r["ok"] == 15 and r["error_kinds"] == {"HTTP 500": 5}
+    assert r["bodies"][1]["choices"][0]["message"]["content"] == "q1"
+    r = latency.measure("http://127.0.0.1:9/v1/chat/completions", PAYLOADS, n_requests=3, concurrency=1,
+                        warmup=0, timeout_s=2)
+    assert r["errors"] == 3 and math.isnan(r["p50_ms"])
+
+
+def test_measure_works_inside_a_running_event_loop():
+    app = _app(lambda n: 0.0)
+
+    async def inner():
+        return latency.measure(f"{server.url}/v1/chat/completions", PAYLOADS, n_requests=10, concurrency=2)
+
+    with start_in_thread(app) as server:
+        r = asyncio.run(inner())
+    assert r["ok"] == 10
+
+
+def test_costs():
+    # $0.36/hour at 10 req/s: 36,000 requests per hour, so $0.01 per 1,000.
+    assert latency.student_cost_per_1k(0.36, 10.0) == pytest.approx(0.01)
+    assert math.isnan(latency.student_cost_per_1k(0.36, float("nan")))
+    records = [{"status": "done", "usage": {"prompt_tokens": 100, "completion_tokens": 10}, "cost_usd": 0.5},
+               {"status": "done", "usage": {"prompt_tokens": 300, "completion_tokens": 30}, "cost_usd": 0.5},
+               {"status": "failed", "usage": None}]
+    # mean 200 prompt and 20 completion tokens at $1 / $10 per 1M: 0.0004 per request.
+    assert latency.teacher_cost_per_1k(records, (1.0, 10.0)) == pytest.approx(0.4)
+    assert latency.teacher_cost_per_1k(records, (0.0, 0.0)) == pytest.approx(500.0)
+    assert math.isnan(latency.teacher_cost_per_1k([], (1.0, 1.0)))
+    assert latency.chat_payloads([{"messages": [1]}, {"messages": [2]}], "m", limit=1) == [
+        {"model": "m", "messages": [1], "temperature": 0.0, "max_tokens": 32}]
+
+
+def test_student_servers_answer_with_a_label(tiny_classifier):
+    labels = {"positive", "negative", "neutral"}
+    with start_in_thread(latency.minimal_student_app(tiny_classifier)) as server:
+        r = latency.measure(f"{server.url}/v1/chat/completions", PAYLOADS, n_requests=10, concurrency=2,
+                            keep_bodies=True)
+    assert r["ok"] == 10
+    assert {b["choices"][0]["message"]["content"] for b in r["bodies"]} <= labels
+    with latency.student_server(tiny_classifier, api_key="k") as (url, kind):
+        r = latency.measure(url, PAYLOADS, n_requests=10, concurrency=2, api_key="k", keep_bodies=True)
+    assert r["ok"] == 10 and kind in ("minimal", "distill.serve")
+    assert {b["choices"][0]["message"]["content"] for b in r["bodies"]} <= labels
