@@ -58,7 +58,7 @@ def local_run_dir(config: DistillConfig, run_id: str) -> Path:
 
 @flow(name="distillation-cycle", log_prints=True)
 def distillation_cycle(config: DistillConfig | None = None, config_path: str | None = None,
-                       overrides: list[str] | None = None, run_id: str | None = None) -> dict[str, Any]:
+                       overrides: list[str] | None = None, run_id: str | None = None) -> dict[str, Any]:  # long: split into named steps is pending
     """Run one full distillation cycle and return {run_id, run_dir, metrics, decision, registry}.
 
     Args:

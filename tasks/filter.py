@@ -166,7 +166,7 @@ def _review(rows: list[dict], config: SpotCheckConfig, run_dir: Path, seed: int)
 def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict], task: TaskConfig,
                 filter: FilterConfig, run_dir: str, grader_api_key: str | None = None, seed: int = 0, *,
                 teacher: TeacherConfig | None = None, generation: GenerationConfig | None = None
-                ) -> tuple[list[dict], dict]:
+                ) -> tuple[list[dict], dict]:  # long: split into named steps is pending
     """Run every enabled stage, the spot-check and the mix; write the outputs and the report.
 
     Must run inside a flow run (the spot-check may pause it).

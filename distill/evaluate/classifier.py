@@ -68,7 +68,7 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
                         validation: list[dict] | None = None, teacher_url: str | None = None,
                         teacher_model: str | None = None, teacher_api_key: str | None = None,
                         teacher_price: tuple[float, float] = (0.0, 0.0),
-                        train_label_counts: dict[str, int] | None = None) -> dict:
+                        train_label_counts: dict[str, int] | None = None) -> dict:  # long: split into named steps is pending
     """Measure a classification student; write calibration.json into it and plots into out_dir.
 
     Args:

@@ -102,7 +102,7 @@ def _minimal_app(student: GenerativeStudent):
 def evaluate_generative(student_dir: str | Path, holdout: list[dict], teacher_records: list[dict],
                         config: EvaluateConfig, out_dir: str | Path, teacher_url: str | None = None,
                         teacher_model: str | None = None, teacher_api_key: str | None = None,
-                        teacher_price: tuple[float, float] = (0.0, 0.0), max_new_tokens: int = 32) -> dict:
+                        teacher_price: tuple[float, float] = (0.0, 0.0), max_new_tokens: int = 32) -> dict:  # long: split into named steps is pending
     """Measure a generative student; same metric names as evaluate_classifier where they apply.
 
     Args:

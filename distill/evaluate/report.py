@@ -16,7 +16,7 @@ def _v(metrics: dict, key: str, unit: str = "num") -> str:
     return format_value(metrics.get(key), unit)
 
 
-def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] | None = None) -> str:
+def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] | None = None) -> str:  # long: split into named steps is pending
     """The run's report.md: the gate decision, every measure, and the plots by relative path.
 
     Args:

@@ -174,7 +174,7 @@ def _teacher_answer(resp: Any, labels: list[str], latency_ms: float) -> dict[str
 def create_app(student_dir: str | Path, serve: ServeConfig, *, challenger_dir: str | Path | None = None,
                teacher: TeacherConfig | None = None, teacher_api_key: str | None = None,
                api_key: str | None = None, champion_run: str | None = None,
-               challenger_run: str | None = None) -> "FastAPI":  # noqa: F821
+               challenger_run: str | None = None) -> "FastAPI":  # noqa: F821  long: split into named steps is pending
     # No `from __future__ import annotations` in this module: FastAPI must see the real Request class.
     """The student server as a FastAPI app (run it with uvicorn or distill.httpserver.start_in_thread).
 

@@ -378,7 +378,7 @@ async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
 
 def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
                batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
-               threads: int | None = None) -> "FastAPI":
+               threads: int | None = None) -> "FastAPI":  # long: split into named steps is pending
     """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
 
     Args:

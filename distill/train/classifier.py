@@ -277,7 +277,7 @@ def _metrics(eval_pred) -> dict[str, float]:
 
 
 def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, out_dir: str | Path,
-                     progress: bool = True, callbacks: list | None = None) -> dict:
+                     progress: bool = True, callbacks: list | None = None) -> dict:  # long: split into named steps is pending
     """Train a classification student on training rows; see the module docstring for the output layout.
 
     Args:
