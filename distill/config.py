@@ -49,7 +49,9 @@ class TaskConfig(Section):
     label_field: str | None = Field("category", description="Column holding the gold label/answer, if any.")
     labels: list[str] | None = Field(None, description="Label set for classification (or use labels_path).")
     labels_path: Path | None = Field(
-        BUNDLED_DATA / "banking77" / "categories.json", description="JSON list of labels, used when labels is empty."
+        BUNDLED_DATA / "banking77" / "categories.json",
+        description="JSON list of labels, or a JSON object label -> description (the descriptions reach the "
+        "teacher's prompt), used when labels is empty.",
     )
     system_prompt: str = Field(
         "You are a banking assistant. Classify the customer's message into exactly one intent. "
@@ -57,6 +59,10 @@ class TaskConfig(Section):
         description="System prompt, identical to the one used in production.",
     )
     prompt_template: str = Field("{text}", description="User message template; {field} placeholders name input columns.")
+    few_shot: int = Field(
+        0, ge=0, le=64, description="Labelled training rows shown to the teacher as example turns before each "
+        "input (classification; drawn from train_path, never the test split, and recorded in the manifest).",
+    )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
 
@@ -71,8 +77,11 @@ class TaskConfig(Section):
             raise ConfigError(f"{self.labels_path}: labels file not found (task.labels_path)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{self.labels_path}:{e.lineno}: not valid JSON ({e.msg}) (task.labels_path)") from None
+        if isinstance(labels, dict):
+            labels = list(labels)  # label -> description: the keys are the labels
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or not labels:
-            raise ConfigError(f"{self.labels_path}: expected a non-empty JSON list of strings (task.labels_path)")
+            raise ConfigError(f"{self.labels_path}: expected a non-empty JSON list of strings or an object "
+                              "label -> description (task.labels_path)")
         return labels
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
-from distill.data import check_unique_ids, read_table, render_messages
+from distill.data import check_unique_ids, prompt_prefix, read_table, render_messages
 from distill.teacher.batch import run_batch
 from distill.teacher.cache import ResponseCache
 from distill.teacher.client import (
@@ -197,11 +197,13 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
 
     path = Path(path)
     out = []
+    prefix = None
     for row in read_table(path, required=["id"]):
         where = f"{path}:{row['_line']}"
         msgs = row.get("messages")
         if msgs is None:
-            msgs = render_messages(task, row, where=f"{where}: ")
+            prefix = prompt_prefix(task) if prefix is None else prefix
+            msgs = render_messages(task, row, where=f"{where}: ", prefix=prefix)
         elif (not isinstance(msgs, list) or not msgs
               or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                          and isinstance(m.get("content"), str) for m in msgs)):
