@@ -130,8 +130,11 @@ def map_answer(text: str | None, labels: list[str], label_key: str = "label") ->
         if value is not None:
             s = value
     for _ in range(3):  # "Intent: 'card_arrival'." takes a prefix and then edges off
+        if _key(s) in index:  # before each strip: a label may itself end in "?" or a quote
+            return index[_key(s)]
         s = _PREFIX.sub("", s.strip(_EDGE)).strip(_EDGE)
-    return index.get(_key(s))
+    bare = {_key(l.strip(_EDGE)): l for l in labels}  # "reverted_card_payment?" answered without its "?"
+    return index.get(_key(s)) or bare.get(_key(s))
 
 
 def label_span(text: str, label: str, label_key: str = "label") -> int | None:
