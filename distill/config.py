@@ -106,6 +106,19 @@ class TeacherConfig(Section):
     batch_price_factor: float = Field(
         0.5, gt=0, le=1, description="Price multiplier for Batch API requests (providers charge about half)."
     )
+    structured_output: Literal["auto", "json_schema", "choice", "off"] = Field(
+        "off", description="Classification answers constrained to the label set: json_schema (response_format "
+        "with a strict enum; OpenAI, vLLM, Ollama), choice (vLLM guided choice), off (prompt only), or auto "
+        "(decided by one probe request per candidate, counted in the run's spend, falling back to off).",
+    )
+    rationale: bool = Field(
+        False, description="With json_schema: ask for a one-sentence rationale before the label, so the "
+        "consistency filter can drop answers whose rationale names another label.",
+    )
+    probe: bool = Field(
+        True, description="Before the first paid batch, send one probe request: an unreachable endpoint, a "
+        "refused key or an unknown model fails the run within seconds, naming the URL.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -133,7 +146,28 @@ class GenerationConfig(Section):
     samples_per_prompt: int = Field(1, ge=1, le=16, description="Teacher samples per prompt (self-consistency).")
     logprobs: bool = Field(True, description="Request per-token logprobs.")
     top_logprobs: int = Field(20, ge=0, le=100, description="Alternatives per token (label distribution for classification).")
-    budget_usd: float | None = Field(None, ge=0, description="Stop sending new requests once spend reaches this.")
+    budget_usd: float | None = Field(
+        None, ge=0, description="Stop sending new requests once spend reaches this. Within a run it caps "
+        "everything the run spends (training prompts, holdout, grader, probes, re-asks, retries), and `distill "
+        "run` stops before the first call when the dry-run estimate exceeds it.",
+    )
+    soft_labels: Literal["trie", "hard"] = Field(
+        "trie", description="Classification label distributions. trie: top_logprobs at every answer position "
+        "(no extra request; a few more completion bytes), read over the labels' token trie; hard: no logprobs "
+        "asked, the answer's label smoothed (cheapest; no teacher uncertainty for KD or the entropy filter).",
+    )
+    reask: bool = Field(
+        False, description="Classification: one corrective re-ask, with the label list, for an answer that maps "
+        "to no label; charged to the run's spend and never repeated on resume (it is cached like any request).",
+    )
+    extra_params: dict[str, Any] = Field(
+        default_factory=dict, description="Extra request body fields sent with every request and part of the "
+        "cache key (the run puts the structured-output fields here after its probe).",
+    )
+    ledger_path: Path | None = Field(
+        None, description="Run-wide spend ledger (JSONL); every generate() call of a run charges it and is capped "
+        "by budget_usd minus what it holds. The cycle sets it to <run dir>/ledger.jsonl.",
+    )
     mode: Literal["online", "batch"] = Field("online", description="online: async requests; batch: provider Batch API.")
     batch_poll_s: float = Field(5.0, gt=0, description="Polling interval for batch mode.")
     cache_path: Path = Field(
