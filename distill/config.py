@@ -190,8 +190,14 @@ class HeuristicsConfig(Section):
             r"\blo siento\b",
             r"\bje suis désolé\b",
             r"\bes tut mir leid\b",
+            r"\bI(?:'m| am) not (?:sure|certain)\b",
+            r"\b(?:could|can) you (?:tell|give|provide) me more\b",
+            r"\b(?:it|this) (?:could|might) be (?:several|multiple|either|any)\b",
+            r"\bI (?:cannot|can't|can not) (?:determine|tell|classify)\b",
+            r"\b(?:unclear|ambiguous) (?:which|what) (?:intent|label|category)\b",
         ],
-        description="Regexes (case-insensitive) that mark a refusal.",
+        description="Regexes (case-insensitive) that mark a refusal or a hedge (an answer that commits to "
+        "nothing).",
     )
     answer_regex: str | None = Field(None, description="Answers must fully match this regex (generation tasks).")
     json_schema: dict[str, Any] | None = Field(None, description="Answers must be JSON valid against this schema.")
@@ -232,7 +238,8 @@ class ConsistencyConfig(Section):
         0.6, ge=0, le=1, description="With several samples: keep a prompt when this share of samples agree."
     )
     rationale_field: str | None = Field(
-        None, description="JSON field holding a rationale; a rationale naming another label is a contradiction."
+        "rationale", description="JSON field holding a rationale (teacher.rationale asks for one); a rationale "
+        "naming another label is a contradiction. Answers without it are not checked.",
     )
     label_key: str = Field("label", description="JSON field holding the label in structured answers.")
     on_disagreement: Literal["drop", "downweight"] = Field(
