@@ -45,7 +45,8 @@ def start_standin(*extra: str) -> tuple[subprocess.Popen, str]:
 
 def run_cli(tmp_path: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
-           "OPENAI_API_KEY": "sk-standin-not-a-secret"}
+           "OPENAI_API_KEY": "sk-standin-not-a-secret",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # this tree, from any cwd
     args = [sys.executable, "-m", "distill_flows.cli", "run", str(PRESET)]
     for o in overrides:
         args += ["--set", o]
