@@ -255,7 +255,8 @@ class EntropyConfig(Section):
     enabled: bool = Field(True, description="Run the entropy stage.")
     max_entropy: float | None = Field(None, ge=0, description="Drop rows whose teacher entropy (nats) exceeds this.")
     drop_percentile: float | None = Field(
-        5.0, ge=0, le=100, description="Drop the most uncertain N percent of rows (used when max_entropy is unset)."
+        5.0, ge=0, le=100, description="Drop the most uncertain N percent of rows; with max_entropy also set, "
+        "a row above either threshold is dropped (null: the absolute threshold alone)."
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, DistillConfig, GenerationConfig
+from distill.data import few_shot_ids
 from distill.teacher.generation import estimate_cost
 from distill.teacher.ratelimit import Ledger
 from distill.teacher.structured import choose_structured, structured_params
@@ -99,5 +100,6 @@ def prepare_generation(cfg: DistillConfig, prompt_rows: list[dict], holdout: lis
         mode = "off"
     generation = cfg.generation.model_copy(update={
         "extra_params": {**cfg.generation.extra_params, **extra}, "ledger_path": ledger.path})
-    return generation, {"structured_output": mode, "estimate_usd": estimate["cost_usd"],
+    return generation, {"structured_output": mode, "few_shot_ids": few_shot_ids(cfg.task),
+                        "estimate_usd": estimate["cost_usd"],
                         "estimate_requests": estimate["to_send"], "probe_usd": ledger.by_purpose().get("probe", 0.0)}

@@ -141,7 +141,8 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     manifest = build_manifest(cfg, run_id, data_files=data_files, flow_run_id=str(flow_run.get_id() or ""),
                               spend=spend, started_at=started_at,
                               finished_at=datetime.now(timezone.utc).isoformat(),
-                              extra={"gate": decision, "registry": registry, "metrics": _scalars(metrics)})
+                              extra={"gate": decision, "registry": registry, "metrics": _scalars(metrics),
+                                     "preflight": preflight})
     manifest = publish_run(run_dir, store, run_id, manifest)
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "decision": decision,
             "registry": registry, "store_uri": manifest.get("store_uri")}
