@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distill_flows.cli import app
+from distill_flows.cli import app as app_cli
 from typer.testing import CliRunner
 
 from distill.httpserver import free_port
@@ -96,10 +96,27 @@ def test_an_unreachable_teacher_fails_within_seconds_naming_its_url(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     (tmp_path / "train.csv").write_text("text,category\nwhere is my card,card_arrival\n")
     t0 = time.monotonic()
-    result = CliRunner().invoke(app, ["run", str(PRESET), "--set", f"teacher.base_url={url}",
+    result = CliRunner().invoke(app_cli, ["run", str(PRESET), "--set", f"teacher.base_url={url}",
                                       "--set", f"task.train_path={tmp_path / 'train.csv'}",
                                       "--set", f"generation.cache_path={tmp_path / 'cache.sqlite'}",
                                       "--set", "task.test_path=null"])
     assert time.monotonic() - t0 < 60
     assert result.exit_code != 0
     assert url in result.output, result.output[-2000:]
+
+
+def test_a_run_whose_estimate_exceeds_the_budget_stops_before_the_first_call(tmp_path):
+    from distill.httpserver import start_in_thread
+
+    labels = json.loads((DATA / "categories.json").read_text())
+    app = standin.build_app({}, labels)
+    (tmp_path / "train.csv").write_text("text,category\nwhere is my card,card_arrival\nmy card is lost,"
+                                        "lost_or_stolen_card\n")
+    with start_in_thread(app) as server:
+        result = run_cli(tmp_path, f"teacher.base_url={server.url}/v1", f"task.train_path={tmp_path / 'train.csv'}",
+                         f"generation.cache_path={tmp_path / 'cache.sqlite'}", "task.test_path=null",
+                         "generation.budget_usd=0.00001", timeout=300)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "generation.budget_usd" in output and "nothing was sent" in output, output[-2000:]
+    assert app.state.requests == 0
