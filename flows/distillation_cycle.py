@@ -16,7 +16,7 @@ from typing import Any
 
 from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from distill_tasks.filter import filter_rows, report_markdown
-from distill_tasks.generate import generate_completions, summary_line
+from distill_tasks.generate import generate_completions, reask_unmapped_answers, summary_line
 from distill_tasks.preflight import preflight_run
 from distill_tasks.train import train_where_configured
 from prefect import flow, get_run_logger
@@ -93,6 +93,7 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     generation, preflight = preflight_run(cfg, teacher_rows, holdout, str(run_dir))
     records, gen_summary = generate_completions(teacher_rows, cfg.teacher, generation,
                                                 str(run_dir / "teacher_outputs.jsonl"))
+    records = reask_unmapped_answers(records, labels, cfg.teacher, generation, str(run_dir / "teacher_outputs.jsonl"))
     holdout_records, holdout_summary = ([], {})
     if holdout:
         # The teacher's own answers on the holdout: its accuracy is what retention is measured against.

@@ -101,3 +101,24 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
     if s["budget_exhausted"]:
         logger.warning("teacher budget reached: rows not yet bought are marked budget_exhausted")
     return result.records, s
+
+
+@task(name="reask-unmapped", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def reask_unmapped_answers(records: list[dict], labels: list[str] | None, teacher: TeacherConfig,
+                           generation: GenerationConfig, out_path: str) -> list[dict]:
+    """Records with unmapped classification answers re-asked once (generation.reask), rewritten to `out_path`.
+
+    A no-op returning `records` unchanged when re-asking is off, the task is not classification, or
+    every answer already names a label.
+    """
+    if not generation.reask or not labels:
+        return records
+    from distill.teacher.reask import reask_unmapped
+
+    out, summary = reask_unmapped(records, labels, teacher, generation, api_key=resolve_key(teacher))
+    if summary:
+        write_jsonl(out_path, out)
+        fixed = sum(1 for r in out if r.get("reasked"))
+        get_run_logger().info("re-ask: %d of %d unmapped answers now name a label; %s", fixed,
+                              summary["requested"], summary_line(summary))
+    return out

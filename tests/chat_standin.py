@@ -170,7 +170,9 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
 
 def completion(body: dict, golds: dict[str, str], labels: list[str], n: int) -> dict:
     messages = body.get("messages") or []
-    text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    # The input is the last user turn that is a known text (a corrective follow-up is not the input).
+    text = next((u for u in reversed(users) if u in golds), users[-1] if users else "")
     dist = true_distribution(text, golds.get(text), labels)
     if float(body.get("temperature") or 0) > 0:
         label = _rng("sample", text, n).choices(list(dist), weights=list(dist.values()))[0]
