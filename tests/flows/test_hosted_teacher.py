@@ -92,7 +92,8 @@ def test_classification_cycle_against_a_hosted_chat_model(tmp_path):
     assert any(r.startswith("contradiction") for r in reasons)
 
 
-def test_an_unreachable_teacher_fails_within_seconds_naming_its_url(tmp_path):
+def test_an_unreachable_teacher_fails_within_seconds_naming_its_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     (tmp_path / "train.csv").write_text("text,category\nwhere is my card,card_arrival\n")
     t0 = time.monotonic()
