@@ -21,7 +21,6 @@ The last line is machine-readable: argmax_agreement=X tv_top5=Y tv_top20=Z
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket

@@ -125,7 +125,7 @@ def map_answer(text: str | None, labels: list[str], label_key: str = "label") ->
     fence = _FENCE.match(s)
     if fence:
         s = fence.group(1).strip()
-    if s.startswith("{") or s.startswith('"'):
+    if s.startswith(("{", '"')):
         value = _json_label(s, label_key)
         if value is not None:
             s = value
