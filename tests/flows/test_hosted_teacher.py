@@ -81,8 +81,8 @@ def test_classification_cycle_against_a_hosted_chat_model(tmp_path):
           f"retention={metrics['retention']:.4f} spend={manifest.get('spend')}")
     assert mapped >= 0.97
     assert abs(metrics["teacher_accuracy"] - true_acc) <= 0.02
-    # On this 1200-row slice a 2-layer student keeps ~87 % of the teacher's accuracy (measured: 0.87 with
-    # 1050 teacher rows); the 95 % of the full cycle needs the full training set, too slow for a test.
+    # On this 1200-row slice a 2-layer student keeps ~83-87 % of the teacher's accuracy; the full training
+    # set (the same command without the row caps, ~11 min on 2 cores) kept 99.8 %, too slow for a test.
     assert metrics["retention"] >= 0.8
     spend = manifest["spend"]
     assert spend["preflight"]["structured_output"] == "json_schema"
