@@ -49,7 +49,9 @@ class TaskConfig(Section):
     label_field: str | None = Field("category", description="Column holding the gold label/answer, if any.")
     labels: list[str] | None = Field(None, description="Label set for classification (or use labels_path).")
     labels_path: Path | None = Field(
-        BUNDLED_DATA / "banking77" / "categories.json", description="JSON list of labels, used when labels is empty."
+        BUNDLED_DATA / "banking77" / "categories.json",
+        description="JSON list of labels, or a JSON object label -> description (the descriptions reach the "
+        "teacher's prompt), used when labels is empty.",
     )
     system_prompt: str = Field(
         "You are a banking assistant. Classify the customer's message into exactly one intent. "
@@ -57,6 +59,10 @@ class TaskConfig(Section):
         description="System prompt, identical to the one used in production.",
     )
     prompt_template: str = Field("{text}", description="User message template; {field} placeholders name input columns.")
+    few_shot: int = Field(
+        0, ge=0, le=64, description="Labelled training rows shown to the teacher as example turns before each "
+        "input (classification; drawn from train_path, never the test split, and recorded in the manifest).",
+    )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
 
@@ -71,8 +77,11 @@ class TaskConfig(Section):
             raise ConfigError(f"{self.labels_path}: labels file not found (task.labels_path)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{self.labels_path}:{e.lineno}: not valid JSON ({e.msg}) (task.labels_path)") from None
+        if isinstance(labels, dict):
+            labels = list(labels)  # label -> description: the keys are the labels
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or not labels:
-            raise ConfigError(f"{self.labels_path}: expected a non-empty JSON list of strings (task.labels_path)")
+            raise ConfigError(f"{self.labels_path}: expected a non-empty JSON list of strings or an object "
+                              "label -> description (task.labels_path)")
         return labels
 
     @model_validator(mode="after")
@@ -96,6 +105,19 @@ class TeacherConfig(Section):
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     batch_price_factor: float = Field(
         0.5, gt=0, le=1, description="Price multiplier for Batch API requests (providers charge about half)."
+    )
+    structured_output: Literal["auto", "json_schema", "choice", "off"] = Field(
+        "off", description="Classification answers constrained to the label set: json_schema (response_format "
+        "with a strict enum; OpenAI, vLLM, Ollama), choice (vLLM guided choice), off (prompt only), or auto "
+        "(decided by one probe request per candidate, counted in the run's spend, falling back to off).",
+    )
+    rationale: bool = Field(
+        False, description="With json_schema: ask for a one-sentence rationale before the label, so the "
+        "consistency filter can drop answers whose rationale names another label.",
+    )
+    probe: bool = Field(
+        True, description="Before the first paid batch, send one probe request: an unreachable endpoint, a "
+        "refused key or an unknown model fails the run within seconds, naming the URL.",
     )
 
     @field_validator("base_url")
@@ -124,7 +146,28 @@ class GenerationConfig(Section):
     samples_per_prompt: int = Field(1, ge=1, le=16, description="Teacher samples per prompt (self-consistency).")
     logprobs: bool = Field(True, description="Request per-token logprobs.")
     top_logprobs: int = Field(20, ge=0, le=100, description="Alternatives per token (label distribution for classification).")
-    budget_usd: float | None = Field(None, ge=0, description="Stop sending new requests once spend reaches this.")
+    budget_usd: float | None = Field(
+        None, ge=0, description="Stop sending new requests once spend reaches this. Within a run it caps "
+        "everything the run spends (training prompts, holdout, grader, probes, re-asks, retries), and `distill "
+        "run` stops before the first call when the dry-run estimate exceeds it.",
+    )
+    soft_labels: Literal["trie", "hard"] = Field(
+        "trie", description="Classification label distributions. trie: top_logprobs at every answer position "
+        "(no extra request; a few more completion bytes), read over the labels' token trie; hard: no logprobs "
+        "asked, the answer's label smoothed (cheapest; no teacher uncertainty for KD or the entropy filter).",
+    )
+    reask: bool = Field(
+        False, description="Classification: one corrective re-ask, with the label list, for an answer that maps "
+        "to no label; charged to the run's spend and never repeated on resume (it is cached like any request).",
+    )
+    extra_params: dict[str, Any] = Field(
+        default_factory=dict, description="Extra request body fields sent with every request and part of the "
+        "cache key (the run puts the structured-output fields here after its probe).",
+    )
+    ledger_path: Path | None = Field(
+        None, description="Run-wide spend ledger (JSONL); every generate() call of a run charges it and is capped "
+        "by budget_usd minus what it holds. The cycle sets it to <run dir>/ledger.jsonl.",
+    )
     mode: Literal["online", "batch"] = Field("online", description="online: async requests; batch: provider Batch API.")
     batch_poll_s: float = Field(5.0, gt=0, description="Polling interval for batch mode.")
     cache_path: Path = Field(
@@ -147,8 +190,14 @@ class HeuristicsConfig(Section):
             r"\blo siento\b",
             r"\bje suis désolé\b",
             r"\bes tut mir leid\b",
+            r"\bI(?:'m| am) not (?:sure|certain)\b",
+            r"\b(?:could|can) you (?:tell|give|provide) me more\b",
+            r"\b(?:it|this) (?:could|might) be (?:several|multiple|either|any)\b",
+            r"\bI (?:cannot|can't|can not) (?:determine|tell|classify)\b",
+            r"\b(?:unclear|ambiguous) (?:which|what) (?:intent|label|category)\b",
         ],
-        description="Regexes (case-insensitive) that mark a refusal.",
+        description="Regexes (case-insensitive) that mark a refusal or a hedge (an answer that commits to "
+        "nothing).",
     )
     answer_regex: str | None = Field(None, description="Answers must fully match this regex (generation tasks).")
     json_schema: dict[str, Any] | None = Field(None, description="Answers must be JSON valid against this schema.")
@@ -189,7 +238,8 @@ class ConsistencyConfig(Section):
         0.6, ge=0, le=1, description="With several samples: keep a prompt when this share of samples agree."
     )
     rationale_field: str | None = Field(
-        None, description="JSON field holding a rationale; a rationale naming another label is a contradiction."
+        "rationale", description="JSON field holding a rationale (teacher.rationale asks for one); a rationale "
+        "naming another label is a contradiction. Answers without it are not checked.",
     )
     label_key: str = Field("label", description="JSON field holding the label in structured answers.")
     on_disagreement: Literal["drop", "downweight"] = Field(
@@ -205,7 +255,8 @@ class EntropyConfig(Section):
     enabled: bool = Field(True, description="Run the entropy stage.")
     max_entropy: float | None = Field(None, ge=0, description="Drop rows whose teacher entropy (nats) exceeds this.")
     drop_percentile: float | None = Field(
-        5.0, ge=0, le=100, description="Drop the most uncertain N percent of rows (used when max_entropy is unset)."
+        5.0, ge=0, le=100, description="Drop the most uncertain N percent of rows; with max_entropy also set, "
+        "a row above either threshold is dropped (null: the absolute threshold alone)."
     )
 
 

@@ -27,6 +27,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from distill.config import ConfigError, TaskConfig
+from distill.teacher.labels import (
+    few_shot_messages,
+    few_shot_rows,
+    label_block,
+    label_descriptions,
+    system_prompt_with_labels,
+)
 
 
 def read_table(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -75,17 +82,46 @@ def read_table(path: str | Path, required: Iterable[str] = ()) -> list[dict[str,
     return rows
 
 
-def render_messages(task: TaskConfig, row: dict[str, Any], where: str = "") -> list[dict[str, str]]:
-    """The production chat for one input: system prompt plus the rendered user template."""
+def render_messages(task: TaskConfig, row: dict[str, Any], where: str = "",
+                    prefix: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """The production chat for one input: system prompt (with the label list), few-shot turns, the user template.
+
+    Args:
+        task: the task section.
+        row: the input's columns.
+        where: "file:line: " for errors.
+        prefix: `prompt_prefix(task)` computed once by a caller rendering many rows; None computes it here.
+    """
+    if prefix is None:
+        prefix = prompt_prefix(task)
+    fields = {k: v for k, v in row.items() if not k.startswith("_")}
+    if "{labels}" in task.prompt_template and task.kind == "classification":
+        fields.setdefault("labels", label_block(task.label_set(), label_descriptions(task)))
     try:
-        user = task.prompt_template.format(**{k: v for k, v in row.items() if not k.startswith("_")})
+        user = task.prompt_template.format(**fields)
     except KeyError as e:
         raise ConfigError(f"{where}task.prompt_template: placeholder {e} is not a column of the input") from None
-    messages = []
-    if task.system_prompt:
-        messages.append({"role": "system", "content": task.system_prompt})
-    messages.append({"role": "user", "content": user})
-    return messages
+    return [*prefix, {"role": "user", "content": user}]
+
+
+def prompt_prefix(task: TaskConfig) -> list[dict[str, str]]:
+    """What precedes every input: the system prompt (classification: with the label list, see
+    distill/teacher/labels.py) and the few-shot turns drawn from the training split."""
+    system = task.system_prompt
+    shots: list[dict[str, str]] = []
+    if task.kind == "classification":
+        system = system_prompt_with_labels(task, label_block(task.label_set(), label_descriptions(task)))
+        if task.few_shot:
+            shots = few_shot_messages(few_shot_rows(load_task_rows(task.model_copy(update={"few_shot": 0})),
+                                                    task.few_shot), task)
+    return ([{"role": "system", "content": system}] if system else []) + shots
+
+
+def few_shot_ids(task: TaskConfig) -> list[str]:
+    """Ids of the training rows shown as few-shot examples (for the manifest); [] when few_shot is 0."""
+    if task.kind != "classification" or not task.few_shot:
+        return []
+    return [r["id"] for r in few_shot_rows(load_task_rows(task.model_copy(update={"few_shot": 0})), task.few_shot)]
 
 
 def load_task_rows(task: TaskConfig, split: str = "train") -> list[dict[str, Any]]:
@@ -107,6 +143,7 @@ def load_task_rows(task: TaskConfig, split: str = "train") -> list[dict[str, Any
         step = len(raw) / limit
         raw = [raw[int(i * step)] for i in range(limit)]
     labels = set(task.label_set()) if task.kind == "classification" else None
+    prefix = prompt_prefix(task)
     out = []
     for row in raw:
         line = row["_line"]
@@ -126,7 +163,7 @@ def load_task_rows(task: TaskConfig, split: str = "train") -> list[dict[str, Any
             "text": text,
             "gold": gold,
             "input": {k: v for k, v in row.items() if not k.startswith("_")},
-            "messages": render_messages(task, row, where=f"{path}:{line}: "),
+            "messages": render_messages(task, row, where=f"{path}:{line}: ", prefix=prefix),
             "_line": line,
         })
     check_unique_ids(path, out)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from distill.config import BUNDLED_DATA, DistillConfig, load_config
+from distill.config import BUNDLED_DATA, DistillConfig, TaskConfig, load_config
 from distill.data import read_table, write_text
 from distill.httpserver import port_is_free, start_in_thread
 from distill.models.encoders import MINILM, EmbeddingClassifier
@@ -40,12 +40,12 @@ def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> Non
     write_text(path, buf.getvalue())
 
 
-def split_train(rows: list[dict[str, str]], teacher_fraction: float, seed: int
+def split_train(rows: list[dict[str, str]], teacher_fraction: float, seed: int, label_field: str = "category"
                 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Stratified split of train.csv into (teacher split, student split), deterministic."""
     by_label: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
-        by_label.setdefault(r["category"], []).append(i)
+        by_label.setdefault(r[label_field], []).append(i)
     rng = random.Random(seed)
     teacher_idx: set[int] = set()
     for idx in by_label.values():
@@ -57,38 +57,45 @@ def split_train(rows: list[dict[str, str]], teacher_fraction: float, seed: int
 
 
 def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = False, seed: int = 0,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, task: TaskConfig | None = None) -> dict[str, Any]:
     """Fit (or reuse) the demo teacher and write the student's training inputs.
+
+    Args:
+        task: the task whose train_path, fields and labels the teacher is fit on (the preset's, i.e.
+            the bundled BANKING77, when None); another intent dataset needs only its paths.
 
     Returns {"teacher_dir", "train_path", "teacher_accuracy_fit_rows", "fit_s"}. The teacher is
     cached under `workdir` by a hash of its inputs, so a second demo run reuses it.
     """
 
     workdir.mkdir(parents=True, exist_ok=True)
-    labels = json.loads((DATA / "categories.json").read_text())
-    rows = read_table(DATA / "train.csv", required=["text", "category"])
-    teacher_rows, student_rows = split_train(rows, teacher_fraction, seed)
+    task = task or load_config(PRESET).task
+    text_field, label_field = task.text_field, task.label_field or "category"
+    labels = task.label_set()
+    train_file = Path(task.train_path)
+    rows = read_table(train_file, required=[text_field, label_field])
+    teacher_rows, student_rows = split_train(rows, teacher_fraction, seed, label_field)
     if quick:
         student_rows = student_rows[:: max(1, len(student_rows) // 600)]
-    key = hashlib.sha256(json.dumps([teacher_fraction, seed, MINILM, len(teacher_rows),
-                                     (DATA / "train.csv").stat().st_size]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([teacher_fraction, seed, MINILM, len(teacher_rows), str(train_file.resolve()),
+                                     train_file.stat().st_size, labels]).encode()).hexdigest()[:12]
     teacher_dir = workdir / f"teacher-{key}"
     t0 = time.perf_counter()
     if not (teacher_dir / "teacher.json").exists():
-        teacher = EmbeddingClassifier.fit(MINILM, [r["text"] for r in teacher_rows],
-                                          [r["category"] for r in teacher_rows], labels, seed=seed,
+        teacher = EmbeddingClassifier.fit(MINILM, [r[text_field] for r in teacher_rows],
+                                          [r[label_field] for r in teacher_rows], labels, seed=seed,
                                           progress=progress)
         tmp = teacher_dir.with_name(teacher_dir.name + ".tmp")
         teacher.save(tmp)
         tmp.replace(teacher_dir)
     # The teacher split's texts go in too, without their labels: the student may learn the
     # teacher's answers on them, never their gold labels.
-    unlabelled = [{**r, "category": ""} for r in teacher_rows]
+    unlabelled = [{**r, label_field: ""} for r in teacher_rows]
     if quick:
         unlabelled = unlabelled[:: max(1, len(unlabelled) // 300)]
     train_path = workdir / ("student-train-quick.csv" if quick else "student-train.csv")
     _write_csv(train_path, [{"id": f"train-{i}", **r} for i, r in enumerate(student_rows + unlabelled)],
-               ["id", "text", "category"])
+               ["id", text_field, label_field])
     return {"teacher_dir": teacher_dir, "train_path": train_path, "teacher_fit_rows": len(teacher_rows),
             "student_rows": len(student_rows) + len(unlabelled), "gold_rows": len(student_rows),
             "fit_s": round(time.perf_counter() - t0, 1)}
@@ -96,11 +103,12 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
 
 def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str]) -> DistillConfig:
     """The demo preset, pointed at the in-process teacher and the student split."""
-    base = [f"teacher.base_url={teacher_url}/v1", f"task.train_path={train_path}"]
+    base = [f"teacher.base_url={teacher_url}/v1"]
     if quick:
         base += ["task.max_test_rows=300", "train.epochs=1", "evaluate.latency_requests=40",
                  "evaluate.tail_size=100", "gate.min_retention=0.0"]
-    return load_config(PRESET, base + list(overrides))
+    # The student split comes last: a task.train_path override names the data the teacher was fit on.
+    return load_config(PRESET, base + list(overrides) + [f"task.train_path={train_path}"])
 
 
 DEMO_PORT = 8765
@@ -111,8 +119,8 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher."""
 
     started = time.perf_counter()
-    prep = prepare_demo(workdir, quick=quick)
-    print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows "
+    prep = prepare_demo(workdir, quick=quick, task=load_config(PRESET, list(overrides or [])).task)
+    print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows of the train split "
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
     app = create_app(prep["teacher_dir"], model_name="banking77-teacher")
     # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:

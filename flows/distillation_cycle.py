@@ -16,7 +16,8 @@ from typing import Any
 
 from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from distill_tasks.filter import filter_rows, report_markdown
-from distill_tasks.generate import generate_completions, summary_line
+from distill_tasks.generate import generate_completions, reask_unmapped_answers, summary_line
+from distill_tasks.preflight import preflight_run
 from distill_tasks.train import train_where_configured
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -88,16 +89,19 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     holdout = load_task_rows(cfg.task, "test") if cfg.task.test_path else []
     teacher_rows, real_rows = split_real_rows(train_rows, cfg.filter.mix.real_fraction, cfg.seed)
 
-    records, gen_summary = generate_completions(teacher_rows, cfg.teacher, cfg.generation,
+    # Checks, the estimate against the budget, and the teacher probe; `generation` carries the run's ledger.
+    generation, preflight = preflight_run(cfg, teacher_rows, holdout, str(run_dir))
+    records, gen_summary = generate_completions(teacher_rows, cfg.teacher, generation,
                                                 str(run_dir / "teacher_outputs.jsonl"))
+    records = reask_unmapped_answers(records, labels, cfg.teacher, generation, str(run_dir / "teacher_outputs.jsonl"))
     holdout_records, holdout_summary = ([], {})
     if holdout:
         # The teacher's own answers on the holdout: its accuracy is what retention is measured against.
         holdout_records, holdout_summary = generate_completions.with_options(name="generate-holdout")(
-            holdout, cfg.teacher, cfg.generation, str(run_dir / "teacher_holdout.jsonl"))
+            holdout, cfg.teacher, generation, str(run_dir / "teacher_holdout.jsonl"), purpose="holdout")
 
     dataset, filter_report = filter_rows(teacher_rows, records, real_rows, cfg.task, cfg.filter, str(run_dir),
-                                         teacher=cfg.teacher, generation=cfg.generation, seed=cfg.seed)
+                                         teacher=cfg.teacher, generation=generation, seed=cfg.seed)
 
     trained = train_where_configured(dataset, labels, cfg.train, str(run_dir), run_id=run_id, store=str(cfg.store))
     validation = [r for r in dataset if r.get("split") == "validation"]
@@ -110,6 +114,7 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
         "generation": _spend(gen_summary), "holdout": _spend(holdout_summary),
         "cost_usd": round(gen_summary.get("cost_usd", 0.0) + holdout_summary.get("cost_usd", 0.0), 6),
     }
+    spend.update(run_spend(generation.ledger_path, preflight))  # the ledger: grader and probes too
     metrics["teacher_cost_usd"] = spend["cost_usd"]
     write_text(run_dir / "metrics.json", json.dumps({"run_id": run_id, **metrics, "gate": decision}, indent=1,
                                                     default=str))
@@ -137,7 +142,8 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     manifest = build_manifest(cfg, run_id, data_files=data_files, flow_run_id=str(flow_run.get_id() or ""),
                               spend=spend, started_at=started_at,
                               finished_at=datetime.now(timezone.utc).isoformat(),
-                              extra={"gate": decision, "registry": registry, "metrics": _scalars(metrics)})
+                              extra={"gate": decision, "registry": registry, "metrics": _scalars(metrics),
+                                     "preflight": preflight})
     manifest = publish_run(run_dir, store, run_id, manifest)
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "decision": decision,
             "registry": registry, "store_uri": manifest.get("store_uri")}
@@ -145,6 +151,14 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
 
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def run_spend(ledger_path: Path, preflight: dict) -> dict:
+    """The run's whole spend from its ledger ({purpose: usd}, total) plus the preflight's estimate and mode."""
+    from distill.teacher.ratelimit import Ledger
+
+    ledger = Ledger(ledger_path, None)
+    return {"by_purpose": ledger.by_purpose(), "cost_usd": ledger.spent(), "preflight": preflight}
 
 
 def _spend(summary: dict) -> dict:

@@ -36,7 +36,7 @@ from distill.filter.dedup import dedup
 from distill.filter.entropy import entropy_filter
 from distill.filter.heuristics import heuristics
 from distill.filter.mix import mix_dataset
-from distill.filter.rows import build_candidates
+from distill.filter.rows import answer_report, build_candidates
 
 
 class ReviewInput(RunInput):
@@ -118,6 +118,7 @@ def report_markdown(report: dict[str, Any], heading: str | None = "# Filter repo
     for s in report["stages"]:
         reasons = "skipped" if s["skipped"] else ", ".join(f"{code} ({n})" for code, n in s["top_reasons"].items())
         lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {s['dropped']} | {reasons or '-'} |")
+    lines += answers_markdown(report.get("answers"))
     f = report["final"]
     lines += ["", f"Final dataset: {f['rows']} rows ({f['teacher']} teacher, {f['real']} real; "
                   f"real share {f['real_share']:.2f}); {f['train']} train / {f['validation']} validation.",
@@ -161,6 +162,22 @@ def _review(rows: list[dict], config: SpotCheckConfig, run_dir: Path, seed: int)
     info["rejected_ids"] = sorted(rejected_ids)
     info["patterns"] = patterns
     return kept, rejected, info
+
+
+def answers_markdown(answers: dict | None) -> list[str]:
+    """Report lines on the teacher's answers: the mapped share and which consistency checks ran."""
+    if not answers:
+        return []
+    lines = [""]
+    if answers["mapped_share"] is not None:
+        lines.append(f"Answers mapped to a label: {answers['mapped']}/{answers['answered']} "
+                     f"({answers['mapped_share']:.1%}); unmapped answers are in rejected.jsonl with their text.")
+    checks = answers["checks"]
+    ran = [f"rationale vs label on {checks['rationale']} answers"] if checks["rationale"] else []
+    ran += [f"agreement across samples on {checks['samples']} prompts"] if checks["samples"] else []
+    lines.append("Consistency checks that ran: " + (", ".join(ran) if ran else
+                 "none (no answer carried a rationale and every prompt was answered once)") + ".")
+    return lines
 
 
 def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict], task: TaskConfig,
@@ -211,6 +228,7 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
     t0 = time.perf_counter()
     rows, rejected = candidates_task(quote(task_rows), quote(records), task, filter.consistency.label_key)
     stages.append(stage_report("generation", len(records), rows, rejected, time.perf_counter() - t0))
+    answers = answer_report(rows, task, filter.consistency.rationale_field)
     all_rejected.extend(rejected)
     run("heuristics", filter.heuristics.enabled, lambda r: heuristics_task(quote(r), filter.heuristics, task))
     run("consistency", filter.consistency.enabled, lambda r: consistency_task(quote(r), filter.consistency, task))
@@ -242,6 +260,7 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
         "spotcheck": review_info,
         "grader": grading_summary,
         "rejected_total": len(all_rejected),
+        "answers": answers,
         "final": {"rows": len(training), "teacher": len(training) - n_real, "real": n_real,
                   "real_share": n_real / len(training) if training else 0.0,
                   "train": sum(1 for r in training if r["split"] == "train"),

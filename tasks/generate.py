@@ -70,7 +70,7 @@ class _Progress:
 
 @task(name="generate-completions", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig,
-                         out_path: str) -> tuple[list[dict], dict]:
+                         out_path: str, purpose: str = "generation") -> tuple[list[dict], dict]:
     """Teacher records for `rows`, written atomically to `out_path`.
 
     Retrying the task costs nothing already bought: answers live in the request cache.
@@ -80,6 +80,7 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
         teacher: endpoint section of the config.
         generation: generation section of the config.
         out_path: JSONL destination for the records.
+        purpose: what the spend is charged as in the run's ledger ("generation", "holdout").
 
     Returns (records, summary) as produced by `distill.teacher.generate`.
     """
@@ -88,7 +89,7 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
     total = len(rows) * generation.samples_per_prompt
     progress = _Progress(total)
     try:
-        result = generate(rows, teacher, generation, api_key=key, progress=progress)
+        result = generate(rows, teacher, generation, api_key=key, progress=progress, purpose=purpose)
     finally:
         progress.close()
     write_jsonl(out_path, result.records)
@@ -100,3 +101,24 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
     if s["budget_exhausted"]:
         logger.warning("teacher budget reached: rows not yet bought are marked budget_exhausted")
     return result.records, s
+
+
+@task(name="reask-unmapped", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def reask_unmapped_answers(records: list[dict], labels: list[str] | None, teacher: TeacherConfig,
+                           generation: GenerationConfig, out_path: str) -> list[dict]:
+    """Records with unmapped classification answers re-asked once (generation.reask), rewritten to `out_path`.
+
+    A no-op returning `records` unchanged when re-asking is off, the task is not classification, or
+    every answer already names a label.
+    """
+    if not generation.reask or not labels:
+        return records
+    from distill.teacher.reask import reask_unmapped
+
+    out, summary = reask_unmapped(records, labels, teacher, generation, api_key=resolve_key(teacher))
+    if summary:
+        write_jsonl(out_path, out)
+        fixed = sum(1 for r in out if r.get("reasked"))
+        get_run_logger().info("re-ask: %d of %d unmapped answers now name a label; %s", fixed,
+                              summary["requested"], summary_line(summary))
+    return out

@@ -25,8 +25,9 @@ def _percentile(values: list[float], q: float) -> float:
 def entropy_filter(rows: Rows, config: EntropyConfig, task: TaskConfig | None = None) -> tuple[Rows, Rows]:
     """Drop rows where the teacher was uncertain.
 
-    The threshold is `config.max_entropy` when set, else the (100 - drop_percentile)-th percentile
-    of the rows' entropies; rows strictly above it are dropped (so ties never drop everything).
+    The thresholds are `config.max_entropy` (absolute, nats) and the (100 - drop_percentile)-th
+    percentile of the rows' entropies; with both set the lower one applies, so a row above either is
+    dropped. Rows strictly above it are dropped (so ties never drop everything).
     Rows without an entropy (no logprobs) are kept. A kept row is marked near the threshold when
     its entropy is above 0.8 x the absolute threshold, or above the (100 - 2 x drop_percentile)-th
     percentile.
@@ -39,15 +40,16 @@ def entropy_filter(rows: Rows, config: EntropyConfig, task: TaskConfig | None = 
     values = [r["entropy"] for r in rows if r.get("entropy") is not None]
     if not values:
         return list(rows), []
+    limits = []  # (threshold, band, how); with both set, a row above either one is dropped
     if config.max_entropy is not None:
-        threshold, band = config.max_entropy, 0.8 * config.max_entropy
-        how = "max_entropy"
-    elif config.drop_percentile:
-        threshold = _percentile(values, 100 - config.drop_percentile)
-        band = _percentile(values, max(0.0, 100 - 2 * config.drop_percentile))
-        how = f"{100 - config.drop_percentile:g}th percentile"
-    else:
+        limits.append((config.max_entropy, 0.8 * config.max_entropy, "max_entropy"))
+    if config.drop_percentile:
+        limits.append((_percentile(values, 100 - config.drop_percentile),
+                       _percentile(values, max(0.0, 100 - 2 * config.drop_percentile)),
+                       f"{100 - config.drop_percentile:g}th percentile"))
+    if not limits:
         return list(rows), []
+    threshold, band, how = min(limits)
     kept, rejected = [], []
     for row in rows:
         e = row.get("entropy")

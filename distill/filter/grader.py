@@ -93,13 +93,14 @@ def grade(rows: list[dict[str, Any]], config: GraderConfig, teacher: TeacherConf
 
     endpoint = config.endpoint or teacher
     settings = generation.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1, "logprobs": False,
-                                             "top_logprobs": 0, "max_tokens": config.max_tokens})
+                                             "top_logprobs": 0, "max_tokens": config.max_tokens,
+                                             "extra_params": {}})  # the teacher's label schema is not the grader's
     # Rows of several samples share an id; the grading request id must be unique per row.
     requests = [{"id": f"{r['id']}#{r.get('sample', 0)}", "messages": format_grader_input(r, config.rubric)}
                 for r in rows]
     if not requests:
         return [], [], {}
-    result = generate(requests, endpoint, settings, api_key=api_key)
+    result = generate(requests, endpoint, settings, api_key=api_key, purpose="grader")
     by_id = {rec["id"]: rec for rec in result.records}
     kept, rejected = [], []
     for row, req in zip(rows, requests):

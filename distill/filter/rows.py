@@ -103,3 +103,34 @@ def build_candidates(task_rows: Rows, records: Rows, task: TaskConfig,
             base["entropy"] = token_entropy(rec)
         kept.append(base)
     return kept, rejected
+
+
+def answer_report(candidates: Rows, task: TaskConfig, rationale_field: str | None = None) -> dict[str, Any]:
+    """How the teacher's answers read: the share that maps to a label, and which consistency checks can run.
+
+    Args:
+        candidates: rows from build_candidates (teacher answers that came back).
+        task: the task section.
+        rationale_field: the JSON field the consistency stage reads as a rationale.
+
+    Returns {"answered", "mapped", "mapped_share" (None for generation), "checks": {"rationale": rows whose
+    answer carries a rationale, "samples": prompts answered more than once}}.
+    """
+    mapped = sum(1 for r in candidates if r.get("label") is not None)
+    with_rationale = 0
+    if rationale_field:
+        for r in candidates:
+            text = r.get("response") or ""
+            if text.lstrip().startswith(("{", "`")):
+                try:
+                    obj = parse_json_answer(text)
+                except ValueError:
+                    continue
+                with_rationale += isinstance(obj, dict) and isinstance(obj.get(rationale_field), str)
+    per_id: dict[Any, int] = {}
+    for r in candidates:
+        per_id[r["id"]] = per_id.get(r["id"], 0) + 1
+    classification = task.kind == "classification"
+    return {"answered": len(candidates), "mapped": mapped if classification else None,
+            "mapped_share": (mapped / len(candidates) if candidates else 0.0) if classification else None,
+            "checks": {"rationale": with_rationale, "samples": sum(1 for n in per_id.values() if n > 1)}}

@@ -8,6 +8,11 @@ Out: one teacher record per (id, sample), in input order:
 
 - `generation`: plan, cache lookup, online or batch run, summary (`generate`).
 - `client`, `cache`, `batch`, `ratelimit`: the request side.
-- `soft_labels`: the label distribution a classification answer carries.
+- `labels`: the label set in the prompt (placeholder or appendix, descriptions, few-shot turns) and
+  answers mapped back to labels as a person would read them (`map_answer`).
+- `structured`: structured-output request fields (json_schema enum, vLLM choice) and the probe that
+  picks them and proves the endpoint answers.
+- `reask`: one corrective re-ask for answers that name no label.
+- `soft_labels`: the label distribution a classification answer carries, read over the labels' trie.
 - `server`, `server_batches`: `distill teacher serve`, a local OpenAI-compatible teacher.
 """

@@ -42,10 +42,11 @@ def resolve_api_key(teacher: TeacherConfig) -> str | None:
 def sampling_params(generation: GenerationConfig) -> dict[str, Any]:
     """Sampling parameters sent with every request (and part of the cache key)."""
     params: dict[str, Any] = {"temperature": generation.temperature, "max_tokens": generation.max_tokens}
-    if generation.logprobs:
+    if generation.logprobs and generation.soft_labels != "hard":
         params["logprobs"] = True
         if generation.top_logprobs:
             params["top_logprobs"] = generation.top_logprobs
+    params.update(generation.extra_params)
     return params
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
-from distill.data import check_unique_ids, read_table, render_messages
+from distill.data import check_unique_ids, prompt_prefix, read_table, render_messages
 from distill.teacher.batch import run_batch
 from distill.teacher.cache import ResponseCache
 from distill.teacher.client import (
@@ -28,7 +28,7 @@ from distill.teacher.client import (
     resolve_api_key,
     sampling_params,
 )
-from distill.teacher.ratelimit import Budget
+from distill.teacher.ratelimit import Budget, Ledger
 
 
 @dataclass
@@ -106,7 +106,8 @@ def _run_sync(coro_fn: Callable[[], Any]) -> Any:
 
 
 def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig, *,
-             api_key: str | None = None, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+             api_key: str | None = None, progress: Callable[[int, int], None] | None = None,
+             purpose: str = "generation") -> GenerationResult:
     """Ask the teacher for every row (and sample), resuming from the request cache.
 
     Args:
@@ -115,6 +116,7 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
         generation: concurrency, limits, retries, sampling, budget, mode and cache path.
         api_key: the key; None reads the teacher.api_key_env variable (no header when unset).
         progress: called as progress(finished, total) after every record reaches its final state.
+        purpose: what the spend is charged as in the run's ledger (generation.ledger_path), e.g. "holdout".
 
     Returns a GenerationResult whose records follow the teacher-record contract,
     one per (id, sample) in input order, each "done" or "failed" with a reason.
@@ -125,6 +127,7 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
     records, jobs = plan(rows, teacher, generation)
     total = len(records)
     finished = 0
+    ledger = client = None
     cache = ResponseCache(generation.cache_path)
     try:
         stored = cache.get_many([j.key for j in jobs])
@@ -148,7 +151,9 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
                 fill(job, {**stored[job.key], "status": "done", "error": None}, cached=True)
             else:
                 pending.append(job)
-        budget = Budget(generation.budget_usd)
+        ledger = Ledger(generation.ledger_path, generation.budget_usd) if generation.ledger_path else None
+        # With a run ledger the cap is what the run has left, not a fresh budget_usd per call.
+        budget = Budget(ledger.remaining() if ledger else generation.budget_usd)
         client = Client(teacher, generation, api_key, cache, budget, lambda j, f: fill(j, f, cached=False))
         if pending and generation.mode == "batch":
 
@@ -157,6 +162,9 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
             _run_sync(lambda: client.run(pending))
     finally:
         cache.close()
+        if ledger is not None and client is not None:  # also when a run breaks off: bought stays charged
+            bought = sum(r["cost_usd"] for r in records if r["status"] == "done" and not r["cached"])
+            ledger.charge(purpose, bought, client.http_requests)
     return GenerationResult(records, summarize(records, time.monotonic() - t0, budget.exhausted,
                                                client.http_requests))
 
@@ -197,11 +205,13 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
 
     path = Path(path)
     out = []
+    prefix = None
     for row in read_table(path, required=["id"]):
         where = f"{path}:{row['_line']}"
         msgs = row.get("messages")
         if msgs is None:
-            msgs = render_messages(task, row, where=f"{where}: ")
+            prefix = prompt_prefix(task) if prefix is None else prefix
+            msgs = render_messages(task, row, where=f"{where}: ", prefix=prefix)
         elif (not isinstance(msgs, list) or not msgs
               or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                          and isinstance(m.get("content"), str) for m in msgs)):

@@ -1,9 +1,12 @@
-"""Client-side limits for the teacher: request/token rate limits and the spending cap."""
+"""Client-side limits for the teacher: request/token rate limits, the spending cap and the run's ledger."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
+from pathlib import Path
 
 
 class RateLimiter:
@@ -52,3 +55,37 @@ class Budget:
 
     def reason(self) -> str:
         return f"budget_exhausted: budget ${self.cap:.4f} reached (spent ${self.spent:.4f})"
+
+
+class Ledger:
+    """What one run has spent, across every call that spends: training prompts, holdout, grader, probes,
+    re-asks and task retries. An append-only JSONL file in the run directory, so a retried task or a
+    resumed run sees what was already spent and one `budget_usd` caps them all."""
+
+    def __init__(self, path: str | Path, cap: float | None):
+        self.path, self.cap = Path(path), cap
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def spent(self) -> float:
+        return round(sum(float(e["cost_usd"]) for e in self.entries()), 6)
+
+    def by_purpose(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for e in self.entries():
+            out[e["purpose"]] = round(out.get(e["purpose"], 0.0) + float(e["cost_usd"]), 6)
+        return out
+
+    def remaining(self) -> float | None:
+        return None if self.cap is None else max(0.0, self.cap - self.spent())
+
+    def charge(self, purpose: str, cost_usd: float, requests: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"purpose": purpose, "cost_usd": round(cost_usd, 8), "requests": requests}) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:  # one short line, appended and synced: no torn total
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())

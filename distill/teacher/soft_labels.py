@@ -1,75 +1,125 @@
 """Label distributions from a teacher's logprobs, for KD targets and entropy filtering.
 
-How a label's probability is read from an OpenAI-style `logprobs.content` list:
+A chat model spells a label in several sub-word tokens ("card", "_arr", "ival"),
+possibly inside a JSON answer, and OpenAI-style `logprobs.content` gives, at
+every position of the answer, the chosen token and the `top_logprobs`
+alternatives. `soft_labels` walks the answer from where it starts spelling its
+label and reads the labels' trie off those positions:
 
-1. The answer's first token position carries `top_logprobs`. Every alternative
-   whose token, stripped and lower-cased, equals a label puts its probability on
-   that label (a classifier teacher such as `distill teacher serve` emits whole
-   labels as single tokens, so this is exact there).
-2. Otherwise an alternative that is a proper prefix of one or more labels splits
-   its probability equally among them (multi-token labels of a chat LLM: the
-   first token is all we see for the alternatives).
-3. Labels that received nothing share the leftover mass (1 - mass seen in top-k)
-   equally, floored at `floor` each; the result is renormalised over the label
-   set. So a label missing from the top-k is unlikely but never impossible,
-   which keeps the KL term finite.
-4. With no logprobs at all, the distribution is the answer's label with
-   probability 1 - smoothing and the rest spread evenly (label smoothing), or
-   None when the answer is not a label.
+1. the answer's label gets the product of its tokens' probabilities;
+2. at position k, an alternative token that branches off the chosen path puts
+   P(prefix) x P(alternative) on the labels that continue with it (the labels
+   whose spelling starts with prefix + alternative), shared only among them; an
+   alternative that spells a whole label (a single-token classifier such as
+   `distill teacher serve`) goes to that label alone;
+3. labels that received nothing share the mass never seen (1 - total seen),
+   each floored at `floor`; the result is renormalised over the label set, so a
+   label missing from the top-k is unlikely but never impossible (finite KL);
+4. with no logprobs at all (`generation.soft_labels: hard`), the distribution is
+   the answer's label with probability 1 - smoothing and the rest spread evenly,
+   or None when the answer is not a label.
+
+Spellings are compared with case folded and spaces/hyphens read as underscores,
+as `distill.teacher.labels.map_answer` reads answers.
+
+What each mode costs per row (`generation.soft_labels`): `trie` asks for
+`top_logprobs` on the one answer request (no extra call, a few more completion
+bytes); `hard` asks for none (cheapest, but no uncertainty for KD or the entropy
+filter).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-
-def _norm(s: str) -> str:
-    return s.strip().lower()
+from distill.teacher.labels import label_span, map_answer
 
 
-def label_of(text: str | None, labels: list[str]) -> str | None:
-    """The label an answer names (exact match after stripping, case-insensitive), or None."""
-    if text is None:
+def _fold(s: str) -> str:
+    return re.sub(r"[\s\-]", "_", s.lower())
+
+
+def label_of(text: str | None, labels: list[str], label_key: str = "label") -> str | None:
+    """The label an answer names, read as a person would (see distill.teacher.labels.map_answer), or None."""
+    return map_answer(text, labels, label_key)
+
+
+def _consistent(key: str, spelled: str) -> bool:
+    """Whether a label (folded) can be what `spelled` (folded, from the label's start) is spelling."""
+    if key.startswith(spelled):
+        return True
+    return spelled.startswith(key) and not (spelled[len(key)].isalnum() or spelled[len(key)] == "_")
+
+
+def trie_mass(content: list[dict], labels: list[str], answer: str, label_key: str = "label") -> dict[str, float] | None:
+    """Probability mass per label read from every position of the answer (steps 1-2 of the module doc).
+
+    Args:
+        content: OpenAI `logprobs.content`: [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}].
+        labels: the label set.
+        answer: the label the answer names (from map_answer).
+        label_key: the JSON field holding the label in a structured answer.
+
+    Returns {label: mass} (unnormalised, labels not seen are absent), or None when the tokens do not
+    spell the answer's label.
+    """
+    text = "".join(str(t.get("token") or "") for t in content)
+    start = label_span(text, answer, label_key)
+    if start is None:
         return None
-    index = {_norm(l): l for l in labels}
-    return index.get(_norm(text))
+    keys = {l: _fold(l) for l in labels}
+    whole = {k: l for l, k in keys.items()}
+    mass: dict[str, float] = {}
+    alive = set(labels)
+    path, offset = 0.0, 0
+    for tok in content:
+        chosen, a = str(tok.get("token") or ""), offset
+        offset += len(chosen)
+        if offset <= start:
+            continue  # wholly before the label: the answer's frame ({"label": ", "Intent: ")
+        lead = text[a:start] if a < start else ""
+        before = _fold(text[start:a]) if a >= start else ""
+        spelled = before + _fold(chosen[len(lead):])
+        nxt = {l for l in alive if _consistent(keys[l], spelled)}
+        base = math.exp(path)
+        for alt in tok.get("top_logprobs") or []:
+            t = str(alt.get("token") or "")
+            if t == chosen or (lead and not t.startswith(lead)):
+                continue  # the chosen token itself, or a different frame before the label starts
+            r = before + _fold(t[len(lead):])
+            group = [whole[r]] if r in whole and whole[r] in alive else [l for l in alive if _consistent(keys[l], r)]
+            group = [l for l in group if l not in nxt]
+            for l in group:
+                mass[l] = mass.get(l, 0.0) + base * math.exp(alt["logprob"]) / len(group)
+        path += float(tok.get("logprob") or 0.0)
+        alive = nxt
+        if alive == {answer} and len(spelled) >= len(keys[answer]):
+            break  # the label is spelled out; what follows (closing quote, a full stop) is not its mass
+    if answer not in alive:
+        return None
+    mass[answer] = mass.get(answer, 0.0) + math.exp(path)
+    return mass
 
 
 def soft_labels(record: dict[str, Any], labels: list[str], floor: float = 1e-6,
-                smoothing: float = 0.05) -> dict[str, float] | None:
+                smoothing: float = 0.05, label_key: str = "label") -> dict[str, float] | None:
     """The teacher's distribution over `labels` for one teacher record (see module doc)."""
+    answer = label_of(record.get("response"), labels, label_key)
     content = record.get("logprobs") or []
-    first = content[0] if content else None
-    tops = (first or {}).get("top_logprobs") or []
-    if not tops:
-        answer = label_of(record.get("response"), labels)
+    mass = trie_mass(content, labels, answer, label_key) if answer and content else None
+    if mass is None:
         if answer is None:
             return None
         rest = smoothing / max(len(labels) - 1, 1)
         return {l: (1 - smoothing if l == answer else rest) for l in labels}
-    index = {_norm(l): l for l in labels}
-    mass = {l: 0.0 for l in labels}
-    seen = 0.0
-    for alt in tops:
-        p = math.exp(alt["logprob"])
-        seen += p
-        tok = _norm(alt["token"])
-        if not tok:
-            continue
-        if tok in index:
-            mass[index[tok]] += p
-            continue
-        prefixed = [l for n, l in index.items() if n.startswith(tok)]
-        for l in prefixed:
-            mass[l] += p / len(prefixed)
-    empty = [l for l in labels if mass[l] == 0.0]
-    if empty:
-        share = max((1.0 - seen) / len(empty), floor)
-        for l in empty:
-            mass[l] = share
-    total = sum(mass.values())
-    return {l: m / total for l, m in mass.items()}
+    seen = sum(mass.values())
+    empty = [l for l in labels if mass.get(l, 0.0) == 0.0]
+    share = max((1.0 - seen) / len(empty), floor) if empty else 0.0
+    full = {l: mass.get(l, 0.0) or share for l in labels}
+    total = sum(full.values())
+    return {l: m / total for l, m in full.items()}
 
 
 def entropy(dist: dict[str, float] | list[float]) -> float:

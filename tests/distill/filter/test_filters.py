@@ -222,3 +222,13 @@ def test_mix_dataset_share_tail_and_stratified_split():
     assert sum(r["source"] == "real" for r in only_teacher) == 10  # all there is; teacher rows kept
     assert mix_dataset(kept, real, LABELS, MixConfig(real_fraction=0.0)) and \
         all(r["source"] == "teacher" for r in mix_dataset(kept, real, LABELS, MixConfig(real_fraction=0.0)))
+
+
+def test_entropy_absolute_and_percentile_together_drop_above_either():
+    rows = [cand(i, "card_arrival", ent=i / 100) for i in range(100)]
+    # The 90th percentile (0.891) is below the absolute 0.95: the percentile decides.
+    kept, rejected = entropy_filter(rows, EntropyConfig(max_entropy=0.95, drop_percentile=10.0), TASK)
+    assert sorted(r["id"] for r in rejected) == [f"r{i}" for i in range(90, 100)]
+    # Absolute 0.3 nats is below the percentile: every row above 0.3 goes, whatever their share.
+    kept, rejected = entropy_filter(rows, EntropyConfig(max_entropy=0.3, drop_percentile=10.0), TASK)
+    assert len(rejected) == 69 and all(r["entropy"] > 0.3 for r in rejected)

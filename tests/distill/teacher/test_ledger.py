@@ -1,0 +1,70 @@
+"""One budget for the run: every generate() call of a run charges one ledger and is capped by what is left."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from distill.config import GenerationConfig, GraderConfig, TeacherConfig
+from distill.filter.grader import grade
+from distill.httpserver import start_in_thread
+from distill.teacher.generation import generate
+from distill.teacher.ratelimit import Ledger
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "tests"))
+import chat_standin as standin  # noqa: E402
+
+LABELS = json.loads((ROOT / "distill/data/banking77/categories.json").read_text())
+GOLDS = standin.load_golds([str(ROOT / "distill/data/banking77/test.csv")])
+TEXTS = list(GOLDS)[:40]
+
+
+def rows(texts, tag):
+    return [{"id": f"{tag}{i}", "messages": [{"role": "user", "content": t}]} for i, t in enumerate(texts)]
+
+
+def test_later_calls_get_what_the_run_has_left_not_a_fresh_budget(tmp_path):
+    app = standin.build_app(GOLDS, LABELS)
+    ledger_path = tmp_path / "ledger.jsonl"
+    with start_in_thread(app) as server:
+        teacher = TeacherConfig(base_url=f"{server.url}/v1", model="m", input_price_per_1m=1000.0,
+                                output_price_per_1m=1000.0)
+        probe = GenerationConfig(cache_path=tmp_path / "probe.sqlite", max_tokens=8, concurrency=1,
+                                 backoff_base_s=0.01)
+        one = generate(rows(TEXTS[:1], "p"), teacher, probe, api_key=None).records[0]["cost_usd"]
+        # The cap covers about 30 of these requests (the estimate reserved per request is higher).
+        gen = GenerationConfig(cache_path=tmp_path / "c.sqlite", max_tokens=8, concurrency=1, backoff_base_s=0.01,
+                               budget_usd=30 * one, ledger_path=ledger_path)
+        first = generate(rows(TEXTS[:20], "a"), teacher, gen, api_key=None)
+        second = generate(rows(TEXTS[20:40], "b"), teacher, gen, api_key=None, purpose="holdout")
+    ledger = Ledger(ledger_path, gen.budget_usd)
+    assert first.summary["budget_exhausted"] is False
+    assert second.summary["budget_exhausted"] is True  # a fresh cap per call would have bought all 20
+    assert ledger.spent() <= gen.budget_usd
+    assert ledger.spent() == round(first.summary["cost_usd"] + second.summary["cost_usd"], 6)
+    assert set(ledger.by_purpose()) == {"generation", "holdout"}
+
+
+def test_the_graders_spend_is_in_the_ledger(tmp_path):
+    from fastapi import FastAPI
+
+    api = FastAPI()
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: dict):
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": '{"score": 5, "reason": "ok"}'},
+                             "finish_reason": "stop"}], "usage": {"prompt_tokens": 100, "completion_tokens": 10}}
+
+    ledger_path = tmp_path / "ledger.jsonl"
+    with start_in_thread(api) as server:
+        teacher = TeacherConfig(base_url=f"{server.url}/v1", model="m", input_price_per_1m=1.0,
+                                output_price_per_1m=1.0)
+        gen = GenerationConfig(cache_path=tmp_path / "c.sqlite", ledger_path=ledger_path,
+                               extra_params={"response_format": {"type": "json_object"}})
+        candidates = [{"id": "a", "sample": 0, "text": "where is my card", "response": "card_arrival"}]
+        kept, rejected, summary = grade(candidates, GraderConfig(enabled=True), teacher, gen)
+    assert len(kept) == 1
+    assert Ledger(ledger_path, None).by_purpose() == {"grader": summary["cost_usd"]}
+    assert summary["cost_usd"] > 0
