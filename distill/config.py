@@ -479,6 +479,18 @@ class ServeConfig(Section):
     background_workers: int = Field(2, ge=1, le=64, description="Threads for shadow calls and log writes.")
     max_pending: int = Field(1000, ge=1, description="Shadow jobs queued at most; beyond this they are dropped.")
     max_text_chars: int = Field(20_000, ge=1, description="Longer user messages are rejected with 400.")
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch", description="Forward-pass engine: torch, ONNX Runtime fp32, or ONNX Runtime with INT8 dynamic "
+        "quantization (exported once into <student>/onnx/).",
+    )
+    workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (one GIL and model copy each).")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads per worker's forward pass; the library default when unset."
+    )
+    max_batch: int = Field(32, ge=1, le=1024, description="Concurrent requests answered by one forward pass at most.")
+    batch_window_ms: float = Field(
+        1.0, ge=0, le=100, description="How long a batch smaller than max_batch waits for more requests."
+    )
     review_max_wrong: float = Field(
         0.35, ge=0, le=1,
         description="`distill shadow report`: not ready when the student is wrong on more than this share "
