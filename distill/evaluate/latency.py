@@ -21,9 +21,7 @@ import numpy as np
 
 from distill.config import ServeConfig
 from distill.evaluate import metrics
-from distill.httpserver import start_in_thread
 from distill.models.classifier import ClassifierStudent
-from distill.serve.app import create_app
 
 
 async def _send_all(url: str, payloads: Sequence[dict], n_requests: int, concurrency: int,
@@ -192,26 +190,129 @@ def minimal_student_app(student_dir: str | Path):
 
 
 @contextmanager
-def student_server(student_dir: str | Path, serve_config: Any = None,
-                   api_key: str | None = None) -> Iterator[tuple[str, str]]:
-    """Serve the student on loopback for the duration of the block.
+def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_key: str | None = None,
+                  startup_timeout: float = 180.0, stderr_path: str | Path | None = None) -> Iterator[str]:
+    """Run `distill serve` as its own process on a free loopback port for the duration of the block.
 
     Args:
         student_dir: the student directory.
-        serve_config: ServeConfig for the full server (defaults when None).
-        api_key: the key clients must send to the full server (the bare one checks none).
+        overrides: extra `--set` overrides (e.g. "serve.runtime=onnx", "serve.log_url=sqlite:///...").
+        api_key: the key clients must send; handed over in the server's environment, never argv.
+        startup_timeout: seconds to wait for /health.
+        stderr_path: where the server's stderr goes (a temporary file when None).
     Yields:
-        (chat completions URL, which server: "distill.serve" or "minimal").
+        the base URL, e.g. http://127.0.0.1:PORT.
     """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
 
-    try:
+    from distill.httpserver import free_port
 
-        app = create_app(student_dir, serve_config or ServeConfig(), api_key=api_key)
-        kind = "distill.serve"
-    except Exception:  # the full server may be absent or unusable in this install; measure with the bare one
-        app, kind = minimal_student_app(student_dir), "minimal"
-    server = start_in_thread(app)
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("DISTILL_SERVE_API_KEY", None)
+    if api_key:
+        env["DISTILL_SERVE_API_KEY"] = api_key
+    cmd = [sys.executable, "-m", "distill.cli", "serve", "--student", str(student_dir), "--host", "127.0.0.1",
+           "--port", str(port)]
+    for o in overrides:
+        cmd += ["--set", o]
+    err = open(stderr_path, "wb") if stderr_path else tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"{server.url}/v1/chat/completions", kind
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                err.seek(0)
+                tail = err.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"distill serve exited with {proc.returncode} before it answered: {tail}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distill serve did not answer /health within {startup_timeout} s") from None
+                time.sleep(0.1)
+        yield url
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        err.close()
+
+
+def measure_process(url: str, payloads: Sequence[dict], n_requests: int = 200, concurrency: int = 4,
+                    api_key: str | None = None, timeout_s: float = 30.0, warmup: int = 2) -> dict[str, Any]:
+    """`measure` run by a load-generator process of its own, so it shares no GIL with the caller or the server.
+
+    Same arguments and result as `measure` (without bodies); the key travels in the environment.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("DISTILL_LATENCY_API_KEY", None)
+    if api_key:
+        env["DISTILL_LATENCY_API_KEY"] = api_key
+    spec = {"url": url, "payloads": list(payloads), "n_requests": n_requests, "concurrency": concurrency,
+            "timeout_s": timeout_s, "warmup": warmup}
+    done = subprocess.run([sys.executable, "-m", "distill.evaluate.latency"], input=json.dumps(spec).encode(),
+                          env=env, capture_output=True, timeout=timeout_s * (n_requests + warmup) + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def sweep(url: str, payloads: Sequence[dict], n_requests: int, concurrencies: Sequence[int],
+          api_key: str | None = None, timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
+    """`measure_process` at each concurrency, in order: {concurrency: result}."""
+    return {c: measure_process(url, payloads, n_requests, c, api_key=api_key, timeout_s=timeout_s,
+                               warmup=max(2, c)) for c in concurrencies}
+
+
+@contextmanager
+def student_server(student_dir: str | Path, serve_config: Any = None,
+                   api_key: str | None = None) -> Iterator[tuple[str, str]]:
+    """Serve the student with `distill serve` in its own process for the duration of the block.
+
+    Args:
+        student_dir: the student directory.
+        serve_config: ServeConfig whose runtime, batching, workers and log_url the server uses (defaults when None).
+        api_key: the key clients must send.
+    Yields:
+        (chat completions URL, "distill serve").
+    """
+    s = serve_config or ServeConfig()
+    overrides = [f"serve.runtime={s.runtime}", f"serve.workers={s.workers}", f"serve.max_batch={s.max_batch}",
+                 f"serve.batch_window_ms={s.batch_window_ms}", f"serve.log_url={s.log_url}",
+                 f"serve.model_name={s.model_name}", f"serve.log_requests={str(s.log_requests).lower()}"]
+    if s.threads:
+        overrides.append(f"serve.threads={s.threads}")
+    with serve_process(student_dir, overrides, api_key=api_key) as url:
+        yield f"{url}/v1/chat/completions", "distill serve"
+
+
+def _main() -> None:
+    """The load generator's process: a JSON spec on stdin, the `measure` result as JSON on stdout."""
+    import json
+    import os
+    import sys
+
+    spec = json.loads(sys.stdin.read())
+    out = measure(spec["url"], spec["payloads"], spec["n_requests"], spec["concurrency"],
+                  api_key=os.environ.get("DISTILL_LATENCY_API_KEY"), timeout_s=spec["timeout_s"],
+                  warmup=spec["warmup"])
+    sys.stdout.write(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()
