@@ -401,6 +401,17 @@ class EvaluateConfig(Section):
         True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
     )
     latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
+    latency_concurrencies: list[int] = Field(
+        [1, 4, 16], min_length=1, description="Concurrency levels of the latency-versus-concurrency sweep "
+        "(latency_concurrency is always measured too; the gate reads that one).",
+    )
+    export_runtimes: list[Literal["onnx", "onnx-int8"]] = Field(
+        ["onnx", "onnx-int8"], description="Exported runtimes checked against the fp32 student (agreement, "
+        "accuracy, forward floor); the gate's export_drop is the worst of them.",
+    )
+    serve_runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch", description="Runtime the student is served with while its latency is measured (as serve.runtime).",
+    )
 
 
 class GateConfig(Section):
@@ -418,6 +429,16 @@ class GateConfig(Section):
     max_p95_ms: float | None = Field(50.0, gt=0, description="Student P95 latency budget in milliseconds (None: off).")
     max_robustness_drop: float | None = Field(
         0.05, ge=-1, le=1, description="Accuracy drop on rephrased inputs (None: off)."
+    )
+    max_latency_ratio: float | None = Field(
+        0.5, gt=0, description="Student P95 / teacher P95 at evaluate.latency_concurrency, same harness (None: off)."
+    )
+    max_cost_ratio: float | None = Field(
+        0.1, gt=0, description="Student cost per 1,000 requests / the teacher's, from the generation records (None: off)."
+    )
+    max_export_drop: float | None = Field(
+        0.005, ge=0, le=1, description="Accuracy (fraction: 0.005 = 0.5 points) an exported runtime may lose "
+        "against the fp32 student on the holdout (None: off).",
     )
     auto_promote: bool = Field(False, description="Promote a passing student to champion without a human.")
 

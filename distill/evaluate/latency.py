@@ -316,3 +316,86 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def is_loopback(url: str | None) -> bool:
+    """Whether an endpoint runs on this machine (then it is timed with the harness; a remote one is not)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = urlparse(url or "").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def latency_from_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Teacher latency from the round trips generation already paid for: no extra calls.
+
+    Only live requests count: cached answers were not waited for, and a Batch API record
+    holds the whole batch's time.
+    """
+    live = [r["latency_s"] * 1000 for r in records if r.get("status") == "done" and not r.get("cached")
+            and r.get("mode", "online") == "online" and r.get("latency_s")]
+    pct = metrics.percentiles(live)
+    return {"n": len(live), "ok": len(live), "errors": 0, "p50_ms": pct["p50"], "p95_ms": pct["p95"],
+            "p99_ms": pct["p99"], "throughput_rps": math.nan, "concurrency": None, "source": "generation records"}
+
+
+def plot_latency(sweeps: dict[str, dict[int, dict[str, Any]]], floor_ms: float | None, path: str | Path) -> Path:
+    """Latency (P50 and P95) versus concurrency per model, with the student's forward floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, sweep in sweeps.items():
+        cs = sorted(sweep)
+        for key, style in (("p50_ms", "-o"), ("p95_ms", "--s")):
+            ax.plot(cs, [sweep[c][key] for c in cs], style, label=f"{name} {key[:3].upper()}")
+    if floor_ms:
+        ax.axhline(floor_ms, color="grey", linestyle=":", label="student forward floor (P50)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("ms per request")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def render_latency(m: dict[str, Any]) -> list[str]:
+    """Markdown for the report: student vs teacher ratios, the concurrency sweep, the plot, exported runtimes."""
+    out = ["", f"Student against the teacher: P95 ratio {_fmt(m.get('latency_ratio'), '.3f')}, "
+                f"cost ratio {_fmt(m.get('cost_ratio'), '.3f')} (gate.max_latency_ratio, gate.max_cost_ratio). "
+                f"Student forward floor (in-process, batch 1): {_fmt(m.get('student_floor_p50_ms'), '.2f')} ms "
+                f"at P50. Teacher latency from: {(m.get('teacher_latency') or {}).get('source', 'n/a')}."]
+    sweeps = {"student": m.get("student_latency_sweep"), "teacher": m.get("teacher_latency_sweep")}
+    rows = []
+    for name, sweep in sweeps.items():
+        for c, r in sorted((sweep or {}).items(), key=lambda kv: int(kv[0])):
+            rows.append(f"| {name} | {c} | {_fmt(r.get('p50_ms'))} | {_fmt(r.get('p95_ms'))} | "
+                        f"{_fmt(r.get('p99_ms'))} | {_fmt(r.get('throughput_rps'), '.0f')} | {r.get('errors', 'n/a')} |")
+    if rows:
+        out += ["", "| model | concurrency | P50 ms | P95 ms | P99 ms | req/s | failed |",
+                "|---|---|---|---|---|---|---|", *rows]
+    if m.get("latency_plot"):
+        out += ["", f"![latency versus concurrency]({m['latency_plot']})"]
+    exports = m.get("runtime_exports") or {}
+    if exports:
+        out += ["", "| runtime | agreement with fp32 | accuracy | drop (points) | floor P50 ms |", "|---|---|---|---|---|"]
+        out += [f"| {k} | {_fmt(100 * v['agreement'], '.2f')} % | "
+                f"{_fmt(None if v['accuracy'] is None else 100 * v['accuracy'])} % | "
+                f"{_fmt(None if v['accuracy_drop'] is None else 100 * v['accuracy_drop'], '.2f')} | "
+                f"{_fmt(v['floor_p50_ms'], '.2f')} |" for k, v in exports.items()]
+    return out
