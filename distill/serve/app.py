@@ -522,7 +522,7 @@ def _add_routes(app, server: _Server) -> None:
         b = server.champion.batcher
         return PlainTextResponse(server.metrics.render({
             "distill_shadow_pending": queued, "distill_batches_total": b.batches,
-            "distill_batched_requests_total": b.items}))
+            "distill_batched_requests_total": b.items, "distill_forward_seconds_total": b.forward_s}))
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -594,7 +594,10 @@ def serve_forever(student_dir: str | Path, serve: ServeConfig, **kwargs: Any) ->
     import socket
 
     check_safetensors_only(student_dir)  # a bad directory fails here, before any worker starts
-    sock = socket.socket(socket.AF_INET6 if ":" in serve.host else socket.AF_INET)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # every response (headers, then body) waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET6 if ":" in serve.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((serve.host, serve.port))
     sock.listen(2048)

@@ -53,6 +53,7 @@ class MicroBatcher:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.batches = 0
         self.items = 0
+        self.forward_s = 0.0
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -124,6 +125,7 @@ class MicroBatcher:
                 logger.exception("batched forward failed")
                 probs, tokens, error = None, None, e
             ms = (time.perf_counter() - t0) * 1000
+            self.forward_s += ms / 1000
             self.batches += 1
             self.items += len(batch)
             for i, (_, fut, loop) in enumerate(batch):
