@@ -410,7 +410,7 @@ class EvaluateConfig(Section):
         "accuracy, forward floor); the gate's export_drop is the worst of them.",
     )
     serve_runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="Runtime the student is served with while its latency is measured (as serve.runtime).",
+        "onnx", description="Runtime the student is served with while its latency is measured (as serve.runtime).",
     )
 
 
@@ -501,7 +501,7 @@ class ServeConfig(Section):
     max_pending: int = Field(1000, ge=1, description="Shadow jobs queued at most; beyond this they are dropped.")
     max_text_chars: int = Field(20_000, ge=1, description="Longer user messages are rejected with 400.")
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="Forward-pass engine: torch, ONNX Runtime fp32, or ONNX Runtime with INT8 dynamic "
+        "onnx", description="Forward-pass engine: torch, ONNX Runtime fp32, or ONNX Runtime with INT8 dynamic "
         "quantization (exported once into <student>/onnx/).",
     )
     workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (one GIL and model copy each).")
