@@ -295,7 +295,7 @@ def _latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, 
             student = latency.sweep(url, latency.chat_payloads(holdout, serve_cfg.model_name, limit=n), n, levels,
                                     api_key=key, timeout_s=config.latency_timeout_s)
     res = student[c]
-    out.update(student_server=kind, student_latency=res, student_latency_sweep=student,
+    out.update(student_server=kind, student_latency=res, student_latency_sweep={str(k): v for k, v in student.items()},
                student_peak_rps=max(r["throughput_rps"] for r in student.values()))
     out.update(student_p50_ms=res["p50_ms"], student_p95_ms=res["p95_ms"], student_p99_ms=res["p99_ms"])
     out["student_floor_p50_ms"] = forward_floor_ms(StudentRuntime(student_dir, config.serve_runtime), texts)["p50_ms"]
@@ -310,7 +310,7 @@ def _latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, 
         teacher = latency.sweep(f"{teacher_url}/chat/completions", latency.chat_payloads(holdout, teacher_model, limit=n),
                                 n, levels, api_key=teacher_api_key, timeout_s=config.latency_timeout_s)
         t = {**teacher[c], "source": "harness"}
-        out.update(teacher_latency=t, teacher_latency_sweep=teacher)
+        out.update(teacher_latency=t, teacher_latency_sweep={str(k): v for k, v in teacher.items()})
         sweeps["teacher"] = teacher
     else:  # a paid or remote teacher is never called again just to be timed
         t = latency.latency_from_records(teacher_records)

@@ -354,9 +354,9 @@ def plot_latency(sweeps: dict[str, dict[int, dict[str, Any]]], floor_ms: float |
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, sweep in sweeps.items():
-        cs = sorted(sweep)
+        cs = sorted(sweep, key=int)  # JSON-safe string keys or ints
         for key, style in (("p50_ms", "-o"), ("p95_ms", "--s")):
-            ax.plot(cs, [sweep[c][key] for c in cs], style, label=f"{name} {key[:3].upper()}")
+            ax.plot([int(c) for c in cs], [sweep[c][key] for c in cs], style, label=f"{name} {key[:3].upper()}")
     if floor_ms:
         ax.axhline(floor_ms, color="grey", linestyle=":", label="student forward floor (P50)")
     ax.set_xscale("log", base=2)
