@@ -6,8 +6,8 @@ In: a student directory (`distill.models.classifier` format). Out: `StudentRunti
 `onnx` exports the fp32 student once with `torch.onnx.export` into `<student>/onnx/model.onnx`;
 `onnx-int8` quantizes that export with `onnxruntime.quantization.quantize_dynamic` (INT8
 weights, activations quantized per batch at run time) into `model-int8.onnx`. An export
-records the SHA-256 of the weights it was made from and is redone when they change, so a
-retrained student is never served through a stale graph. Both files are written to a
+records the SHA-256 of the weights it was made from (and the recipe version) and is redone
+when they change, so a retrained student is never served through a stale graph. Both files are written to a
 temporary name and renamed, so an interrupted export leaves nothing half-written.
 """
 
@@ -25,6 +25,8 @@ import numpy as np
 from distill.models.encoders import softmax
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
+# Bumped whenever the export or quantization recipe changes: older exports are then redone.
+RECIPE = 2
 
 
 def weights_digest(student_dir: Path) -> str:
@@ -92,14 +94,14 @@ def export_onnx(student_dir: str | Path, int8: bool = False) -> Path:
     stamp = folder / "export.json"
     digest = weights_digest(student_dir)
     fp32, q8 = folder / "model.onnx", folder / "model-int8.onnx"
-    current = stamp.exists() and json.loads(stamp.read_text()).get("weights_sha256") == digest
+    current = stamp.exists() and json.loads(stamp.read_text()) == {"weights_sha256": digest, "recipe": RECIPE}
     if not (current and fp32.exists()):
         from distill.models.classifier import ClassifierStudent
 
         student = ClassifierStudent(student_dir)
         _export_fp32(student.model, student.tokenizer, fp32)
         q8.unlink(missing_ok=True)
-        stamp.write_text(json.dumps({"weights_sha256": digest}))
+        stamp.write_text(json.dumps({"weights_sha256": digest, "recipe": RECIPE}))
     if int8 and not q8.exists():
         _quantize_int8(fp32, q8)
     return q8 if int8 else fp32
