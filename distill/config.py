@@ -510,7 +510,8 @@ class ServeConfig(Section):
     )
     max_batch: int = Field(32, ge=1, le=1024, description="Concurrent requests answered by one forward pass at most.")
     batch_window_ms: float = Field(
-        1.0, ge=0, le=100, description="How long a batch smaller than max_batch waits for more requests."
+        0.0, ge=0, le=100, description="How long a batch smaller than max_batch waits for more requests; at 0 a "
+        "batch is whatever queued while the previous one ran (no wait for a lone request).",
     )
     review_max_wrong: float = Field(
         0.35, ge=0, le=1,
