@@ -452,6 +452,17 @@ class EvaluateConfig(Section):
         True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
     )
     latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
+    latency_concurrencies: list[int] = Field(
+        [1, 4, 16], min_length=1, description="Concurrency levels of the latency-versus-concurrency sweep "
+        "(latency_concurrency is always measured too; the gate reads that one).",
+    )
+    export_runtimes: list[Literal["onnx", "onnx-int8"]] = Field(
+        ["onnx", "onnx-int8"], description="Exported runtimes checked against the fp32 student (agreement, "
+        "accuracy, forward floor); the gate's export_drop is the worst of them.",
+    )
+    serve_runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx", description="Runtime the student is served with while its latency is measured (as serve.runtime).",
+    )
 
 
 class GateConfig(Section):
@@ -469,6 +480,16 @@ class GateConfig(Section):
     max_p95_ms: float | None = Field(50.0, gt=0, description="Student P95 latency budget in milliseconds (None: off).")
     max_robustness_drop: float | None = Field(
         0.05, ge=-1, le=1, description="Accuracy drop on rephrased inputs (None: off)."
+    )
+    max_latency_ratio: float | None = Field(
+        0.5, gt=0, description="Student P95 / teacher P95 at evaluate.latency_concurrency, same harness (None: off)."
+    )
+    max_cost_ratio: float | None = Field(
+        0.1, gt=0, description="Student cost per 1,000 requests / the teacher's, from the generation records (None: off)."
+    )
+    max_export_drop: float | None = Field(
+        0.005, ge=0, le=1, description="Accuracy (fraction: 0.005 = 0.5 points) an exported runtime may lose "
+        "against the fp32 student on the holdout (None: off).",
     )
     auto_promote: bool = Field(False, description="Promote a passing student to champion without a human.")
 
@@ -530,6 +551,19 @@ class ServeConfig(Section):
     background_workers: int = Field(2, ge=1, le=64, description="Threads for shadow calls and log writes.")
     max_pending: int = Field(1000, ge=1, description="Shadow jobs queued at most; beyond this they are dropped.")
     max_text_chars: int = Field(20_000, ge=1, description="Longer user messages are rejected with 400.")
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx", description="Forward-pass engine: torch, ONNX Runtime fp32, or ONNX Runtime with INT8 dynamic "
+        "quantization (exported once into <student>/onnx/).",
+    )
+    workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (one GIL and model copy each).")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads per worker's forward pass; unset: ONNX Runtime's default, 1 for torch."
+    )
+    max_batch: int = Field(32, ge=1, le=1024, description="Concurrent requests answered by one forward pass at most.")
+    batch_window_ms: float = Field(
+        0.0, ge=0, le=100, description="How long a batch smaller than max_batch waits for more requests; at 0 a "
+        "batch is whatever queued while the previous one ran (no wait for a lone request).",
+    )
     review_max_wrong: float = Field(
         0.35, ge=0, le=1,
         description="`distill shadow report`: not ready when the student is wrong on more than this share "

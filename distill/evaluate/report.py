@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from distill.evaluate import latency
 from distill.evaluate.gate import CHECKS, format_value
 
 
@@ -119,6 +120,7 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
         ["failed requests", format_value(sl.get("errors"), "num"), format_value(tl.get("errors"), "num")],
         ["USD per 1,000 requests", _v(m, "student_cost_per_1k"), _v(m, "teacher_cost_per_1k")],
     ])]
+    out += latency.render_latency(m)
 
     per_label = m.get("per_label") or {}
     if per_label:

@@ -61,7 +61,8 @@ def test_tasks_evaluate_gate_and_register_in_a_flow(tmp_path, tiny_classifier, p
                                 input_price_per_1m=1.0)
         # Every check switched off: the gate ships, and auto-promotion makes it champion.
         off = GateConfig(min_retention=None, max_ece=None, max_tail_gap=None, max_p95_ms=None,
-                         max_robustness_drop=None)
+                         max_robustness_drop=None, max_latency_ratio=None, max_cost_ratio=None,
+                         max_export_drop=None)
         metrics, decision, entry = _cycle(str(student), holdout, records, str(tmp_path / "run1"), registry, off,
                                           teacher, "run-1")
         # An impossible bar: not shipped, registered as challenger only.

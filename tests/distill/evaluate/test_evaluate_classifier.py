@@ -83,7 +83,7 @@ def test_evaluate_classifier_end_to_end(tmp_path, tiny_classifier):
     tail_file = tmp_path / "tail.csv"
     tail_file.write_text(f"text,category\nbrand new tail input,negative\n{holdout[3]['text']},{holdout[3]['gold']}\n")
     cfg = EvaluateConfig(ece_bins=5, tail_size=12, tail_path=tail_file, latency_requests=10, latency_concurrency=2,
-                         robustness_rows=6, abstain_threshold=0.9)
+                         latency_concurrencies=[2], robustness_rows=6, abstain_threshold=0.9)
     teacher_app = _teacher_app()
     out = tmp_path / "run"
     with start_in_thread(teacher_app) as teacher:
@@ -126,10 +126,19 @@ def test_evaluate_classifier_end_to_end(tmp_path, tiny_classifier):
     assert m["student_latency"]["ok"] == 10 and m["teacher_latency"]["ok"] == 10
     assert m["student_p50_ms"] <= m["student_p95_ms"] <= m["student_p99_ms"]
     assert m["teacher_cost_per_1k"] == pytest.approx((20 * 1.0 + 1 * 2.0) / 1e6 * 1000)
+    # The teacher is local: timed with the same harness; the ratios the gate reads are stated.
+    assert m["teacher_latency"]["source"] == "harness" and set(m["student_latency_sweep"]) == {"2"}
+    assert m["latency_ratio"] == pytest.approx(m["student_p95_ms"] / m["teacher_p95_ms"])
+    assert m["cost_ratio"] == pytest.approx(m["student_cost_per_1k"] / m["teacher_cost_per_1k"])
+    assert 0 < m["student_floor_p50_ms"] and (out / m["latency_plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert set(m["runtime_exports"]) == {"torch", "onnx", "onnx-int8"}
+    assert m["runtime_exports"]["onnx"]["agreement"] == 1.0
+    assert m["export_drop"] == max(m["runtime_exports"][k]["accuracy_drop"] for k in ("onnx", "onnx-int8"))
     everything = json.dumps(m) + "".join(p.read_text(errors="ignore") for p in out.glob("*.jsonl"))
     assert "sk-secret" not in everything
     md = render_report(m, decide(m, GateConfig()))
     assert "Gate decision" in md and "![confusion matrix](confusion.png)" in md
+    assert "![latency versus concurrency](latency.png)" in md and "| onnx-int8 |" in md
 
 
 def test_bad_inputs_are_named(tmp_path, tiny_classifier):

@@ -104,7 +104,12 @@ def test_student_servers_answer_with_a_label(tiny_classifier):
                             keep_bodies=True)
     assert r["ok"] == 10
     assert {b["choices"][0]["message"]["content"] for b in r["bodies"]} <= labels
+    served = [{**p, "model": "distill-student"} for p in PAYLOADS]
     with latency.student_server(tiny_classifier, api_key="k") as (url, kind):
-        r = latency.measure(url, PAYLOADS, n_requests=10, concurrency=2, api_key="k", keep_bodies=True)
-    assert r["ok"] == 10 and kind in ("minimal", "distill.serve")
+        r = latency.measure(url, served, n_requests=10, concurrency=2, api_key="k", keep_bodies=True)
+        wrong_key = latency.measure_process(url, served, n_requests=4, concurrency=2, api_key="nope")
+        by_process = latency.sweep(url, served, 12, [1, 4], api_key="k")
+    assert r["ok"] == 10 and kind == "distill serve"
+    assert wrong_key["ok"] == 0 and wrong_key["error_kinds"] == {"HTTP 401": 4}
+    assert [by_process[c]["ok"] for c in (1, 4)] == [12, 12] and by_process[4]["concurrency"] == 4
     assert {b["choices"][0]["message"]["content"] for b in r["bodies"]} <= labels

@@ -1,0 +1,189 @@
+"""Dynamic micro-batching for the student server, and the request log's batched writer.
+
+`MicroBatcher` takes single texts from the event loop and answers each with its row of
+one batched forward pass. Tokenization and the forward run in the batcher's own thread,
+so the event loop only parses JSON and writes responses. Whatever queued while the last
+batch ran forms the next batch at once; when fewer than `max_batch` are waiting, the
+thread waits at most `window_ms` for more. A single client therefore pays nothing for
+batching, and concurrent clients share each forward pass instead of queueing behind it.
+
+`LogWriter` moves request-log writes off the hot path: rows are queued and written in
+one transaction per batch by a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger("distill.serve")
+
+Predict = Callable[[list[str]], tuple[np.ndarray, list[int]]]  # texts -> (probs [n, labels], tokens per text)
+
+
+def _resolve(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if fut.cancelled():  # the request timed out while its batch ran
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+class MicroBatcher:
+    """Batches concurrent `submit` calls into one `predict` call per batch.
+
+    Args:
+        predict: the batched forward (StudentRuntime.predict).
+        max_batch: texts per forward at most.
+        window_ms: how long a short batch waits for more texts.
+        name: thread name.
+    """
+
+    def __init__(self, predict: Predict, max_batch: int = 32, window_ms: float = 1.0, name: str = "distill-batch"):
+        self.predict = predict
+        self.max_batch = max_batch
+        self.window_s = window_ms / 1000.0
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.batches = 0
+        self.items = 0
+        self.forward_s = 0.0
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    async def submit(self, text: str) -> tuple[np.ndarray, int, float]:
+        """(probabilities, prompt tokens, forward milliseconds of its batch) for one text."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue.put((text, fut, loop))
+        return await fut
+
+    def classify_sync(self, text: str) -> tuple[np.ndarray, int, float]:
+        """The same answer from a plain thread (shadow jobs), through the same batches."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        class _Fut:  # the minimal future protocol `_run` uses, for a caller without an event loop
+            def cancelled(self):
+                return False
+
+            def set_result(self, v):
+                box["v"] = v
+                done.set()
+
+            def set_exception(self, e):
+                box["e"] = e
+                done.set()
+
+        self.queue.put((text, _Fut(), None))
+        done.wait()
+        if "e" in box:
+            raise box["e"]
+        return box["v"]
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _collect(self, first) -> tuple[list, bool]:
+        """The next batch starting with `first`, and whether the queue was closed meanwhile."""
+        batch = [first]
+        deadline = time.perf_counter() + self.window_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    item = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run(self) -> None:
+        closed = False
+        while not closed:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch, closed = self._collect(first)
+            t0 = time.perf_counter()
+            try:
+                probs, tokens = self.predict([text for text, _, _ in batch])
+                error = None
+            except Exception as e:  # every waiting request gets the error, the thread keeps serving
+                logger.exception("batched forward failed")
+                probs, tokens, error = None, None, e
+            ms = (time.perf_counter() - t0) * 1000
+            self.forward_s += ms / 1000
+            self.batches += 1
+            self.items += len(batch)
+            for i, (_, fut, loop) in enumerate(batch):
+                value = None if error else (probs[i], tokens[i], ms)
+                if loop is None:
+                    _resolve(fut, value, error)
+                    continue
+                try:
+                    loop.call_soon_threadsafe(_resolve, fut, value, error)
+                except RuntimeError:  # the server stopped while this batch ran: nobody waits for it
+                    pass
+
+
+class LogWriter:
+    """Appends rows to the request log in batches, from a thread of its own.
+
+    Args:
+        append_many: writes a list of rows in one transaction (ShadowLog.append_many).
+        on_done: called with the number of rows after each write, failed or not (pending counts).
+        max_rows: rows per transaction at most.
+    """
+
+    def __init__(self, append_many: Callable[[list[dict]], None], on_done: Callable[[int], None],
+                 max_rows: int = 256):
+        self.append_many = append_many
+        self.on_done = on_done
+        self.max_rows = max_rows
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.failures = 0
+        self.thread = threading.Thread(target=self._run, name="distill-log", daemon=True)
+        self.thread.start()
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.queue.put(row)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        closed = False
+        while not closed:
+            first = self.queue.get()
+            if first is None:
+                return
+            rows = [first]
+            while len(rows) < self.max_rows:
+                try:
+                    row = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if row is None:
+                    closed = True
+                    break
+                rows.append(row)
+            try:
+                self.append_many(rows)
+            except Exception:
+                self.failures += 1
+                logger.exception("request log write of %d rows failed", len(rows))
+            finally:
+                self.on_done(len(rows))

@@ -1,0 +1,105 @@
+"""Student runtimes (torch, ONNX, ONNX INT8) and the micro-batcher, on a tiny real student."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from distill.serve.batcher import LogWriter, MicroBatcher
+from distill.serve.runtime import StudentRuntime, compare_runtimes, export_onnx
+
+TEXTS = ["i love my new card", "my card was declined", "how do i top up", "ok", "the app is terrible today"]
+
+
+@pytest.fixture()
+def student(tiny_classifier, tmp_path):
+    d = tmp_path / "student"
+    shutil.copytree(tiny_classifier, d, ignore=shutil.ignore_patterns("onnx"))
+    return d
+
+
+def test_onnx_runtimes_match_torch_and_exports_follow_the_weights(student):
+    torch_probs, torch_tokens = StudentRuntime(student, "torch").predict(TEXTS)
+    onnx_probs, onnx_tokens = StudentRuntime(student, "onnx").predict(TEXTS)
+    int8_probs, _ = StudentRuntime(student, "onnx-int8").predict(TEXTS)
+    assert onnx_tokens == torch_tokens and all(t > 1 for t in torch_tokens)
+    np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-5)
+    np.testing.assert_allclose(int8_probs.sum(axis=1), 1.0, atol=1e-6)
+    assert np.abs(int8_probs - torch_probs).max() < 0.05
+    graph = export_onnx(student)
+    before = graph.stat().st_mtime_ns
+    assert export_onnx(student).stat().st_mtime_ns == before  # current export: reused
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(student / "model.safetensors"))
+    head = next(k for k in weights if k.startswith("classifier") and k.endswith("bias"))
+    weights[head][0] += 5.0  # a retrained head: label 0 now wins more often
+    save_file(weights, str(student / "model.safetensors"), metadata={"format": "pt"})
+    assert not list((student / "onnx").glob("*.tmp-*"))
+    retrained = StudentRuntime(student, "onnx").predict(TEXTS)[0]
+    np.testing.assert_allclose(retrained, StudentRuntime(student, "torch").predict(TEXTS)[0], atol=1e-5)
+    assert export_onnx(student).stat().st_mtime_ns != before  # new weights: exported again
+
+
+def test_compare_runtimes_reports_agreement_accuracy_and_floor(student):
+    gold = StudentRuntime(student, "torch").labels[:1] * len(TEXTS)
+    out = compare_runtimes(student, TEXTS * 4, gold * 4, ["onnx", "onnx-int8"], floor_calls=5)
+    assert set(out) == {"torch", "onnx", "onnx-int8"}
+    assert out["torch"]["agreement"] == 1.0 and out["onnx"]["agreement"] == 1.0
+    assert out["onnx"]["accuracy_drop"] == pytest.approx(0.0)
+    assert 0 <= out["onnx-int8"]["agreement"] <= 1 and out["onnx-int8"]["floor_p50_ms"] > 0
+    with pytest.raises(ValueError, match="runtime"):
+        StudentRuntime(student, "tensorrt")
+
+
+def test_batcher_shares_forwards_and_answers_each_request_with_its_own_row(student):
+    rt = StudentRuntime(student, "onnx")
+    calls = []
+
+    def predict(texts):
+        calls.append(len(texts))
+        return rt.predict(texts)
+
+    batcher = MicroBatcher(predict, max_batch=8, window_ms=20)
+
+    async def many():
+        return await asyncio.gather(*(batcher.submit(t) for t in TEXTS * 4))
+
+    answers = asyncio.run(many())
+    single = {t: rt.predict([t])[0][0] for t in TEXTS}
+    for t, (probs, tokens, ms) in zip(TEXTS * 4, answers):
+        np.testing.assert_allclose(probs, single[t], atol=1e-5)
+        assert tokens > 1 and ms > 0
+    assert sum(calls) == 20 and max(calls) <= 8 and len(calls) < 20
+    assert batcher.classify_sync(TEXTS[0])[1] == answers[0][1]  # the thread path gets the same answer
+
+    def broken(texts):
+        raise RuntimeError("forward failed")
+
+    bad = MicroBatcher(broken, window_ms=0)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        asyncio.run(bad.submit("x"))
+    batcher.close()
+    bad.close()
+
+
+def test_log_writer_batches_rows_and_reports_each_write():
+    written, done = [], []
+    gate = threading.Event()
+
+    def append_many(rows):
+        gate.wait(5)
+        written.append(list(rows))
+
+    w = LogWriter(append_many, done.append)
+    for i in range(10):
+        w.put({"i": i})
+    gate.set()
+    w.close()
+    w.thread.join(5)
+    assert [r["i"] for batch in written for r in batch] == list(range(10))
+    assert len(written) < 10 and sum(done) == 10
