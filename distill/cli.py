@@ -87,6 +87,8 @@ def teacher_serve(
     files_dir: Optional[Path] = typer.Option(None, help="Where /v1/files and batch results are kept (default: a "
                                              "temporary directory)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads for model calls (default: all cores but one)."),
+    json_field: Optional[str] = typer.Option(None, help="A classifier answers the JSON object {FIELD: label} "
+                                             "(for generative students) instead of the bare label."),
 ):
     """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
     apply_offline_env()
@@ -95,7 +97,7 @@ def teacher_serve(
 
     try:
         serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
-              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads)
+              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads, json_field=json_field)
     except ConfigError as e:
         fail(str(e))
 

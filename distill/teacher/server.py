@@ -32,6 +32,7 @@ from distill.chat import ApiError, token_logprob
 from distill.config import ConfigError
 from distill.models.classifier import ClassifierStudent
 from distill.models.encoders import EmbeddingClassifier
+from distill.teacher.json_answers import json_answer
 from distill.teacher.server_batches import BatchStore, add_batch_routes
 
 # A collected batch is encoded in length-sorted chunks of this size: one padded tensor for 64 texts
@@ -287,6 +288,7 @@ class ServerState:
         # own setting, everything else in the process gets the old default back.
         torch.set_num_threads(default)
         self.batcher: MicroBatcher | None = None
+        self.json_field: str | None = None
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -329,9 +331,12 @@ async def chat_completion(state: ServerState, req: ChatRequest) -> dict:
             k = min(req.top_logprobs or 0, len(teacher.labels))
             tops = [token_logprob(teacher.labels[j], logprobs[j]) for j in order[:k]]
             lp = {"content": [{**token_logprob(label, logprobs[order[0]]), "top_logprobs": tops}], "refusal": None}
-        choices = [{"index": i, "message": {"role": "assistant", "content": label, "refusal": None},
+        content, completion_tokens = label, req.n
+        if state.json_field:  # a generative student's teacher: see distill/teacher/json_answers.py
+            content, lp = json_answer(state.json_field, teacher.labels, logprobs, req.logprobs, req.top_logprobs or 0)
+            completion_tokens = 3 * req.n
+        choices = [{"index": i, "message": {"role": "assistant", "content": content, "refusal": None},
                     "logprobs": lp, "finish_reason": "stop"} for i in range(req.n)]
-        completion_tokens = req.n
     else:
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -378,7 +383,7 @@ async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
 
 def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
                batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
-               threads: int | None = None) -> "FastAPI":  # long: split into named steps is pending
+               threads: int | None = None, json_field: str | None = None) -> "FastAPI":  # long: split into named steps is pending
     """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
 
     Args:
@@ -389,6 +394,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
         files_dir: where /v1/files and batch results are kept; a fresh temp directory when None.
         threads: torch threads for model calls (only the model's worker thread is changed);
             None: all cores but one, which stays free for the event loop and HTTP clients.
+        json_field: a classifier answers {json_field: label} instead of the bare label.
     """
     from contextlib import asynccontextmanager
 
@@ -403,6 +409,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
     name = model_name or Path(model_path).resolve().name
     store = BatchStore(Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="distill-teacher-files-")))
     state = ServerState(teacher, name, threads)
+    state.json_field = json_field
 
     @asynccontextmanager
     async def lifespan(app):
@@ -463,10 +470,10 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8765, model_name: str | None = None,
           max_batch: int = 64, batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
-          threads: int | None = None) -> None:
+          threads: int | None = None, json_field: str | None = None) -> None:
     """Run the server in the foreground until interrupted (what `distill teacher serve` does)."""
     import uvicorn
 
     app = create_app(model_path, model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms, files_dir=files_dir,
-                     threads=threads)
+                     threads=threads, json_field=json_field)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
