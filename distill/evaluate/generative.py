@@ -115,9 +115,9 @@ def fit_sequence_temperature(answers: list[dict], correct: list[bool]) -> float:
     y = np.asarray(correct, dtype=float)
     best, best_loss = 1.0, math.inf
     for j, t in enumerate(TEMPERATURE_GRID):
-        p = np.clip(np.exp([a["logprob_at"][j] for a in answers]), 1e-6, 1 - 1e-6)
+        p = np.clip(np.exp([a["logprob_at"][j] for a in answers]), 1e-12, 1 - 1e-12)
         loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-        if loss < best_loss - 1e-12:
+        if loss < best_loss:
             best, best_loss = t, loss
     return best
 

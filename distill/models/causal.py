@@ -104,14 +104,17 @@ class GenerativeStudent:
 
     def stream(self, chat: list[dict[str, str]], max_new_tokens: int | None = None, temperature: float = 0.0,
                seed: int | None = None) -> Iterator[tuple[int, str, float]]:
-        """(token id, token text, logprob) as each token is decoded; stops after EOS (not yielded) or
-        max_new_tokens. temperature 0 is greedy; above it, sampling from the softened distribution."""
+        """(token id, text it adds, logprob) as each token is decoded; stops after EOS (not yielded) or
+        max_new_tokens. temperature 0 is greedy; above it, sampling from the softened distribution.
+        The added text is the growth of the whole answer's decoding, so the pieces join to exactly
+        what decoding the answer at once gives, whatever the tokenizer's spacing rules."""
         torch, tok = self._torch, self.tokenizer
         gen = torch.Generator(device=self.device)
         if seed is not None:
             gen.manual_seed(seed)
         enc = self._prompts([chat])
         ids, mask, past = enc["input_ids"], enc["attention_mask"], None
+        answer, shown = [], ""
         with torch.inference_mode():
             for _ in range(max_new_tokens or self.max_new_tokens):
                 out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
@@ -124,6 +127,9 @@ class GenerativeStudent:
                     token = int(logp.argmax())
                 if token == tok.eos_token_id:
                     return
-                yield token, tok.decode([token]), float(logp[token])
+                answer.append(token)
+                text = tok.decode(answer, skip_special_tokens=True).strip()
+                yield token, text[len(shown):], float(logp[token])
+                shown = text
                 ids = torch.tensor([[token]], device=self.device)
                 mask = torch.cat([mask, torch.ones_like(ids)], dim=1)

@@ -13,8 +13,7 @@ mean token probability as `served_confidence`, which is what drift's input test
 and entropy sensors read.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real Request class of the routes.
 import hmac
 import json
 import math
