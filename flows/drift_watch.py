@@ -39,7 +39,7 @@ def drift_watch(config_path: str | None = None, overrides: list[str] | None = No
     cfg = load_config(config_path, overrides)
     model = watched_model(cfg)
     log_url = cfg.drift.log_url or cfg.serve.log_url
-    holdout = score_holdout(model["model_dir"], cfg.task, cfg.drift)
+    holdout = score_holdout(model["model_dir"], cfg.task, cfg.drift, cfg.evaluate.answer_field)
     traffic = read_traffic(log_url, cfg.drift.recent_requests)
     train_texts = [r["text"] for r in load_task_rows(cfg.task, "train")]
     results = run_sensors(model, holdout, traffic, train_texts, cfg.drift)

@@ -29,9 +29,11 @@ def watched_model(cfg: DistillConfig) -> dict[str, Any]:
 
 
 @task(name="score-holdout", cache_policy=NO_CACHE)
-def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> dict[str, Any]:
+def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig,
+                  answer_field: str | None = None) -> dict[str, Any]:
     """Accuracy and mean prediction entropy of the model on the reference holdout.
 
+    answer_field: for a generative student, the JSON field its answers are judged by (evaluate.answer_field).
     Returns {"accuracy", "entropy", "n", "labels"}.
     """
     import numpy as np
@@ -44,6 +46,12 @@ def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> d
         raise ConfigError("drift.reference_path: no reference holdout (and task.test_path is unset)")
     ref_task = task_cfg.model_copy(update={"test_path": path, "max_test_rows": drift.reference_max_rows})
     rows = load_task_rows(ref_task, "test")
+    from distill.models.causal import is_causal_lm_dir
+
+    if is_causal_lm_dir(model_dir):  # a generative student: answers judged as in evaluation, token entropy
+        from distill.evaluate.generative import score_answers
+
+        return score_answers(model_dir, rows, answer_field)
     student = ClassifierStudent(model_dir)
     probs = student.predict_proba([r["text"] for r in rows])
     pred = [student.labels[i] for i in probs.argmax(1)]

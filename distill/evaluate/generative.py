@@ -38,7 +38,7 @@ from distill.evaluate.tail import select_tail
 from distill.httpserver import start_in_thread
 from distill.models.causal import TEMPERATURE_GRID, GenerativeStudent
 
-__all__ = ["GenerativeStudent", "answer_key", "evaluate_generative", "normalize"]
+__all__ = ["GenerativeStudent", "answer_key", "evaluate_generative", "normalize", "score_answers"]
 
 
 def normalize(text: str | None) -> str | None:
@@ -219,6 +219,16 @@ def _latency(student: GenerativeStudent, holdout: list[dict], teacher_records: l
     m["student_cost_per_1k"] = latency.student_cost_per_1k(config.student_cost_per_hour, res["throughput_rps"])
     m["teacher_cost_per_1k"] = latency.teacher_cost_per_1k(teacher_records, teacher.get("price", (0.0, 0.0)))
     return m
+
+
+def score_answers(student_dir: str | Path, rows: list[dict], field: str | None, max_new_tokens: int = 64) -> dict:
+    """What drift's holdout sensors read for a generative student: {"accuracy", "entropy" (mean token
+    entropy, the entropy-collapse signal), "n", "labels" (the distinct gold answers)}."""
+    answers = GenerativeStudent(student_dir, max_new_tokens).answer([r["messages"] for r in rows])
+    gold = [gold_key(r["gold"], field) for r in rows]
+    pred = [answer_key(a["text"], field) for a in answers]
+    return {"accuracy": metrics.accuracy(gold, pred), "entropy": float(np.mean([a["mean_entropy"] for a in answers])),
+            "n": len(rows), "labels": sorted({g for g in gold if g is not None})}
 
 
 def evaluate_generative(student_dir: str | Path, holdout: list[dict], teacher_records: list[dict],
