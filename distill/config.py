@@ -733,7 +733,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             field = ".".join(str(x) for x in loc)
             line = _yaml_line(text, loc) if text else None
             at = f"{where}:{line}" if line else where
-            lines.append(f"{at}: {field}: {err['msg']}")
+            lines.append(f"{at}: {field}: {err['msg']}" if field else f"{at}: {err['msg']}")
         raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
 
 
