@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from distill.offline import apply_offline_env  # noqa: E402
 DATA = ROOT / "distill/data/banking77"
 
 
@@ -96,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=400, help="Holdout prompts (an evenly spaced slice).")
     args = ap.parse_args()
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    apply_offline_env()
     import chat_standin as standin
 
     from distill.config import TaskConfig

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from distill.config import TrainConfig
+from distill.offline import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["positive", "negative", "neutral"]
@@ -70,7 +71,7 @@ def deploy(pool: str, work_dir: Path) -> str:
             # What `prefect deploy` records without a pull section: the checkout it ran in.
             pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
             parameters={"work_dir": str(work_dir)}, concurrency_limit=SPEC.get("concurrency_limit"),
-            job_variables={"env": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}})
+            job_variables={"env": dict(OFFLINE_ENV)})
 
     _api(register)
     return f"train-student/{SPEC['name']}-{pool}"
