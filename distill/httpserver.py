@@ -1,7 +1,8 @@
-"""Run an ASGI app (the teacher server, the student server) on loopback in a background thread.
+"""Run an ASGI app (the teacher server, the student server) on loopback in a background thread,
+and the minimal chat-completions app that evaluation serves a model with.
 
 Used by the demo (the local teacher lives in the same process as the flow), the
-evaluation stage (latency of the student over real HTTP) and the tests.
+evaluation stage (a student over real HTTP) and the tests.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,3 +65,25 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, startup_ti
             raise TimeoutError(f"server on {host}:{port} did not start within {startup_timeout}s")
         time.sleep(0.02)
     return RunningServer(url=f"http://{host}:{port}", server=server, thread=thread)
+
+
+def minimal_chat_app(answer: Callable[[list[dict]], str]) -> Any:
+    """A bare OpenAI-compatible `/v1/chat/completions` endpoint: `answer(messages)` is the reply's content.
+
+    No authentication, logging or batching: for measuring a model over real HTTP where the full
+    server (`distill serve`) is not what is being measured or cannot be built.
+    """
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict) -> dict:
+        content = answer(body.get("messages") or [])
+        return {"id": "chatcmpl-student", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "student"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}
+
+    return app

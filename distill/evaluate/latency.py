@@ -21,6 +21,7 @@ import numpy as np
 
 from distill.config import ServeConfig
 from distill.evaluate import metrics
+from distill.httpserver import minimal_chat_app
 from distill.models.classifier import ClassifierStudent
 
 
@@ -164,29 +165,19 @@ def teacher_cost_per_1k(records: Sequence[dict[str, Any]], price_per_1m: tuple[f
 
 
 def minimal_student_app(student_dir: str | Path):
-    """A bare OpenAI-compatible chat endpoint around a ClassifierStudent.
+    """A bare OpenAI-compatible chat endpoint around a ClassifierStudent (see distill.httpserver).
 
-    Used only when the full server (`distill.serve`) cannot be built, so the
+    Used only when the full server (`distill serve`) cannot be built, so the
     student's latency is still measured over real HTTP.
     """
-    from fastapi import FastAPI
-
-
     student = ClassifierStudent(student_dir)
-    app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    def chat(body: dict) -> dict:
-        text = next((m["content"] for m in reversed(body.get("messages") or []) if m.get("role") == "user"), "")
+    def answer(messages: list[dict]) -> str:
+        text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
         probs = student.predict_proba([text])[0]
-        label = student.labels[int(probs.argmax())]
-        return {"id": "chatcmpl-student", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", "student"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": label},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}
+        return student.labels[int(probs.argmax())]
 
-    return app
+    return minimal_chat_app(answer)
 
 
 @contextmanager
