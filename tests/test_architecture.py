@@ -7,6 +7,7 @@ hidden inside a function is still a cycle), and no function grows past about
 """
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +109,11 @@ OFFLINE_HOME = CORE / "offline.py"
 PYTHON_TREES = ("distill", "tasks", "flows", "tests", "bench", "scripts", "deployments", "docker")
 
 
-def python_files() -> list[Path]:
-    """Every Python file of the project (the distill_flows/distill_tasks links are the same files)."""
-    return sorted(p for top in PYTHON_TREES if (ROOT / top).is_dir() for p in (ROOT / top).rglob("*.py"))
+@functools.cache
+def python_trees() -> dict[Path, ast.Module]:
+    """Every Python file of the project, parsed (the distill_flows/distill_tasks links are the same files)."""
+    paths = sorted(p for top in PYTHON_TREES if (ROOT / top).is_dir() for p in (ROOT / top).rglob("*.py"))
+    return {p: ast.parse(p.read_text(), str(p)) for p in paths}
 
 
 def offline_settings(tree: ast.AST, names: set[str]) -> list[int]:
@@ -128,8 +131,8 @@ def test_offline_variables_are_set_only_in_distill_offline():
     from distill.offline import OFFLINE_ENV
 
     names = set(OFFLINE_ENV)
-    offenders = [f"{p.relative_to(ROOT)}:{line}" for p in python_files() if p != OFFLINE_HOME
-                 for line in offline_settings(ast.parse(p.read_text(), str(p)), names)]
+    offenders = [f"{p.relative_to(ROOT)}:{line}" for p, tree in python_trees().items() if p != OFFLINE_HOME
+                 for line in offline_settings(tree, names)]
     assert offenders == [], "use distill.offline (apply_offline_env or OFFLINE_ENV) instead"
 
 
@@ -174,9 +177,30 @@ def test_flows_and_tasks_do_not_claim_generic_top_level_names():
     assert project["project"]["scripts"] == {"distill": "distill_flows.cli:app"}
     # Code reaches the layer by its installed names only, so nothing depends on the folder names.
     offenders = []
-    for path in python_files():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for path, tree in python_trees().items():
+        for node in ast.walk(tree):
             mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             offenders += [f"{path.relative_to(ROOT)}: {m}" for m in mods if m.split(".")[0] in ("flows", "tasks")]
     assert offenders == []
+
+
+def test_each_shared_piece_is_defined_in_its_one_home():
+    homes = {"ApiError": "distill.chat", "MIN_LOGPROB": "distill.chat", "token_logprob": "distill.chat",
+             "safe_log": "distill.chat", "OFFLINE_ENV": "distill.offline", "apply_offline_env": "distill.offline",
+             "start_in_thread": "distill.httpserver", "free_port": "distill.httpserver",
+             "minimal_chat_app": "distill.httpserver"}
+    defined: dict[str, list[str]] = {}
+    for name, tree in core_modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for n in names:
+                if n in homes:
+                    defined.setdefault(n, []).append(name)
+    assert defined == {n: [home] for n, home in homes.items()}
