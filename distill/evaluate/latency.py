@@ -21,7 +21,7 @@ import numpy as np
 
 from distill.config import ServeConfig
 from distill.evaluate import metrics
-from distill.httpserver import minimal_chat_app
+from distill.httpserver import free_port, minimal_chat_app, stop_process, wait_for_health
 from distill.models.classifier import ClassifierStudent
 
 
@@ -198,9 +198,6 @@ def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_ke
     import subprocess
     import sys
     import tempfile
-    import urllib.request
-
-    from distill.httpserver import free_port
 
     port = free_port()
     env = dict(os.environ)
@@ -211,31 +208,19 @@ def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_ke
            "--port", str(port)]
     for o in overrides:
         cmd += ["--set", o]
-    err = open(stderr_path, "wb") if stderr_path else tempfile.TemporaryFile()
+    err = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
+
+    def stderr_tail() -> str:
+        err.seek(0)
+        return err.read()[-2000:].decode(errors="replace")
+
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                err.seek(0)
-                tail = err.read()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"distill serve exited with {proc.returncode} before it answered: {tail}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"distill serve did not answer /health within {startup_timeout} s") from None
-                time.sleep(0.1)
+        wait_for_health(url, proc, startup_timeout, "distill serve", poll_s=0.1, exit_detail=stderr_tail)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         err.close()
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from distill.config import TrainConfig
+from distill.httpserver import stop_process
 from distill.offline import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,11 +89,7 @@ def worker(pool, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                              "--limit", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     yield tmp_path / "worker.log"
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, timeout_s=30)
     log.close()
 
 
