@@ -189,7 +189,8 @@ def test_each_shared_piece_is_defined_in_its_one_home():
     homes = {"ApiError": "distill.chat", "MIN_LOGPROB": "distill.chat", "token_logprob": "distill.chat",
              "safe_log": "distill.chat", "OFFLINE_ENV": "distill.offline", "apply_offline_env": "distill.offline",
              "start_in_thread": "distill.httpserver", "free_port": "distill.httpserver",
-             "minimal_chat_app": "distill.httpserver"}
+             "minimal_chat_app": "distill.httpserver", "wait_for_health": "distill.httpserver",
+             "stop_process": "distill.httpserver"}
     defined: dict[str, list[str]] = {}
     for name, tree in core_modules().items():
         for node in ast.walk(tree):
