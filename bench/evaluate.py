@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-             "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(k, v)
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 
 def build_student(directory: Path, labels: list[str]) -> Path:

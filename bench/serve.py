@@ -17,13 +17,13 @@ The last line is for the default runtime (serve.runtime):
 """
 
 import argparse
-import os
 import secrets
 import tempfile
 from pathlib import Path
 
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(k, v)
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 DATA = Path(__file__).resolve().parents[1] / "distill" / "data" / "banking77"
 

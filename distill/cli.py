@@ -74,7 +74,7 @@ def check_inputs(cfg) -> tuple[list[dict], list[dict]]:
         fail(str(e))
 
 
-# --- teacher (distill/teacher_server.py) ------------------------------------------------------
+# --- teacher (distill/teacher/server.py) ------------------------------------------------------
 @teacher_app.command("serve")
 def teacher_serve(
     model_path: Path = typer.Argument(..., help="Teacher directory: an embedding-classifier teacher (teacher.json), "
@@ -101,7 +101,7 @@ def teacher_serve(
 
 
 
-# --- models (distill/registry.py) --------------------------------------------------------------
+# --- models (distill/serve/registry.py) --------------------------------------------------------
 
 REGISTRY_HELP = "Registry directory; defaults to the config's `registry` (or .distill/registry)."
 CONFIG_OPT_HELP = "YAML config whose `registry` field names the registry."
@@ -342,7 +342,7 @@ def runs_diff(run_a: str = typer.Argument(..., help="Baseline run id."),
 
 
 
-# --- serve and shadow (distill/serve.py, distill/shadow.py) ------------------------------------
+# --- serve and shadow (distill/serve/app.py, distill/serve/shadow.py) --------------------------
 
 
 def _serving_models(cfg, student: Optional[Path], challenger: Optional[Path], want_challenger: bool):

@@ -231,7 +231,7 @@ class HeuristicsConfig(Section):
 
 
 class ConsistencyConfig(Section):
-    """Self-contradiction within an answer and disagreement across samples (see distill/filters.py)."""
+    """Self-contradiction within an answer and disagreement across samples (see distill/filter/consistency.py)."""
 
     enabled: bool = Field(True, description="Run the self-contradiction stage.")
     min_agreement: float = Field(

@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from distill.config import TrainConfig
+from distill.httpserver import stop_process
+from distill.offline import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["positive", "negative", "neutral"]
@@ -70,7 +72,7 @@ def deploy(pool: str, work_dir: Path) -> str:
             # What `prefect deploy` records without a pull section: the checkout it ran in.
             pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
             parameters={"work_dir": str(work_dir)}, concurrency_limit=SPEC.get("concurrency_limit"),
-            job_variables={"env": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}})
+            job_variables={"env": dict(OFFLINE_ENV)})
 
     _api(register)
     return f"train-student/{SPEC['name']}-{pool}"
@@ -87,11 +89,7 @@ def worker(pool, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                              "--limit", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     yield tmp_path / "worker.log"
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, timeout_s=30)
     log.close()
 
 
