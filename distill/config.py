@@ -746,6 +746,18 @@ class DistillConfig(Section):
         return hashlib.sha256(blob).hexdigest()
 
 
+def default_values(train_mode: str = "classifier_kd") -> dict[str, Any]:
+    """The built-in defaults as JSON, with the other fields of a train section of `train_mode` (its
+    `mode` stays classifier_kd, what an unset mode means); the task holds only the fields that have a
+    default (its name, data and prompt must always be given)."""
+    out = DistillConfig.model_validate({"train": {"mode": train_mode}}, context={"partial": True}).model_dump(
+        mode="json")
+    out["train"]["mode"] = "classifier_kd"
+    task = {name: f.get_default(call_default_factory=True) for name, f in TaskConfig.model_fields.items()
+            if not f.is_required()}
+    return {**out, "task": json.loads(json.dumps(task, default=str))}
+
+
 class ConfigError(ValueError):
     """A configuration or input problem, with a message that names the file and line or field."""
 

@@ -27,8 +27,10 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     from distill_flows.distillation_cycle import distillation_cycle
 
     from distill.config import ConfigError
+    from distill.preflight import check_outputs
 
     try:
+        check_outputs(cfg)  # again in the flow's preflight; here it fails before Prefect starts
         result = distillation_cycle(config=cfg)
     except ConfigError as e:
         fail(str(e))
@@ -89,6 +91,7 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
     """
     from distill.config import ConfigError
     from distill.data import write_jsonl
+    from distill.preflight import check_writable
     from distill.teacher.client import resolve_api_key
     from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
@@ -100,6 +103,8 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
             for k, v in est.items():
                 typer.echo(f"{k:>22}: {v}")
             return
+        check_writable(output, "--output", directory=False)
+        check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
         key = resolve_api_key(cfg.teacher)
         if key is None and cfg.teacher.api_key_secret_block:
             apply_offline_env()
