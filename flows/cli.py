@@ -95,7 +95,7 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
     from distill.teacher.client import resolve_api_key
     from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
-    cfg = load_or_fail(config, set_)
+    cfg = load_or_fail(config, set_, need_task=False)  # rows with `messages` need no task
     try:
         rows = load_prompt_rows(input, cfg.task)
         if dry_run:
