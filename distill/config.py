@@ -702,7 +702,10 @@ class DistillConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
-    train: TrainConfig = Field(default_factory=ClassifierKDTrain)
+    train: TrainConfig = Field(
+        default_factory=ClassifierKDTrain, description="The student and how it learns: the fields of its "
+        "train.mode (classifier_kd when unset, sft or logit_kd) and those every mode shares.",
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
