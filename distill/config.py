@@ -666,6 +666,8 @@ class ServeConfig(Section):
     def _log_url(cls, v: str) -> str:
         if not v.startswith(("sqlite:///", "postgresql://", "postgresql+")):
             raise ValueError("must be sqlite:///PATH or postgresql://... (or postgresql+DRIVER://...)")
+        if v.startswith("sqlite:///~"):
+            return "sqlite:///" + os.path.expanduser(v[len("sqlite:///"):])
         return v
 
 

@@ -163,6 +163,8 @@ def test_store_is_normalised_and_home_expanded(tmp_path):
                              "task.train_path=~/data/train.csv"])
     assert str(cfg.registry) == f"{home}/reg" and str(cfg.generation.cache_path) == f"{home}/cache.sqlite"
     assert str(cfg.task.train_path) == f"{home}/data/train.csv"
+    assert load_config(None, [*TASK, "serve.log_url=sqlite:///~/shadow.sqlite"]).serve.log_url == \
+        f"sqlite:///{home}/shadow.sqlite"
     p = tmp_path / "c.yaml"
     p.write_text("task:\n  name: t\n  train_path: ~/data/train.csv\n  labels: [a]\n  system_prompt: ''\n")
     assert str(load_config(p).task.train_path) == f"{home}/data/train.csv"  # not <preset dir>/~/data
