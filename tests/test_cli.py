@@ -152,3 +152,10 @@ def test_unwritable_outputs_fail_before_any_call(tmp_path, monkeypatch):
 def test_run_ids_on_the_command_line_are_checked(tmp_path):
     result = invoke("runs", "show", "../../etc", "--store", tmp_path)
     assert result.exit_code == 2 and "run id:" in result.output and "not a safe name" in result.output
+
+
+def test_serve_without_a_task_needs_a_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("serve")
+    assert result.exit_code == 2 and "no student to serve: pass --student DIR" in result.output
+    assert "Traceback" not in result.output
