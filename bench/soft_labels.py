@@ -80,12 +80,12 @@ def main() -> None:
     apply_offline_env()
     import chat_standin as standin
 
-    from distill.config import TaskConfig
     from distill.data import load_task_rows
+    from distill.demo import demo_task
     from distill.teacher.labels import map_answer
     from distill.teacher.soft_labels import soft_labels
 
-    task = TaskConfig(max_test_rows=args.rows)
+    task = demo_task(max_test_rows=args.rows)
     labels = task.label_set()
     holdout = load_task_rows(task, "test")
     rows = [{"id": r["id"], "messages": r["messages"]} for r in holdout]

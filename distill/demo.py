@@ -32,6 +32,11 @@ DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
 
 
+def demo_task(**fields: Any) -> TaskConfig:
+    """The demo preset's task (the bundled BANKING77 data, fields and prompt), with `fields` changed."""
+    return TaskConfig.model_validate({**load_config(PRESET).task.model_dump(), **fields})
+
+
 def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> None:
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=fields)

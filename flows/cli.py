@@ -25,7 +25,14 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     apply_offline_env()
     cfg = load_or_fail(config, set_)
     check_inputs(cfg)
-    _run_cycle(lambda cycle: cycle(config=cfg))
+
+    def call(cycle):
+        from distill.preflight import check_outputs
+
+        check_outputs(cfg)  # again in the flow's preflight; here it fails before Prefect starts
+        return cycle(config=cfg)
+
+    _run_cycle(call)
 
 
 def _run_cycle(call) -> None:
@@ -86,10 +93,11 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
     """
     from distill.config import ConfigError
     from distill.data import write_jsonl
+    from distill.preflight import check_writable
     from distill.teacher.client import resolve_api_key
     from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
-    cfg = load_or_fail(config, set_)
+    cfg = load_or_fail(config, set_, need_task=False)  # rows with `messages` need no task
     try:
         rows = load_prompt_rows(input, cfg.task)
         if dry_run:
@@ -97,6 +105,8 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
             for k, v in est.items():
                 typer.echo(f"{k:>22}: {v}")
             return
+        check_writable(output, "--output", directory=False)
+        check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
         key = resolve_api_key(cfg.teacher)
         if key is None and cfg.teacher.api_key_secret_block:
             apply_offline_env()

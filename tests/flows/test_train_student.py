@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import TrainConfig
+from distill.config import ClassifierKDTrain
 from distill.httpserver import stop_process
 from distill.offline import OFFLINE_ENV
 
@@ -102,7 +102,7 @@ def test_trains_on_the_work_pool_and_brings_the_student_back(pool, worker, tmp_p
     store = tmp_path / "store"
     run_dir = tmp_path / "caller" / "run-1"  # not inside the store: the files must really come back
     name = deploy(pool, tmp_path / "worker-work")
-    train = TrainConfig(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=8, eval_steps=3,
+    train = ClassifierKDTrain(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=8, eval_steps=3,
                         checkpoint_steps=3, logging_steps=1, device="cpu", deployment_timeout_s=300)
     started = time.monotonic()
     result = train_where_configured(training_rows(30), LABELS, train, str(run_dir), run_id="run-1",
@@ -140,7 +140,7 @@ def test_no_worker_on_the_pool_fails_with_a_clear_error(pool, tmp_path):
     from distill_tasks.train import train_where_configured
 
     name = deploy(pool, tmp_path / "worker-work")
-    train = TrainConfig(deployment=name, max_steps=3, deployment_timeout_s=3)
+    train = ClassifierKDTrain(deployment=name, max_steps=3, deployment_timeout_s=3)
     with pytest.raises(RuntimeError, match="is a worker polling"):
         train_where_configured(training_rows(6), LABELS, train, str(tmp_path / "run"), run_id="run-2",
                                store=str(tmp_path / "store"))

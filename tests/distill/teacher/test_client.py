@@ -259,7 +259,8 @@ def test_bad_rows_are_config_errors(tmp_path):
 def test_load_prompt_rows_renders_the_production_prompt(tmp_path):
     from distill.config import TaskConfig
 
-    task = TaskConfig(labels=["a", "b"], labels_path=None, system_prompt="SYS", prompt_template="Q: {text}")
+    task = TaskConfig(name="prompts", train_path=tmp_path / "unused.csv", labels=["a", "b"], system_prompt="SYS",
+                      prompt_template="Q: {text}")
     p = tmp_path / "in.jsonl"
     p.write_text('{"id": 1, "text": "hello"}\n'
                  '{"id": 2, "messages": [{"role": "user", "content": "raw"}]}\n')
