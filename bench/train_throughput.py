@@ -24,14 +24,13 @@ Last line: device=<cpu|gpu name> tokens_per_s=<float> mfu=<float|na> for the lar
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 # Qwen2 shapes (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings).
 CONFIGS = {
@@ -157,7 +156,7 @@ def run_one(size: str, packing: bool, seq_len: int, steps: int, warmup: int, bat
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from distill.config import TrainConfig
+    from distill.config import SFTTrain
     from distill.train.lm import train_sft
 
     cfg = Qwen2Config(max_position_embeddings=max(seq_len, 4096), **CONFIGS[size])
@@ -173,7 +172,7 @@ def run_one(size: str, packing: bool, seq_len: int, steps: int, warmup: int, bat
         model.save_pretrained(f"{tmp}/model")
         tok.save_pretrained(f"{tmp}/model")
         del model
-        train = TrainConfig(mode="sft", student_model=f"{tmp}/model", lora={"enabled": True, "r": 16, "alpha": 32,
+        train = SFTTrain(student_model=f"{tmp}/model", lora={"enabled": True, "r": 16, "alpha": 32,
                             "dropout": 0.0}, packing=packing, max_length=seq_len, batch_size=batch, epochs=1,
                             learning_rate=1e-4, bf16=gpu, gradient_checkpointing=gpu, device="cuda" if gpu else "cpu",
                             eval_steps=10_000, checkpoint_steps=10_000, logging_steps=10_000,
