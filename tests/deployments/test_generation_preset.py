@@ -1,4 +1,4 @@
-"""The generative presets: a missing or Hub-id student fails at load time, before any teacher call;
+"""The generative presets: a Hub-id student fails at load time, a missing one in preflight, both before any teacher call;
 the holdout has gold; the demo preset names the packaged MiniLM decoder."""
 
 from pathlib import Path
@@ -36,9 +36,10 @@ def test_vllm_preset_names_its_student_and_has_gold():
         check_static(cfg)
 
 
-def test_missing_student_fails_at_load_time(tmp_path):
-    with pytest.raises(ConfigError, match="train.student_model: train.mode sft needs"):
-        load_config(preset_without(tmp_path, "vllm-generation-sft.yaml"))
+def test_missing_student_fails_before_any_teacher_call(tmp_path):
+    cfg = load_config(preset_without(tmp_path, "vllm-generation-sft.yaml"))
+    with pytest.raises(ConfigError, match="train.student_model: train.mode=sft needs a local model directory"):
+        check_static(cfg)  # what `distill run` and the flow's preflight run before the first request
 
 
 @pytest.mark.parametrize("where", ["file", "override"])

@@ -50,7 +50,9 @@ train:
 evaluate: {{latency_requests: 10, latency_concurrency: 2, tail_size: 4, robustness_rows: 2}}
 gate: {{auto_promote: true}}
 """)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    # A loaded CI machine can take long to start the ephemeral Prefect API: allow it.
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     with teacher_process(tiny_causal_lm, free_port(), "tiny-teacher") as url:
         cmd = [sys.executable, "-m", "distill_flows.cli", "run", "cfg.yaml", "--set", f"teacher.base_url={url}/v1",
                "--set", "teacher.model=tiny-teacher"]
