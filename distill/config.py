@@ -80,7 +80,9 @@ class TaskConfig(Section):
     def _known_encoding(cls, v: str) -> str:
         if v != "auto":
             try:
-                b"".decode(v)  # LookupError for unknown names and for codecs that are not text encodings
+                b"x".decode(v)  # LookupError for unknown names and for codecs that are not text encodings
+            except UnicodeDecodeError:
+                pass  # a known text encoding (utf-16 cannot decode one byte)
             except LookupError:
                 raise ValueError(f"unknown text encoding {v!r} (a Python codec name such as utf-8, or auto)"
                                  ) from None

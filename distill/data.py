@@ -154,10 +154,10 @@ def _jsonl_rows(path: Path, text: str, required: list[str], max_chars: int | Non
 
 
 def _csv_rows(path: Path, text: str, required: list[str], max_chars: int | None) -> list[dict[str, Any]]:
-    # csv's own limit is process-wide; it only needs to be out of the way of ours, which names the field.
-    needed = min(max_chars + 1, 2**31 - 1) if max_chars else 2**31 - 1
-    if csv.field_size_limit() < needed:
-        csv.field_size_limit(needed)
+    # csv's own limit is process-wide and its error names no field: it is raised out of the way of ours
+    # (the text is in memory already, so parsing a long field costs no more than its copy).
+    if csv.field_size_limit() < 2**31 - 1:
+        csv.field_size_limit(2**31 - 1)
     # strict: a quote that closes and is followed by more text is an error, not silently part of the field;
     # that is how a quote left open on one line shows up a few lines later.
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -203,7 +203,8 @@ def _csv_header(path: Path, line: int, fields: list[str], required: list[str]) -
 
 def _csv_error(path: Path, message: str, start: int, end: int, max_chars: int | None) -> str:
     if "field larger than field limit" in message:
-        return f"{path}:{start}: a field is longer than task.max_field_chars ({max_chars} characters)"
+        return (f"{path}:{start}: a field is longer than csv.field_size_limit() allows ({message}); "
+                f"task.max_field_chars is {max_chars}")
     if "unexpected end of data" in message:
         return (f"{path}:{start}: unclosed quote: the quoted field opened on line {start} runs to the end of the "
                 "file; close it, or write a quote inside a field as two quotes (\"\")")
