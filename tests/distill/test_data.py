@@ -185,3 +185,40 @@ def test_a_directory_where_a_file_is_expected(tmp_path):
     t = TaskConfig(train_path=tmp_path / "train.csv", test_path=None, labels=["a"], labels_path=None)
     with pytest.raises(ConfigError, match=r"train.csv: is a directory; expected a CSV or JSONL file"):
         load_task_rows(t)
+
+
+@pytest.mark.parametrize("name,data,what", [
+    ("train.csv", b'text,category\nhello,refund\n"I lost my card,card_lost\nbye,refund\n', "train.csv:3: unclosed quote"),
+    ("train.csv", "text,category\ncafé,refund\n".encode("latin-1"), "train.csv:2: byte 0xe9 at byte offset 17"),
+    ("train.csv", b"text,category\n" + b"a" * 1_000_001 + b",refund\n", "train.csv:2: field 'text' has 1000001"),
+    ("train.jsonl", b'{"id": "a", "text": "hi"}\n{"id": null, "text": "yo"}\n', "train.jsonl:2: id must be"),
+    ("train.jsonl", b'{"id": 1, "text": "hi"}\n{"id": "1", "text": "yo"}\n', "train.jsonl:2: duplicate id '1'"),
+    ("train.csv", None, "train.csv: is a directory"),
+])
+def test_distill_run_stops_on_a_bad_file_before_the_teacher_is_called(tmp_path, monkeypatch, name, data, what):
+    from distill_flows.cli import app
+    from fastapi import FastAPI, Request
+    from typer.testing import CliRunner
+
+    from distill.httpserver import start_in_thread
+
+    hits = []
+    teacher = FastAPI()
+
+    @teacher.post("/v1/chat/completions")
+    async def chat(request: Request):
+        hits.append(await request.body())
+        return {}
+
+    monkeypatch.chdir(tmp_path)
+    if data is None:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "cfg.yaml").write_text(f"task:\n  train_path: {name}\n  test_path: null\n"
+                                       "  labels: [card_lost, refund]\n  labels_path: null\n")
+    with start_in_thread(teacher) as server:
+        result = CliRunner().invoke(app, ["run", "cfg.yaml", "--set", f"teacher.base_url={server.url}/v1"])
+    assert result.exit_code == 2, result.output
+    assert what in result.output and "Traceback" not in result.output
+    assert hits == [] and not (tmp_path / "runs").exists()
