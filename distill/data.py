@@ -124,7 +124,7 @@ def _decode_error(path: Path, data: bytes, codec: str, e: UnicodeDecodeError) ->
 def _jsonl_rows(path: Path, text: str, required: list[str], max_chars: int | None) -> list[dict[str, Any]]:
     rows = []
     for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
+        if not line.strip(" \t\r"):  # JSON's whitespace; str.strip() would also drop "\x1c" and the like
             continue
         try:
             row = json.loads(line)
