@@ -43,6 +43,10 @@ ANY_CHAR = st.characters(exclude_categories=())
 TRICKY = st.lists(st.sampled_from(list(',"\n\r\t \x00\ufeff\\{}[]:') + ["\r\n", '""']) | ANY_CHAR,
                   max_size=40).map("".join)
 PRINTABLE = st.text(st.characters(codec="utf-8"), max_size=30)
+# Any JSON value, lone surrogates, NaN and infinities included.
+SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(ANY_CHAR, max_size=12)
+ANY_JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(ANY_CHAR, max_size=8), inner, max_size=3), max_leaves=10)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,42 @@ def test_any_task_file_loads_or_names_file_and_line(files, data, suffix):
     assert len(set(ids)) == len(ids) and all(isinstance(i, str) and i.strip() == i and i for i in ids)
     assert all(r["gold"] is None or r["gold"] in LABELS for r in rows)
     assert all(isinstance(r["text"], str) and r["text"].strip() for r in rows)
+
+
+@FUZZ
+@given(rows=st.lists(st.dictionaries(st.sampled_from(["id", "text", "messages", "category"]), ANY_JSON, max_size=4),
+                     min_size=1, max_size=5), ascii_only=st.booleans())
+@example(rows=[{"id": 1, "text": "a"}, {"id": "1", "text": "b"}], ascii_only=True)
+@example(rows=[{"id": None, "text": "a"}], ascii_only=True)
+@example(rows=[{"id": " 7 ", "text": "a"}, {"id": 8.0, "messages": [{"role": "user", "content": "b"}]}],
+         ascii_only=False)
+def test_any_prompt_file_loads_or_names_file_and_line(files, rows, ascii_only):
+    from distill.teacher.generation import load_prompt_rows
+
+    path = write(files, ".jsonl", "".join(encode(r, ascii_only).decode("utf-8", "surrogatepass") + "\n"
+                                         for r in rows).encode("utf-8", "surrogatepass"))
+    task = TaskConfig(train_path=path, test_path=None, labels=LABELS, labels_path=None, label_field="category")
+    try:
+        got = load_prompt_rows(path, task)
+    except ConfigError as e:
+        assert str(e).startswith(str(path)) or "task.prompt_template" in str(e), e
+        return
+    ids = [r["id"] for r in got]
+    assert len(set(ids)) == len(ids) and all(isinstance(i, str) and i.strip() == i and i for i in ids)
+    assert all(r["messages"] and all(isinstance(m["content"], str) for m in r["messages"]) for r in got)
+
+
+@FUZZ
+@given(value=ANY_JSON)
+def test_an_id_is_a_stable_non_empty_string_or_a_clear_error(value):
+    from distill.data import row_id
+
+    try:
+        rid = row_id(value, "f.jsonl:1")
+    except ConfigError as e:
+        assert str(e).startswith("f.jsonl:1: ")
+        return
+    assert isinstance(rid, str) and rid and rid == rid.strip() and row_id(rid, "f.jsonl:1") == rid
 
 
 CELL = st.lists(st.sampled_from(list(',"\n\r ') + ["\r\n"]) | st.characters(codec="utf-8"), max_size=20).map("".join)
@@ -181,9 +221,6 @@ def teacher_url(tiny_classifier, tmp_path_factory):
         yield srv.url
 
 
-SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(ANY_CHAR, max_size=12)
-ANY_JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(st.text(ANY_CHAR, max_size=8), inner, max_size=3), max_leaves=10)
 CONTENT = (st.text(ANY_CHAR, max_size=30) | TRICKY | ANY_JSON
            | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]) | ANY_JSON},
                                             optional={"text": st.text(ANY_CHAR, max_size=20) | ANY_JSON}),
