@@ -88,12 +88,14 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
     Exits 0 when every row is done, 1 when some rows failed (the output still holds them, with reasons).
     """
     from distill.config import ConfigError
-    from distill.data import write_jsonl
+    from distill.data import check_writable, write_jsonl
     from distill.teacher.client import resolve_api_key
     from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
     cfg = load_or_fail(config, set_)
     try:
+        if not dry_run:
+            check_writable(output, "--output")
         rows = load_prompt_rows(input, cfg.task)
         if dry_run:
             est = estimate_cost(rows, cfg.teacher, cfg.generation)

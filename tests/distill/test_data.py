@@ -222,3 +222,36 @@ def test_distill_run_stops_on_a_bad_file_before_the_teacher_is_called(tmp_path, 
     assert result.exit_code == 2, result.output
     assert what in result.output and "Traceback" not in result.output
     assert hits == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("output,what", [
+    ("out", "--output out: is a directory"),
+    ("notes.txt/out.jsonl", "notes.txt is a file, not a directory"),
+])
+def test_distill_generate_checks_its_output_before_the_teacher_is_called(tmp_path, monkeypatch, output, what):
+    from distill_flows.cli import app
+    from fastapi import FastAPI, Request
+    from typer.testing import CliRunner
+
+    from distill.httpserver import start_in_thread
+
+    hits = []
+    teacher = FastAPI()
+
+    @teacher.post("/v1/chat/completions")
+    async def chat(request: Request):
+        hits.append(await request.body())
+        return {}
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    (tmp_path / "prompts.jsonl").write_text('{"id": "a", "text": "my card is lost"}\n')
+    (tmp_path / "cfg.yaml").write_text("task:\n  test_path: null\n  labels: [card_lost, refund]\n  labels_path: null\n")
+    with start_in_thread(teacher) as server:
+        result = CliRunner().invoke(app, ["generate", "cfg.yaml", "--input", "prompts.jsonl", "--output", output,
+                                          "--no-progress", "--set", f"teacher.base_url={server.url}/v1"])
+    assert result.exit_code == 2, result.output
+    assert what in result.output and "Traceback" not in result.output
+    assert hits == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "notes.txt", "out",
+                                                                          "prompts.jsonl"]
