@@ -28,7 +28,7 @@ from distill.data import load_task_rows, read_table
 from distill.httpserver import start_in_thread
 
 # CI (CI=true) runs the same examples every time, so a red run is this change's doing; elsewhere each run
-# explores new ones. No example database: nothing is written into the working tree.
+# explores new ones. No example database: a failure prints the example that reproduces it.
 _BASE = dict(deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
              suppress_health_check=[HealthCheck.function_scoped_fixture])
 FUZZ = settings(max_examples=150, **_BASE)
