@@ -347,30 +347,6 @@ def check_unique_ids(path: str | Path, rows: list[dict[str, Any]]) -> None:
         seen[key] = (r["_line"], r["id"])
 
 
-def check_writable(path: str | Path, what: str) -> None:
-    """Raise ConfigError unless `path` can be written the way write_chunks writes it, so that an output
-    that cannot be written stops a command before its first paid call, not after it.
-
-    Args:
-        path: the output file.
-        what: how the user named it, e.g. "--output", for the message.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{what} {path}: is a directory; expected a file path")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # write_chunks creates the missing folders below this one
-    if not existing.is_dir():
-        raise ConfigError(f"{what} {path}: {existing} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".distill-write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{what} {path}: cannot be written in {existing} ({e.strerror or e})") from None
-
-
 def write_chunks(path: str | Path, chunks: Iterable[bytes]) -> dict[str, Any]:
     """Write byte chunks atomically and return {"sha256", "bytes"} of what was written.
 

@@ -206,9 +206,13 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
     path = Path(path)
     out = []
     prefix = None
-    for row in read_table(path, required=["id"], encoding=task.encoding, max_field_chars=task.max_field_chars):
+    options = {} if task is None else {"encoding": task.encoding, "max_field_chars": task.max_field_chars}
+    for row in read_table(path, required=["id"], **options):
         where = f"{path}:{row['_line']}"
         msgs = row.get("messages")
+        if msgs is None and task is None:
+            raise ConfigError(f"{where}: no 'messages', and the config has no task section whose prompt would "
+                              "render the row")
         if msgs is None:
             prefix = prompt_prefix(task) if prefix is None else prefix
             msgs = render_messages(task, row, where=f"{where}: ", prefix=prefix)

@@ -9,7 +9,8 @@ from distill.data import load_task_rows, read_jsonl, write_jsonl
 def task(tmp_path, body: str, name="train.csv", **kw) -> TaskConfig:
     p = tmp_path / name
     p.write_text(body)
-    return TaskConfig(train_path=p, test_path=None, labels=["card_lost", "refund"], labels_path=None, **kw)
+    return TaskConfig(name="cards", train_path=p, labels=["card_lost", "refund"], label_field="category",
+                      system_prompt="Classify the message.", **kw)
 
 
 def test_good_rows_render_the_production_prompt(tmp_path):
@@ -39,7 +40,7 @@ def test_bad_jsonl_and_missing_file(tmp_path):
     t = task(tmp_path, '{"text": "hi", "category": "refund"}\n{not json\n', name="train.jsonl")
     with pytest.raises(ConfigError, match=r"train.jsonl:2: invalid JSON"):
         load_task_rows(t)
-    t = TaskConfig(train_path=tmp_path / "nope.csv", labels=["a"], labels_path=None)
+    t = TaskConfig(name="t", train_path=tmp_path / "nope.csv", labels=["a"], system_prompt="")
     with pytest.raises(ConfigError, match="nope.csv: file not found"):
         load_task_rows(t)
 
@@ -70,8 +71,8 @@ def load(tmp_path, name: str, data: bytes, **kw) -> list[dict]:
     p = tmp_path / name
     p.write_bytes(data)
     label_field = kw.pop("label_field", "category" if name.endswith(".csv") else None)
-    return load_task_rows(TaskConfig(train_path=p, test_path=None, labels=["card_lost", "refund"],
-                                     labels_path=None, label_field=label_field, **kw))
+    return load_task_rows(TaskConfig(name="cards", train_path=p, labels=["card_lost", "refund"],
+                                     label_field=label_field, system_prompt="Classify the message.", **kw))
 
 
 def test_unclosed_quote_is_reported_where_it_opens(tmp_path):
@@ -151,7 +152,7 @@ def test_prompt_file_ids_are_checked_the_same_way(tmp_path):
     from distill.teacher.generation import load_prompt_rows
 
     p = tmp_path / "prompts.jsonl"
-    task = TaskConfig(labels=["card_lost", "refund"], labels_path=None, test_path=None)
+    task = TaskConfig(name="cards", train_path=p, labels=["card_lost", "refund"], system_prompt="Classify.")
     p.write_text('{"id": 1, "text": "x"}\n{"id": "1", "text": "y"}\n')
     with pytest.raises(ConfigError, match=r"prompts.jsonl:2: duplicate id '1'"):
         load_prompt_rows(p, task)
@@ -182,7 +183,7 @@ def test_a_classification_gold_label_must_be_a_name(tmp_path):
 
 def test_a_directory_where_a_file_is_expected(tmp_path):
     (tmp_path / "train.csv").mkdir()
-    t = TaskConfig(train_path=tmp_path / "train.csv", test_path=None, labels=["a"], labels_path=None)
+    t = TaskConfig(name="t", train_path=tmp_path / "train.csv", labels=["a"], system_prompt="")
     with pytest.raises(ConfigError, match=r"train.csv: is a directory; expected a CSV or JSONL file"):
         load_task_rows(t)
 
@@ -215,8 +216,8 @@ def test_distill_run_stops_on_a_bad_file_before_the_teacher_is_called(tmp_path, 
         (tmp_path / name).mkdir()
     else:
         (tmp_path / name).write_bytes(data)
-    (tmp_path / "cfg.yaml").write_text(f"task:\n  train_path: {name}\n  test_path: null\n"
-                                       "  labels: [card_lost, refund]\n  labels_path: null\n")
+    (tmp_path / "cfg.yaml").write_text(f"task:\n  name: cards\n  train_path: {name}\n  labels: [card_lost, refund]\n"
+                                       "  system_prompt: Classify the message.\n")
     with start_in_thread(teacher) as server:
         result = CliRunner().invoke(app, ["run", "cfg.yaml", "--set", f"teacher.base_url={server.url}/v1"])
     assert result.exit_code == 2, result.output
@@ -225,7 +226,7 @@ def test_distill_run_stops_on_a_bad_file_before_the_teacher_is_called(tmp_path, 
 
 
 @pytest.mark.parametrize("output,what", [
-    ("out", "--output out: is a directory"),
+    ("out", "--output: out is a directory"),
     ("notes.txt/out.jsonl", "notes.txt is a file, not a directory"),
 ])
 def test_distill_generate_checks_its_output_before_the_teacher_is_called(tmp_path, monkeypatch, output, what):
@@ -247,7 +248,8 @@ def test_distill_generate_checks_its_output_before_the_teacher_is_called(tmp_pat
     (tmp_path / "out").mkdir()
     (tmp_path / "notes.txt").write_text("not a folder\n")
     (tmp_path / "prompts.jsonl").write_text('{"id": "a", "text": "my card is lost"}\n')
-    (tmp_path / "cfg.yaml").write_text("task:\n  test_path: null\n  labels: [card_lost, refund]\n  labels_path: null\n")
+    (tmp_path / "cfg.yaml").write_text("task:\n  name: cards\n  train_path: prompts.jsonl\n  labels: [card_lost, refund]\n"
+                                       "  system_prompt: Classify the message.\n")
     with start_in_thread(teacher) as server:
         result = CliRunner().invoke(app, ["generate", "cfg.yaml", "--input", "prompts.jsonl", "--output", output,
                                           "--no-progress", "--set", f"teacher.base_url={server.url}/v1"])

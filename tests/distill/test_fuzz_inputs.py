@@ -89,8 +89,8 @@ def test_any_bytes_read_as_rows_or_a_config_error(files, data, suffix, encoding)
     lambda s: s.encode("utf-8", "surrogatepass")), suffix=st.sampled_from([".csv", ".jsonl"]))
 def test_any_task_file_loads_or_names_file_and_line(files, data, suffix):
     path = write(files, suffix, data)
-    task = TaskConfig(train_path=path, test_path=None, labels=LABELS, labels_path=None,
-                      label_field="category", max_field_chars=50)
+    task = TaskConfig(name="fuzz", train_path=path, labels=LABELS, label_field="category", system_prompt="Classify.",
+                      max_field_chars=50)
     try:
         rows = load_task_rows(task)
     except ConfigError as e:
@@ -114,7 +114,7 @@ def test_any_prompt_file_loads_or_names_file_and_line(files, rows, ascii_only):
 
     path = write(files, ".jsonl", "".join(encode(r, ascii_only).decode("utf-8", "surrogatepass") + "\n"
                                          for r in rows).encode("utf-8", "surrogatepass"))
-    task = TaskConfig(train_path=path, test_path=None, labels=LABELS, labels_path=None, label_field="category")
+    task = TaskConfig(name="fuzz", train_path=path, labels=LABELS, label_field="category", system_prompt="Classify.")
     try:
         got = load_prompt_rows(path, task)
     except ConfigError as e:
