@@ -89,6 +89,28 @@ class TaskConfig(Section):
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the task's CSV/JSONL files (train, test, prompt files): a Python "
+        "codec name such as utf-8, cp1252 or latin-1, or auto (byte-order mark, else UTF-8, else cp1252, else "
+        "latin-1). A leading byte-order mark is dropped in every encoding.",
+    )
+    max_field_chars: int = Field(
+        1_000_000, ge=1, description="Longest field (CSV cell, top-level JSON string) accepted in the task's "
+        "files, in characters; a longer one stops the run before any teacher call, naming the file and line.",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                b"x".decode(v)  # LookupError for unknown names and for codecs that are not text encodings
+            except UnicodeDecodeError:
+                pass  # a known text encoding (utf-16 cannot decode one byte)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {v!r} (a Python codec name such as utf-8, or auto)"
+                                 ) from None
+        return v
 
     @field_validator("name")
     @classmethod

@@ -335,7 +335,8 @@ class _Server:
         """The request object and the text to classify, or the OpenAI-style error that refuses it."""
         try:
             req = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        # ValueError: bad JSON or UTF-8, and integers of more than 4300 digits; RecursionError: deep nesting
+        except (ValueError, RecursionError):
             raise ApiError(400, "request body is not valid JSON (UTF-8)") from None
         if not isinstance(req, dict):
             raise ApiError(400, "request body must be a JSON object")

@@ -65,6 +65,24 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
+def _check_unicode(body: Any) -> None:
+    """A lone surrogate ("\\ud800") parses as JSON but is no text: no model, reply or log can take it."""
+    stack = [body]  # iterative: the body may be nested as deep as the JSON parser allows
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"the request holds invalid Unicode (a lone surrogate at character {e.start} "
+                               "of a string)", code="invalid_value") from None
+
+
 def validation_error(e: ValidationError) -> ApiError:
     first = e.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
@@ -363,6 +381,7 @@ async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
     try:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        _check_unicode(body)
         try:
             req = ChatRequest.model_validate(body)
         except ValidationError as e:
@@ -452,7 +471,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
     async def chat(request: Request):
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the request body is not valid JSON") from None
         status, out = await answer(state, body)
         return JSONResponse(out, status_code=status)
