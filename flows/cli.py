@@ -8,6 +8,7 @@ Keeping them here is what lets the core stay free of the orchestration layer.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,23 +18,67 @@ from distill.cli import SET_HELP, app, check_inputs, fail, load_or_fail
 from distill.offline import apply_offline_env
 
 
+RESUME_HELP = ("Continue this run (its id) from its last training checkpoint, in its own directory; `last`: "
+               "the newest crashed, interrupted or failed run of this config. Without it, a crashed run of the "
+               "same config is continued anyway (see --fresh).")
+FRESH_HELP = "Start a new run even when a crashed run of the same config could be continued."
+
+
 @app.command("run")
 def run(config: Path = typer.Argument(..., help="YAML config file (see deployments/configs/)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID|last", help=RESUME_HELP),
+        fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP)):
     """Run the whole distillation cycle (generate, filter, train, evaluate, gate, register)."""
     apply_offline_env()
+    if resume and fresh:
+        fail("--resume and --fresh contradict each other; pick one")
     cfg = load_or_fail(config, set_)
     check_inputs(cfg)
-    from distill_flows.distillation_cycle import distillation_cycle
-
     from distill.config import ConfigError
 
-    try:
-        result = distillation_cycle(config=cfg)
-    except ConfigError as e:
-        fail(str(e))
+    with guarded_run():
+        from distill_flows.distillation_cycle import distillation_cycle
+
+        try:
+            result = distillation_cycle(config=cfg, resume=resume, fresh=fresh)
+        except ConfigError as e:
+            fail(str(e))
     _print_result(result)
 
+
+@contextmanager
+def guarded_run():
+    """The block with no child left behind and SIGTERM handled like Ctrl-C.
+
+    The watcher (distill/lifeline.py) stops every child of this process when it dies, SIGKILL
+    included; the temporary Prefect server is started here, before the flow, so it is handed to the
+    watcher at once. SIGTERM (a supervisor stopping the run) becomes KeyboardInterrupt, so the run
+    records itself as interrupted and stops its children on the way out.
+    """
+    import signal
+
+    from distill.lifeline import start_lifeline, watch
+
+    start_lifeline()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            from prefect.server.api.server import SubprocessASGIServer
+
+            server = SubprocessASGIServer()  # the instance every Prefect client of this process then uses
+            server.start()
+            if server.server_process is not None:
+                watch(server.server_process.pid)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_result(result: dict) -> None:
@@ -56,22 +101,27 @@ def _print_result(result: dict) -> None:
 
 @app.command("demo")
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests.")):
+         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests."),
+         resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID|last", help=RESUME_HELP),
+         fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP)):
     """Distil BANKING77 intent classification end to end, offline, on CPU."""
     apply_offline_env()
-    from distill_flows.distillation_cycle import distillation_cycle
+    if resume and fresh:
+        fail("--resume and --fresh contradict each other; pick one")
+    from functools import partial
 
     from distill.config import ConfigError
     from distill.demo import run_demo
 
-    try:
-        result = run_demo(distillation_cycle, overrides=set_ or [], quick=quick)
-    except ConfigError as e:
-        fail(str(e))
+    with guarded_run():
+        from distill_flows.distillation_cycle import distillation_cycle
+
+        try:
+            result = run_demo(partial(distillation_cycle, resume=resume, fresh=fresh), overrides=set_ or [],
+                              quick=quick)
+        except ConfigError as e:
+            fail(str(e))
     _print_result(result)
-
-
-
 
 
 @app.command("generate")
@@ -136,3 +186,4 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
