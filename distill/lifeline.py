@@ -24,19 +24,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-def _watch(parent: int, parent_start: float, poll_s: float, grace_s: float) -> None:
-    """The watcher's body (`python -m distill.lifeline PID START POLL GRACE`, stdin the pipe)."""
+def _watch(parent: int, parent_start: float, since: float, poll_s: float, grace_s: float) -> None:
+    """The watcher's body (`python -m distill.lifeline PID START SINCE POLL GRACE`, stdin the pipe).
+
+    Only descendants started after `since` (when the parent asked for a watcher) are stopped.
+    """
     import select
     import signal
-    import time
 
     import psutil
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_IGN)  # a Ctrl-C for the whole group must not stop the cleanup first
-    me, since, seen = os.getpid(), time.time() - 1.0, {}
+    me, seen = os.getpid(), {}
 
     def note(proc, registered: bool = False) -> None:
         try:
@@ -119,8 +122,9 @@ def start_lifeline(poll_s: float = 1.0, grace_s: float = 5.0) -> int:
     here = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     _watcher = subprocess.Popen(
-        [sys.executable, "-m", "distill.lifeline", str(me), repr(psutil.Process(me).create_time()), str(poll_s),
-         str(grace_s)], stdin=read_end, stdout=subprocess.DEVNULL, close_fds=True, env=env)
+        [sys.executable, "-m", "distill.lifeline", str(me), repr(psutil.Process(me).create_time()),
+         repr(time.time() - 1.0), str(poll_s), str(grace_s)],
+        stdin=read_end, stdout=subprocess.DEVNULL, close_fds=True, env=env)
     os.close(read_end)
     _pipe = write_end
     return _watcher.pid
@@ -136,4 +140,4 @@ def watch(pid: int) -> None:
 
 
 if __name__ == "__main__":
-    _watch(int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+    _watch(int(sys.argv[1]), *(float(a) for a in sys.argv[2:6]))
