@@ -26,6 +26,7 @@ from typing import Any, Callable
 from distill.config import BUNDLED_DATA, DistillConfig, TaskConfig, load_config
 from distill.data import read_table, write_text
 from distill.httpserver import free_port, port_is_free
+from distill.lifeline import watch
 from distill.models.encoders import MINILM, EmbeddingClassifier
 
 DATA = BUNDLED_DATA / "banking77"
@@ -124,6 +125,7 @@ def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeo
     cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
            "--port", str(port), "--model-name", model_name]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    watch(proc.pid)  # stopped with this process even when it is killed (distill/lifeline.py)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
