@@ -112,6 +112,15 @@ def start_teacher(model_dir: Path, port: int, cwd: Path) -> subprocess.Popen:
     raise RuntimeError("the teacher did not start")
 
 
+def complete(checkpoint: Path) -> bool:
+    """Written to the end: the Trainer saves trainer_state.json last (a kill may cut it short)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def flow_run_state(prefect_home: Path, flow_run_id: str) -> str:
     with sqlite3.connect(prefect_home / "prefect.db") as db:
         return db.execute("select state_type from flow_run where id = ?", (flow_run_id,)).fetchone()[0]
@@ -130,7 +139,7 @@ def test_a_run_killed_while_training_resumes_from_its_checkpoint_in_the_same_dir
     write_rows(tmp_path / "test.csv", 30, "test", 1)
     port = free_port()
     teacher = start_teacher(tmp_path / "teacher-model", port, tmp_path)
-    cfg = write_config(tmp_path, f"http://127.0.0.1:{port}/v1", max_steps=200, checkpoint_steps=5, eval_steps=5,
+    cfg = write_config(tmp_path, f"http://127.0.0.1:{port}/v1", max_steps=60, checkpoint_steps=5, eval_steps=5,
                        save_total_limit=2, early_stopping_patience="null")
     cmd = [sys.executable, "-m", "distill_flows.cli", "run", str(cfg)]
     try:
@@ -153,7 +162,7 @@ def test_a_run_killed_while_training_resumes_from_its_checkpoint_in_the_same_dir
 
         run_dir = ckpt.parents[3]
         checkpoints = sorted(int(p.name.split("-")[1]) for p in (run_dir / "train/checkpoints").glob("checkpoint-*")
-                             if (p / "trainer_state.json").is_file())
+                             if complete(p))
         assert checkpoints and not (run_dir / "manifest.json").exists()
         killed_flow_run = json.loads((run_dir / ".claim.tmp").read_text())["flow_run_id"]
         assert flow_run_state(tmp_path / "prefect", killed_flow_run) == "RUNNING"
@@ -179,7 +188,7 @@ def test_a_run_killed_while_training_resumes_from_its_checkpoint_in_the_same_dir
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed_from_step"] == checkpoints[-1]
     history = json.loads((run_dir / "train/history.json").read_text())
-    assert max(h["step"] for h in history) == 200
+    assert max(h["step"] for h in history) == 60
     # The teacher was paid once: every answer of the second attempt came from the request cache.
     outputs = [json.loads(l) for l in (run_dir / "teacher_outputs.jsonl").read_text().splitlines()]
     assert outputs and all(r["cached"] for r in outputs)
