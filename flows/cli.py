@@ -22,6 +22,7 @@ RESUME_HELP = ("Continue this run (its id) from its last training checkpoint, in
                "the newest crashed, interrupted or failed run of this config. Without it, a crashed run of the "
                "same config is continued anyway (see --fresh).")
 FRESH_HELP = "Start a new run even when a crashed run of the same config could be continued."
+SERVER_STARTUP_S = 120
 
 
 @app.command("run")
@@ -71,9 +72,11 @@ def guarded_run():
 
         if not PREFECT_API_URL.value():
             from prefect.server.api.server import SubprocessASGIServer
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP
 
             server = SubprocessASGIServer()  # the instance every Prefect client of this process then uses
-            server.start()
+            # Creating a fresh database takes longer than Prefect's default 20 s on a busy 2-core machine.
+            server.start(timeout=max(STARTUP.value(), SERVER_STARTUP_S))
             if server.server_process is not None:
                 watch(server.server_process.pid)
         yield
