@@ -159,6 +159,11 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
     # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
     # a second run is served from the cache and pays for nothing.
+    # The teacher of a demo that was just killed takes a few seconds to stop; waiting for its port keeps
+    # the URL, and so the config digest that picks up the crashed run, the same.
+    deadline = time.monotonic() + 10
+    while not port_is_free(DEMO_PORT) and time.monotonic() < deadline:
+        time.sleep(0.5)
     port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
