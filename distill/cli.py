@@ -231,11 +231,6 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _local_runs_root(store: str) -> Path:
-    """Where the runs of `store` are assembled, crashed ones included: the directory, or the S3 staging folder."""
-    return Path(".distill/staging") if store.startswith("s3://") else Path(store).expanduser()
-
-
 @runs_app.command("list")
 def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
@@ -243,7 +238,7 @@ def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE
     still running, crashed (their process is gone), interrupted, failed or abandoned."""
     import json
 
-    from distill.runs import incomplete_runs
+    from distill.runs import incomplete_runs, runs_root
     from distill.store import list_runs
 
     st = _runs_store(store)
@@ -254,7 +249,7 @@ def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE
         rows.append({"run_id": run_id, "started_at": m.get("started_at"), "task": (m.get("task") or {}).get("name"),
                      **{k: metrics.get(k) for k in _KEY_METRICS}, "gate": _gate_word(m), "state": "complete"})
     done = {r["run_id"] for r in rows}
-    for info in incomplete_runs(_local_runs_root(st.uri), store=st.uri if st.uri.startswith("s3://") else None):
+    for info in incomplete_runs(runs_root(st.uri), store=st.uri if st.uri.startswith("s3://") else None):
         if info["run_id"] not in done:
             rows.append({"run_id": info["run_id"], "started_at": info["started_at"], "task": info["task"],
                          **{k: None for k in _KEY_METRICS}, "gate": "-", "state": info["state"],
@@ -286,12 +281,12 @@ def runs_gc(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE",
     """Remove run directories nobody needs: crashed, interrupted, failed or abandoned runs that no live
     process owns and the model registry does not point to. A dry run unless --yes is given."""
     from distill.config import ConfigError
-    from distill.runs import gc_candidates, remove_run
+    from distill.runs import gc_candidates, remove_run, runs_root
 
     if registry is None:
         registry = load_or_fail(config, None).registry if config else Path(".distill/registry")
     try:
-        found = gc_candidates(_local_runs_root(store), registry, store=store if store.startswith("s3://") else None)
+        found = gc_candidates(runs_root(store), registry, store=store if store.startswith("s3://") else None)
     except ConfigError as e:
         fail(str(e))
     total = sum(r["bytes"] for r in found)

@@ -40,6 +40,13 @@ RESUMABLE = ("crashed", "interrupted", "failed", "abandoned")
 KEPT = ("complete", "running")
 
 
+def runs_root(store: str) -> Path:
+    """Where the runs of `store` are assembled, crashed ones included: the store itself when it is a
+    directory, the local staging folder for s3:// (runs are uploaded when they finish)."""
+    store = str(store).strip()
+    return Path(".distill/staging") if store.startswith("s3://") else Path(store).expanduser()
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

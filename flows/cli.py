@@ -37,7 +37,13 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     cfg = load_or_fail(config, set_)
     check_inputs(cfg)
     from distill.config import ConfigError
+    from distill.runs import check_resumable, runs_root
 
+    if resume and resume != "last":
+        try:  # here, before Prefect starts, as well as in the flow (which deployments call directly)
+            check_resumable(runs_root(str(cfg.store)) / resume, cfg.digest())
+        except ConfigError as e:
+            fail(str(e))
     with guarded_run():
         from distill_flows.distillation_cycle import distillation_cycle
 

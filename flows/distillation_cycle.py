@@ -32,7 +32,7 @@ from prefect.runtime import flow_run
 
 from distill.config import ConfigError, DistillConfig, dump_config, load_config
 from distill.data import load_task_rows, read_jsonl, write_text
-from distill.runs import RESUMABLE, RunClaim, check_resumable, find_resumable
+from distill.runs import RESUMABLE, RunClaim, check_resumable, find_resumable, runs_root
 
 
 def new_run_id(config: DistillConfig) -> str:
@@ -59,10 +59,7 @@ def split_real_rows(rows: list[dict], real_fraction: float, seed: int) -> tuple[
 
 def local_runs_root(config: DistillConfig) -> Path:
     """Where runs are assembled: the store itself when it is a directory, a staging folder for S3."""
-    store = str(config.store)
-    if store.startswith("s3://"):
-        return Path(".distill/staging")
-    return Path(store).expanduser()
+    return runs_root(str(config.store))
 
 
 def local_run_dir(config: DistillConfig, run_id: str) -> Path:
