@@ -29,6 +29,9 @@ from distill.config import ConfigError
 from distill.data import write_text
 
 CLAIM_FILE = ".claim.tmp"
+# Held (flock) by the owner for the whole attempt: two processes picking up the same crashed run at
+# once cannot both have it. The kernel drops the lock when its holder dies.
+LOCK_FILE = ".lock.tmp"
 HEARTBEAT_S = 10.0
 # A claim from another host (a shared store) is taken for crashed once its heartbeat is this old;
 # on this host the owner's pid and start time decide at once.
@@ -194,6 +197,7 @@ class RunClaim:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock: Any = None
 
     def _write(self) -> None:
         write_text(self.path, json.dumps(self.data, indent=1))
@@ -207,7 +211,16 @@ class RunClaim:
                 pass  # a full disk must not kill the run from a side thread; the next beat tries again
 
     def __enter__(self) -> "RunClaim":
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path.parent / LOCK_FILE, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise ConfigError(f"run {self.data['run_id']}: another process is running or resuming it "
+                              f"({self.path.parent})") from None
         self._write()
         self._thread = threading.Thread(target=self._beat, name="distill-run-heartbeat", daemon=True)
         self._thread.start()
@@ -217,6 +230,12 @@ class RunClaim:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        try:
+            self._record(exc_type, exc)
+        finally:
+            self._lock.close()
+
+    def _record(self, exc_type, exc) -> None:
         if exc_type is None:
             self.path.unlink(missing_ok=True)
             return
@@ -261,10 +280,17 @@ def gc_candidates(root: str | Path, registry: str | Path, store: str | None = No
 
 def remove_run(run_dir: str | Path) -> None:
     """Delete a run directory that is not complete and not owned by a live process (checked again here)."""
+    import fcntl
+
     run_dir = Path(run_dir)
     state = run_state(run_dir)
     if state in KEPT:
         raise ConfigError(f"{run_dir}: the run is {state}; not removed")
+    with open(run_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"{run_dir}: a process holds the run; not removed") from None
     # Renamed first, so a half-deleted folder never passes for a run.
     doomed = run_dir.with_name(f".{run_dir.name}.removing.tmp")
     run_dir.rename(doomed)

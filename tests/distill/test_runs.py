@@ -74,6 +74,9 @@ def test_a_killed_owner_makes_a_crashed_run_that_only_the_same_config_resumes(tm
         assert run_state(run_dir) == "running"
         with pytest.raises(ConfigError, match="the run is running"):
             check_resumable(run_dir, "d" * 64)
+        with pytest.raises(ConfigError, match="another process is running or resuming it"):
+            with RunClaim(run_dir, "run-k", "d" * 64, "toy", "runs"):
+                pass
         assert find_resumable(tmp_path / "runs", "d" * 64) is None
     finally:
         proc.send_signal(signal.SIGKILL)
