@@ -152,8 +152,15 @@ def find_resumable(root: str | Path, config_digest: str, states: tuple[str, ...]
     return found[-1] if found else None
 
 
-def check_resumable(run_dir: Path, config_digest: str) -> dict[str, Any]:
-    """describe_run of `run_dir` when this config may resume it; else ConfigError saying why not."""
+def check_resumable(root: Path, run_id: str, config_digest: str) -> dict[str, Any]:
+    """describe_run of run `run_id` under `root` when this config may resume it; else ConfigError saying why not."""
+    from distill.config import check_safe_name
+
+    try:
+        check_safe_name(run_id)
+    except ValueError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    run_dir = Path(root) / run_id
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir.name}: no run directory {run_dir}")
     info = describe_run(run_dir)

@@ -1,14 +1,16 @@
 """The `distill` entry point: the core command line plus the commands that run flows.
 
-`distill/cli.py` holds every command that needs no Prefect; this adapter adds `run`,
-`demo` and `generate` (whose key may come from a Prefect Secret block) on top of it.
-Keeping them here is what lets the core stay free of the orchestration layer.
+`distill/cli.py` holds every command that needs no Prefect; this adapter adds `run` and
+`demo`, which start the distillation flow through `_run_cycle` alone, and `generate` (whose
+key may come from a Prefect Secret block) on top of it. Keeping them here is what lets the
+core stay free of the orchestration layer.
 """
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -37,18 +39,31 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     cfg = load_or_fail(config, set_)
     check_inputs(cfg)
     from distill.config import ConfigError
+    from distill.preflight import check_outputs
     from distill.runs import check_resumable, runs_root
 
-    if resume and resume != "last":
-        try:  # here, before Prefect starts, as well as in the flow (which deployments call directly)
-            check_resumable(runs_root(str(cfg.store)) / resume, cfg.digest())
-        except ConfigError as e:
-            fail(str(e))
+    # Both again in the flow (which deployments call directly); here they fail before Prefect starts.
+    try:
+        check_outputs(cfg)
+        if resume and resume != "last":
+            check_resumable(runs_root(str(cfg.store)), resume, cfg.digest())
+    except ConfigError as e:
+        fail(str(e))
+    _run_cycle(lambda cycle: cycle(config=cfg, resume=resume, fresh=fresh))
+
+
+def _run_cycle(call) -> None:
+    """The one place the CLI starts a flow: `call(distillation_cycle)` inside `guarded_run`, then its figures.
+
+    A config error found inside the flow exits 2 with its message, as one found before it does.
+    """
+    from distill.config import ConfigError
+
     with guarded_run():
         from distill_flows.distillation_cycle import distillation_cycle
 
         try:
-            result = distillation_cycle(config=cfg, resume=resume, fresh=fresh)
+            result = call(distillation_cycle)
         except ConfigError as e:
             fail(str(e))
     _print_result(result)
@@ -107,7 +122,6 @@ def _print_result(result: dict) -> None:
     typer.echo(f"run directory: {result['run_dir']}")
 
 
-
 @app.command("demo")
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
          quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests."),
@@ -117,20 +131,10 @@ def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     apply_offline_env()
     if resume and fresh:
         fail("--resume and --fresh contradict each other; pick one")
-    from functools import partial
-
-    from distill.config import ConfigError
     from distill.demo import run_demo
 
-    with guarded_run():
-        from distill_flows.distillation_cycle import distillation_cycle
-
-        try:
-            result = run_demo(partial(distillation_cycle, resume=resume, fresh=fresh), overrides=set_ or [],
-                              quick=quick)
-        except ConfigError as e:
-            fail(str(e))
-    _print_result(result)
+    _run_cycle(lambda cycle: run_demo(partial(cycle, resume=resume, fresh=fresh), overrides=set_ or [],
+                                      quick=quick))
 
 
 @app.command("generate")
@@ -148,10 +152,11 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
     """
     from distill.config import ConfigError
     from distill.data import write_jsonl
+    from distill.preflight import check_writable
     from distill.teacher.client import resolve_api_key
     from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
-    cfg = load_or_fail(config, set_)
+    cfg = load_or_fail(config, set_, need_task=False)  # rows with `messages` need no task
     try:
         rows = load_prompt_rows(input, cfg.task)
         if dry_run:
@@ -159,6 +164,8 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
             for k, v in est.items():
                 typer.echo(f"{k:>22}: {v}")
             return
+        check_writable(output, "--output", directory=False)
+        check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
         key = resolve_api_key(cfg.teacher)
         if key is None and cfg.teacher.api_key_secret_block:
             apply_offline_env()

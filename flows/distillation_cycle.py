@@ -128,7 +128,7 @@ def choose_run(cfg: DistillConfig, run_id: str | None, resume: str | None, fresh
             raise ConfigError(f"--resume last: no crashed, interrupted or failed run of this config "
                               f"({digest[:12]}) under {root}")
     elif resume or (run_id and (root / run_id).is_dir()):
-        found = check_resumable(root / (resume or run_id), digest)
+        found = check_resumable(root, resume or run_id, digest)
     elif not fresh and run_id is None:
         found = find_resumable(root, digest)
     if found is None:

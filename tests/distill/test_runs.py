@@ -73,7 +73,7 @@ def test_a_killed_owner_makes_a_crashed_run_that_only_the_same_config_resumes(tm
     try:
         assert run_state(run_dir) == "running"
         with pytest.raises(ConfigError, match="the run is running"):
-            check_resumable(run_dir, "d" * 64)
+            check_resumable(run_dir.parent, "run-k", "d" * 64)
         with pytest.raises(ConfigError, match="another process is running or resuming it"):
             with RunClaim(run_dir, "run-k", "d" * 64, "toy", "runs"):
                 pass
@@ -85,8 +85,8 @@ def test_a_killed_owner_makes_a_crashed_run_that_only_the_same_config_resumes(tm
     assert find_resumable(tmp_path / "runs", "d" * 64)["run_id"] == "run-k"
     assert find_resumable(tmp_path / "runs", "e" * 64) is None
     with pytest.raises(ConfigError, match="made with config dddddddddddd, this config is eeeeeeeeeeee"):
-        check_resumable(run_dir, "e" * 64)
-    assert check_resumable(run_dir, "d" * 64)["state"] == "crashed"
+        check_resumable(run_dir.parent, "run-k", "e" * 64)
+    assert check_resumable(run_dir.parent, "run-k", "d" * 64)["state"] == "crashed"
 
 
 def test_a_half_written_checkpoint_is_skipped(tmp_path):
