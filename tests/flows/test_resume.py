@@ -59,6 +59,7 @@ task:
   labels_path: null
   text_field: text
   label_field: label
+  system_prompt: "Classify the message: positive, negative or neutral. Answer with the label only."
 teacher:
   base_url: {base_url}
   model: teacher-model
