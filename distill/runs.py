@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from distill.config import ConfigError
+from distill.config import ConfigError, check_safe_name
 from distill.data import write_text
 
 CLAIM_FILE = ".claim.tmp"
@@ -154,8 +154,6 @@ def find_resumable(root: str | Path, config_digest: str, states: tuple[str, ...]
 
 def check_resumable(root: Path, run_id: str, config_digest: str) -> dict[str, Any]:
     """describe_run of run `run_id` under `root` when this config may resume it; else ConfigError saying why not."""
-    from distill.config import check_safe_name
-
     try:
         check_safe_name(run_id)
     except ValueError as e:
