@@ -245,9 +245,11 @@ def _fmt(v) -> str:
 @runs_app.command("list")
 def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """List complete runs (those with a manifest.json): id, start, task, key metrics, gate decision."""
+    """List runs: complete ones (with a manifest.json) with their key metrics and gate decision, then those
+    still running, crashed (their process is gone), interrupted, failed or abandoned."""
     import json
 
+    from distill.runs import incomplete_runs, runs_root
     from distill.store import list_runs
 
     st = _runs_store(store)
@@ -256,19 +258,65 @@ def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE
         m = _run_with_metrics(st, run_id)
         metrics = m.get("metrics") or {}
         rows.append({"run_id": run_id, "started_at": m.get("started_at"), "task": (m.get("task") or {}).get("name"),
-                     **{k: metrics.get(k) for k in _KEY_METRICS}, "gate": _gate_word(m)})
+                     **{k: metrics.get(k) for k in _KEY_METRICS}, "gate": _gate_word(m), "state": "complete"})
+    done = {r["run_id"] for r in rows}
+    for info in incomplete_runs(runs_root(st.uri), store=st.uri if st.uri.startswith("s3://") else None):
+        if info["run_id"] not in done:
+            rows.append({"run_id": info["run_id"], "started_at": info["started_at"], "task": info["task"],
+                         **{k: None for k in _KEY_METRICS}, "gate": "-", "state": info["state"],
+                         "checkpoint_step": info["checkpoint_step"], "pid": info["pid"], "error": info["error"],
+                         "run_dir": info["run_dir"]})
     rows.sort(key=lambda r: str(r["started_at"] or ""))
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
     if not rows:
-        typer.echo(f"no complete runs in {st.uri}")
+        typer.echo(f"no runs in {st.uri}")
         return
-    header = ["run_id", "started_at", "task", *_KEY_METRICS, "gate"]
+    header = ["run_id", "started_at", "task", *_KEY_METRICS, "gate", "state"]
     table = [header] + [[_fmt(r[h]) if h != "started_at" else str(r[h] or "-")[:19] for h in header] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    crashed = [r for r in rows if r["state"] in ("crashed", "interrupted", "failed")]
+    if crashed:
+        typer.echo(f"{len(crashed)} run(s) did not finish: `distill run CONFIG --resume RUN_ID` continues one "
+                   "from its last checkpoint; `distill runs gc` lists what it would remove.")
+
+
+@runs_app.command("gc")
+def runs_gc(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
+            registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+            config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP),
+            yes: bool = typer.Option(False, "--yes", help="Delete them; without it, only list what would go.")):
+    """Remove run directories nobody needs: crashed, interrupted, failed or abandoned runs that no live
+    process owns and the model registry does not point to. A dry run unless --yes is given."""
+    from distill.config import ConfigError
+    from distill.runs import gc_candidates, remove_run, runs_root
+
+    if registry is None:
+        registry = load_or_fail(config, None).registry if config else Path(".distill/registry")
+    try:
+        found = gc_candidates(runs_root(store), registry, store=store if store.startswith("s3://") else None)
+    except ConfigError as e:
+        fail(str(e))
+    total = sum(r["bytes"] for r in found)
+    for r in found:
+        typer.echo(f"{'removing' if yes else 'would remove'} {r['run_dir']}  ({r['state']}, {r['bytes']:,} bytes)")
+    if not found:
+        typer.echo("nothing to remove")
+    elif not yes:
+        typer.echo(f"{len(found)} run(s), {total:,} bytes; run again with --yes to delete them")
+        return
+    removed = 0
+    for r in found:
+        try:
+            remove_run(r["run_dir"])
+            removed += 1
+        except (ConfigError, OSError) as e:
+            typer.secho(f"warning: {e}", fg=typer.colors.YELLOW, err=True)
+    if found:
+        typer.echo(f"removed {removed} run(s), {total:,} bytes")
 
 
 @runs_app.command("show")

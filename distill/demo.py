@@ -26,6 +26,7 @@ from typing import Any, Callable
 from distill.config import BUNDLED_DATA, DistillConfig, TaskConfig, load_config
 from distill.data import read_table, write_text
 from distill.httpserver import free_port, port_is_free, stop_process, wait_for_health
+from distill.lifeline import watch
 from distill.models.encoders import MINILM, EmbeddingClassifier
 
 DATA = BUNDLED_DATA / "banking77"
@@ -128,6 +129,7 @@ def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeo
     cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
            "--port", str(port), "--model-name", model_name]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    watch(proc.pid)  # stopped with this process even when it is killed (distill/lifeline.py)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(url, proc, startup_timeout, "the demo teacher")
@@ -146,6 +148,11 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
     # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
     # a second run is served from the cache and pays for nothing.
+    # The teacher of a demo that was just killed takes a few seconds to stop; waiting for its port keeps
+    # the URL, and so the config digest that picks up the crashed run, the same.
+    deadline = time.monotonic() + 10
+    while not port_is_free(DEMO_PORT) and time.monotonic() < deadline:
+        time.sleep(0.5)
     port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
