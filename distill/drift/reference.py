@@ -1,0 +1,53 @@
+"""The reference set of a drift watch: what production sees now, labelled by the teacher.
+
+A random sample (seeded by the watch) of the recent logged requests, at most
+`drift.label_sample` of them. The teacher's label of a sampled request is the shadow
+log's teacher answer where shadow mode logged one; otherwise, when re-labelling is on,
+it is bought through the cached teacher client (distill.teacher.generation.generate),
+charged to the drift ledger and written back to the log, so it is never paid twice.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from distill.config import DriftConfig, GenerationConfig, TeacherConfig
+
+
+def labelling_sample(rows: Sequence[dict], size: int, seed: int) -> list[dict]:
+    """A uniform random sample of `size` rows (all of them when fewer), in log order.
+
+    Random, not the newest: a burst of one kind of request must not stand for the whole window.
+    """
+    idx = list(range(len(rows)))
+    if len(idx) > size:
+        idx = sorted(random.Random(seed).sample(idx, size))
+    return [rows[i] for i in idx]
+
+
+def served_label(row: dict) -> str | None:
+    """The champion's label of a logged request (what the user got when the champion served)."""
+    return row.get("champion_label") or (row.get("served_label") if row.get("served_by") == "champion" else None)
+
+
+def relabel(rows: Sequence[dict], labels: list[str], teacher: TeacherConfig, generation: GenerationConfig,
+            drift: DriftConfig, api_key: str | None) -> dict[str, Any]:
+    """Buy the teacher's label for each row (text only, as the user sent it) through the cached client.
+
+    Returns {"labels": {request_id: label or None}, "summary": the generation summary}. Stored
+    responses are reused free; new ones are persisted in the request cache before they are used.
+    """
+    from distill.teacher.generation import generate
+    from distill.teacher.soft_labels import label_of
+
+    if not rows:
+        return {"labels": {}, "summary": {"done": 0, "cost_usd": 0.0, "failed": 0, "cached": 0}}
+    prompts = [{"id": r["request_id"], "messages": [{"role": "user", "content": r["text"]}]} for r in rows]
+    gen = generation.model_copy(update={"ledger_path": drift.ledger_path, "budget_usd": drift.relabel_budget_usd,
+                                        "samples_per_prompt": 1, "temperature": 0.0})
+    result = generate(prompts, teacher, gen, api_key=api_key, purpose="drift-relabel")
+    out = {}
+    for rec in result.records:
+        out[str(rec["id"])] = label_of(rec.get("response"), labels) if rec["status"] == "done" else None
+    return {"labels": out, "summary": result.summary}
