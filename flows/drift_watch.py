@@ -50,7 +50,7 @@ def drift_watch(config_path: str | None = None, overrides: list[str] | None = No
     traffic = read_traffic(log_url, cfg.drift.recent_requests)
     run_id = str(flow_run.get_id() or "")
     # A new sample every watch (seeded by the run), so one unlucky draw is not judged twice.
-    labelled = label_recent(traffic["rows"], holdout["labels"], cfg.drift, cfg.teacher, cfg.generation, log_url,
+    labelled = label_recent(traffic["rows"], cfg.task, cfg.drift, cfg.teacher, cfg.generation, log_url,
                             seed=zlib.crc32(f"{cfg.seed}:{run_id}".encode()))
     train_texts = [r["text"] for r in load_task_rows(cfg.task, "train")]
     judged = run_sensors(model, holdout, traffic, labelled, train_texts, cfg.drift)

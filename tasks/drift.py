@@ -67,7 +67,7 @@ def read_traffic(log_url: str, limit: int) -> dict[str, Any]:
 
 
 @task(name="label-recent-traffic", cache_policy=NO_CACHE)
-def label_recent(rows: list[dict], labels: list[str], drift: DriftConfig, teacher: TeacherConfig,
+def label_recent(rows: list[dict], task_cfg: TaskConfig, drift: DriftConfig, teacher: TeacherConfig,
                  generation: GenerationConfig, log_url: str, seed: int) -> dict[str, Any]:
     """The reference set of what production sees now: a random sample of recent requests with the teacher's label.
 
@@ -85,7 +85,7 @@ def label_recent(rows: list[dict], labels: list[str], drift: DriftConfig, teache
 
         from distill.serve.shadow import ShadowLog
 
-        bought = relabel(missing, labels, teacher, generation, drift, resolve_key(teacher))
+        bought = relabel(missing, task_cfg, teacher, generation, drift, resolve_key(teacher))
         log = ShadowLog(log_url)
         try:
             for r in missing:

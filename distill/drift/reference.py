@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from distill.config import DriftConfig, GenerationConfig, TeacherConfig
+from distill.config import DriftConfig, GenerationConfig, TaskConfig, TeacherConfig
 
 
 def labelling_sample(rows: Sequence[dict], size: int, seed: int) -> list[dict]:
@@ -31,19 +31,25 @@ def served_label(row: dict) -> str | None:
     return row.get("champion_label") or (row.get("served_label") if row.get("served_by") == "champion" else None)
 
 
-def relabel(rows: Sequence[dict], labels: list[str], teacher: TeacherConfig, generation: GenerationConfig,
+def relabel(rows: Sequence[dict], task: TaskConfig, teacher: TeacherConfig, generation: GenerationConfig,
             drift: DriftConfig, api_key: str | None) -> dict[str, Any]:
-    """Buy the teacher's label for each row (text only, as the user sent it) through the cached client.
+    """Buy the teacher's label for each row through the cached client, with the task's own prompt.
 
-    Returns {"labels": {request_id: label or None}, "summary": the generation summary}. Stored
-    responses are reused free; new ones are persisted in the request cache before they are used.
+    The prompt is the one the training data was labelled with (system prompt with the label
+    list, template, few-shot turns), so a text the cycle already asked about is a cache hit and
+    the answer maps to a label. Returns {"labels": {request_id: label or None}, "summary": the
+    generation summary}. New responses are persisted in the request cache before they are used.
     """
+    from distill.data import prompt_prefix, render_messages
     from distill.teacher.generation import generate
     from distill.teacher.soft_labels import label_of
 
     if not rows:
         return {"labels": {}, "summary": {"done": 0, "cost_usd": 0.0, "failed": 0, "cached": 0}}
-    prompts = [{"id": r["request_id"], "messages": [{"role": "user", "content": r["text"]}]} for r in rows]
+    labels = task.label_set()
+    prefix = prompt_prefix(task)
+    prompts = [{"id": r["request_id"], "messages": render_messages(task, {task.text_field: r["text"]},
+                                                                   prefix=prefix)} for r in rows]
     gen = generation.model_copy(update={"ledger_path": drift.ledger_path, "budget_usd": drift.relabel_budget_usd,
                                         "samples_per_prompt": 1, "temperature": 0.0})
     result = generate(prompts, teacher, gen, api_key=api_key, purpose="drift-relabel")
