@@ -51,42 +51,76 @@ def setup(tmp_path, tiny_classifier):
                  "labels": LABELS, "labels_path": None},
         "registry": str(tmp_path / "registry"),
         "serve": {"log_url": f"sqlite:///{tmp_path}/shadow.sqlite"},
-        "drift": {"embedder": None, "min_requests": 100, "min_shadow_pairs": 30, "permutations": 200},
+        "drift": {"embedder": None, "min_requests": 100, "min_shadow_pairs": 30, "min_feedback": 100,
+              "permutations": 200, "report_dir": str(tmp_path / "drift")},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return {"task": task, "config": str(path), "log": ShadowLog(cfg["serve"]["log_url"]), "tmp": tmp_path}
 
 
-def log_traffic(log: ShadowLog, texts: list[str], flip_teacher: float, seed: int) -> None:
+def log_traffic(log: ShadowLog, texts: list[str], flip_teacher: float, seed: int, shadow: bool = True) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
     for t in texts:
         p = rng.dirichlet(np.ones(3))
         q = np.roll(p, 1) if rng.random() < flip_teacher else p
-        rows.append({"request_id": f"r{rng.integers(1e12)}", "text": t, "served_by": "champion",
-                     "champion_label": LABELS[int(p.argmax())], "champion_probs": dict(zip(LABELS, p.tolist())),
-                     "teacher_label": LABELS[int(q.argmax())], "teacher_probs": dict(zip(LABELS, q.tolist()))})
+        row = {"request_id": f"r{rng.integers(1e12)}", "text": t, "served_by": "champion",
+               "champion_label": LABELS[int(p.argmax())], "champion_probs": dict(zip(LABELS, p.tolist()))}
+        if shadow:
+            row.update(teacher_label=LABELS[int(q.argmax())], teacher_probs=dict(zip(LABELS, q.tolist())))
+        rows.append(row)
     log.append_many(rows)
+    return rows
 
 
 def test_quiet_on_undrifted_traffic(prefect_harness, setup):
     from distill_flows.drift_watch import drift_watch
-    from distill_tasks.drift import score_holdout
 
-    from distill.config import load_config
-
-    cfg = load_config(setup["config"])
-    now = score_holdout.fn(str(Registry(cfg.registry).champion(setup["task"])["path"]), cfg.task, cfg.drift)
     log_traffic(setup["log"], [t for t, _ in sentences(200, 2)], flip_teacher=0.0, seed=0)
-    # promoted at today's accuracy, same inputs as training, a teacher that still agrees
-    out = drift_watch(config_path=setup["config"], overrides=[f"drift.baseline_accuracy={now['accuracy']}"])
+    # Same inputs as training, a teacher that still agrees: no baseline is adjusted to today's value.
+    out = drift_watch(config_path=setup["config"])
     assert out["fired"] == [] and out["event_id"] is None
-    assert out["results"]["accuracy_drop"]["value"] == 0.0
-    assert out["results"]["input_drift"]["p_value"] > 0.01
-    assert out["results"]["divergence"]["value"] == 0.0
+    r = out["results"]
+    assert r["divergence"]["status"] == "no drift" and r["divergence"]["value"] == 1.0
+    assert r["divergence"]["n"] == 200 and out["labelled"]["from_shadow"] == 200
+    assert r["input_drift"]["p_value"] > 0.01
+    # no gold feedback yet, one cycle of history: these say so instead of guessing
+    assert r["accuracy_drop"]["status"] == "not enough data"
+    assert r["entropy_collapse"]["status"] == "not enough data"
+    # the static holdout is a regression check, reported apart and never a drift event
+    assert "holdout_regression" in out["checks"] and "holdout_regression" not in r
+    assert "## Regression checks" in out["report"] and "p = " in out["report"]
+    assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in out["report"]
     history = setup["log"].watch_history()
     assert len(history) == 1 and history[0]["model_run"] == "run-1"
+
+
+def test_gold_feedback_from_the_cli_drives_the_accuracy_sensor(prefect_harness, setup):
+    from distill_flows.drift_watch import drift_watch
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    rows = log_traffic(setup["log"], [t for t, _ in sentences(150, 4)], flip_teacher=0.0, seed=2)
+    before = drift_watch(config_path=setup["config"], overrides=["drift.min_feedback=100"])
+    assert before["results"]["accuracy_drop"]["status"] == "not enough data"
+    # Gold arrives later, and says the champion was wrong on most of these requests.
+    wrong = {r["request_id"]: LABELS[(LABELS.index(r["champion_label"]) + 1) % 3] for r in rows[:120]}
+    feedback = setup["tmp"] / "gold.csv"
+    feedback.write_text("request_id,label\n" + "".join(f"{k},{v}\n" for k, v in wrong.items()))
+    bad = setup["tmp"] / "bad.csv"
+    bad.write_text("request_id,label\n" + f"{rows[0]['request_id']},positive\nr-unknown,positive\n")
+    cli = CliRunner()
+    refused = cli.invoke(app, ["feedback", str(bad), "--config", setup["config"]])
+    assert refused.exit_code == 2 and "r-unknown" in refused.output and "nothing was written" in refused.output
+    assert all(r["gold"] is None for r in setup["log"].recent())
+    done = cli.invoke(app, ["feedback", str(feedback), "--config", setup["config"]])
+    assert done.exit_code == 0, done.output
+    assert "120 gold label(s)" in done.output
+    after = drift_watch(config_path=setup["config"], overrides=["drift.min_feedback=100"])
+    acc = after["results"]["accuracy_drop"]
+    assert acc["fired"] is True and acc["n"] == 120 and acc["p_value"] < 0.01 and acc["value"] == 0.0
 
 
 def _register_cycle_deployment(task: str) -> str:
@@ -131,17 +165,22 @@ def test_drift_fires_event_and_trigger_starts_distillation_cycle(prefect_harness
 
     dep_id = _register_cycle_deployment(setup["task"])
     time.sleep(2)  # the trigger service loads new automations periodically
-    # Two earlier champions with higher holdout entropy and the same accuracy: a third cycle of collapse.
     from distill.config import load_config
 
     cfg = load_config(setup["config"])
     now = score_holdout.fn(str(Registry(cfg.registry).champion(setup["task"])["path"]), cfg.task, cfg.drift)
     hi = math.log(3)
-    for run, ent in (("run-0a", hi - 1e-9), ("run-0b", (hi + now["entropy"]) / 2)):
-        setup["log"].record_watch(run, now["accuracy"], ent, None, [])
+    # Three earlier champions, each sharper than the last, at the same accuracy: with this one, a
+    # significant trend over four cycles (the exact test's p is 1/24).
+    for i, run in enumerate(("run-0a", "run-0b", "run-0c")):
+        setup["log"].record_watch(run, now["accuracy"], hi - (hi - now["entropy"]) * i / 3 - 1e-9, None, [])
     # Drifted traffic: shouted, full of reference numbers, and the teacher disagrees half the time.
     texts = [f"{t.upper()} REF {i * 7919} ORDER 55{i}" for i, (t, _) in enumerate(sentences(200, 3))]
-    log_traffic(setup["log"], texts, flip_teacher=0.5, seed=1)
+    rows = log_traffic(setup["log"], texts, flip_teacher=0.5, seed=1)
+    from distill.drift.feedback import apply_feedback
+
+    apply_feedback(setup["log"], {r["request_id"]: LABELS[(LABELS.index(r["champion_label"]) + 1) % 3]
+                                  for r in rows[:150]}, "gold.csv")
 
     out = drift_watch(config_path=setup["config"], overrides=["drift.baseline_accuracy=0.95"])
     assert set(out["fired"]) == {"accuracy_drop", "entropy_collapse", "divergence", "input_drift"}
