@@ -6,7 +6,8 @@ softmax head fitted on other training rows), served by `distill teacher serve`. 
 baselines come from its evaluation on one half of the BANKING77 test split; every stream is
 built from the other half, so no baseline is measured on the traffic it judges.
 
-Streams: a clean prefix of `--prefix` requests, then `--segment` requests that are
+Streams: a clean prefix of `--prefix` requests (its first `drift.reference_requests` are the
+champion's early traffic, the input-drift reference), then `--segment` requests that are
 - none: more of the same (20 streams, `--streams`);
 - prior: only 8 of the 77 intents (label-prior shift);
 - vocab: the robustness suite's rephrasings (typos, casing, punctuation, word order, templates);
@@ -72,7 +73,7 @@ def extra_ood() -> list[str]:
     return [a.format(*t) for t in things for a in asks]
 
 
-def build_models(tmp: Path, train_rows: int, teacher_rows: int, labels: list[str]) -> tuple[Path, Path, list[str]]:
+def build_models(out: Path, train_rows: int, teacher_rows: int, labels: list[str]) -> tuple[Path, Path, list[str]]:
     """The champion (2-layer MiniLM + linear probe) and the demo teacher, on disjoint training rows.
 
     Returns (student_dir, teacher_dir, the champion's training texts).
@@ -88,11 +89,11 @@ def build_models(tmp: Path, train_rows: int, teacher_rows: int, labels: list[str
     config = TrainConfig(init_from_teacher=MINILM, student_layers=2, pooling="mean")
     model, tokenizer = build_student(config, labels)
     linear_probe_head(model, tokenizer, [{"text": r["text"], "target": r["category"]} for r in stud], labels, config)
-    student_dir = tmp / "student"
+    student_dir = out / "student"
     model.eval().save_pretrained(student_dir, safe_serialization=True)
     tokenizer.save_pretrained(student_dir)
     teacher = EmbeddingClassifier.fit(MINILM, [r["text"] for r in teach], [r["category"] for r in teach], labels)
-    teacher_dir = teacher.save(tmp / "teacher")
+    teacher_dir = teacher.save(out / "teacher")
     return student_dir, teacher_dir, [r["text"] for r in stud]
 
 
@@ -125,8 +126,34 @@ def answers(student_dir: Path, teacher_dir: Path, texts: list[str]) -> dict[str,
             for x, i, j, e in zip(texts, s, t, emb)}
 
 
+def prepare(args, labels: list[str]) -> tuple[Path, Path, list[str], dict, dict]:
+    """Models, corpus and every distinct text's answers, built once and kept under args.cache."""
+    import shutil
+
+    c = corpus(args.rephrase_rows)
+    d = args.cache / f"train{args.train_rows}-teacher{args.teacher_rows}-rephrase{args.rephrase_rows}-v1"
+    if not (d / "answers.npz").exists():
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        student_dir, teacher_dir, train_texts = build_models(tmp, args.train_rows, args.teacher_rows, labels)
+        (tmp / "train_texts.json").write_text(json.dumps(train_texts))
+        texts = [r["text"] for part in c.values() for r in part] + train_texts
+        ans = answers(student_dir, teacher_dir, texts)
+        keys = list(ans)
+        np.savez(tmp / "answers.npz", emb=np.stack([ans[k]["emb"] for k in keys]))
+        (tmp / "answers.json").write_text(json.dumps([[k, ans[k]["student"], ans[k]["teacher"]] for k in keys]))
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.replace(d)
+    emb = np.load(d / "answers.npz")["emb"]
+    ans = {k: {"student": s_, "teacher": t_, "emb": e}
+           for (k, s_, t_), e in zip(json.loads((d / "answers.json").read_text()), emb)}
+    return d / "student", d / "teacher", json.loads((d / "train_texts.json").read_text()), c, ans
+
+
 def make_stream(kind: str, c: dict, prefix: int, segment: int, seed: int) -> list[dict]:
-    """`prefix` clean requests, then `segment` requests of `kind` (none, prior, vocab, oos10, oos30)."""
+    """`prefix` clean requests (the first drift.reference_requests of them are the champion's early
+    traffic, the input-drift reference), then `segment` requests of `kind` (none, prior, vocab, oos10, oos30)."""
     rng = random.Random(seed)
     clean = c["stream"]
     out = [dict(rng.choice(clean)) for _ in range(prefix)]
@@ -152,9 +179,8 @@ def judge(window: list[dict], ans: dict, ref_texts: list[str], base: dict, drift
           seed: int) -> dict[str, dict]:
     """The three traffic sensors on one window, as the drift watch runs them (DriftConfig values)."""
     from distill.drift import sensors
-    from distill.drift.reference import labelling_sample
 
-    sample = labelling_sample(window, drift.label_sample, seed)
+    sample = window  # shadow mode: every request has the teacher's answer, and every one is used
     fed = [r for r in window if r["feedback"] < feedback]
 
     def embed(texts):
@@ -178,8 +204,10 @@ def run_stream(stream: list[dict], ans: dict, ref: list[str], base: dict, drift,
                stop_when_all_fired: bool) -> list[tuple[int, dict[str, bool]]]:
     """[(requests since the change point, {sensor: fired})] for every check of the segment."""
     checks, seen = [], set()
+    early = [r["text"] for r in stream[:drift.reference_requests]]
+    ref = early if len(early) >= drift.min_requests else ref
     for k, end in enumerate(range(args.prefix + args.every, len(stream) + 1, args.every)):
-        window = stream[max(0, end - drift.recent_requests):end]
+        window = stream[max(drift.reference_requests, end - drift.recent_requests):end]
         res = judge(window, ans, ref, base, drift, args.feedback, seed * 1000 + k)
         fired = {n: r["fired"] for n, r in res.items()}
         checks.append((end - args.prefix, fired))
@@ -241,44 +269,56 @@ def replay(student_dir: Path, teacher_dir: Path, streams: dict[str, list[dict]],
                         break
                     time.sleep(0.5)
             log = ShadowLog(f"sqlite:///{db}")
-            out[name] = {"rows": log.recent(), "load": load}
+            out[name] = {"rows": log.recent(), "load": load, "db": db}
             log.close()
     return out
 
 
-def judge_logged(rows: list[dict], stream: list[dict], labels: list[str], base: dict, ref: list[str], drift,
-                 feedback: float, seed: int) -> dict[str, dict]:
-    """The drift watch's own tasks (label-recent-traffic, run-drift-sensors) on a served, logged window."""
-    from distill_tasks.drift import label_recent, run_sensors
+def judge_logged(db: Path, student_dir: Path, stream: list[dict], labels: list[str], base: dict,
+                 train_texts: list[str], drift, feedback: float, seed: int) -> dict[str, dict]:
+    """The drift watch's own tasks (read-traffic, label-recent-traffic, run-drift-sensors) on a served log."""
+    from distill_tasks.drift import label_recent, read_traffic, run_sensors
 
     from distill.config import TaskConfig
+    from distill.drift.feedback import apply_feedback
+    from distill.serve.shadow import ShadowLog
 
-    gold = {r["text"]: r["gold"] for r in stream}
-    fed = {r["text"] for r in stream if r["feedback"] < feedback}
-    window = rows[-drift.recent_requests:]
-    for r in window:
-        r["gold"] = gold.get(r["text"]) if r["text"] in fed else None
+    recent = len(stream) - drift.reference_requests
+    keys = [str(student_dir), str(student_dir.resolve())]
+    traffic = read_traffic.fn(f"sqlite:///{db}", recent, keys, drift.reference_requests)
+    # Gold "arrives" for a share of the judged requests, through the same code as `distill feedback`.
+    gold = {r["text"]: r["gold"] for r in stream if r["feedback"] < feedback}
+    log = ShadowLog(f"sqlite:///{db}")
+    apply_feedback(log, {r["request_id"]: gold[r["text"]] for r in traffic["rows"] if r["text"] in gold}, str(db))
+    log.close()
+    traffic = read_traffic.fn(f"sqlite:///{db}", recent, keys, drift.reference_requests)
     # Every judged row carries the shadow teacher's answer; nothing is re-labelled (no paid endpoint here).
-    labelled = label_recent.fn(window, TaskConfig(), drift.model_copy(update={"relabel": False}), None, None, "",
-                               seed)
-    model = {"model_dir": "", "run_id": "bench", "metrics": {"student_accuracy": base["accuracy"],
-                                                             "agreement": base["agreement"], "n_holdout": base["n"]}}
+    labelled = label_recent.fn(traffic["rows"], TaskConfig(), drift.model_copy(update={"relabel": False}), None,
+                               None, "", seed)
+    model = {"model_dir": str(student_dir), "run_id": None,
+             "metrics": {"student_accuracy": base["accuracy"], "agreement": base["agreement"], "n_holdout": base["n"]}}
     holdout = {"accuracy": base["accuracy"], "entropy": 1.0, "n": base["n"], "labels": labels}
-    return run_sensors.fn(model, holdout, {"rows": window, "history": []}, labelled, ref, drift)["sensors"]
+    out = run_sensors.fn(model, holdout, traffic, labelled, train_texts, drift)["sensors"]
+    out["_reference"] = {"n": len(traffic["reference_texts"]), "judged": len(traffic["rows"])}
+    return out
 
 
 def main() -> None:  # long: the benchmark's steps in the order they are printed
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--streams", type=int, default=20, help="Clean streams for the false-alarm rate.")
     p.add_argument("--drift-streams", type=int, default=5, help="Streams per drift kind for the delay.")
-    p.add_argument("--prefix", type=int, default=1000, help="Clean requests before the change point.")
-    p.add_argument("--segment", type=int, default=1500, help="Requests after the change point.")
+    p.add_argument("--prefix", type=int, default=1500, help="Clean requests before the change point (the first "
+                   "drift.reference_requests are the champion's early traffic).")
+    p.add_argument("--segment", type=int, default=1200, help="Requests after the change point.")
     p.add_argument("--every", type=int, default=100, help="Requests between two checks.")
     p.add_argument("--feedback", type=float, default=0.2, help="Share of requests whose gold label arrives.")
-    p.add_argument("--replay", type=int, default=1000, help="Requests per replayed stream (0: no replay).")
+    p.add_argument("--replay", type=int, default=600, help="Judged requests per replayed stream, after the "
+                   "champion's early traffic (0: no replay).")
     p.add_argument("--train-rows", type=int, default=2000, help="Training rows of the champion's probe.")
-    p.add_argument("--teacher-rows", type=int, default=2000, help="Training rows of the teacher's head.")
-    p.add_argument("--rephrase-rows", type=int, default=400, help="Stream rows rephrased for the vocab shift.")
+    p.add_argument("--teacher-rows", type=int, default=1500, help="Training rows of the teacher's head.")
+    p.add_argument("--rephrase-rows", type=int, default=200, help="Stream rows rephrased for the vocab shift.")
+    p.add_argument("--cache", type=Path, default=ROOT / ".distill" / "bench-drift",
+                   help="Models and answers are kept here between runs (keyed by the sizes above).")
     p.add_argument("--set", dest="set_", action="append", default=[], help="drift.* override, e.g. drift.alpha=0.005")
     args = p.parse_args()
 
@@ -289,10 +329,8 @@ def main() -> None:  # long: the benchmark's steps in the order they are printed
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
         tmp = Path(tmp)
-        student_dir, teacher_dir, train_texts = build_models(tmp, args.train_rows, args.teacher_rows, labels)
-        c = corpus(args.rephrase_rows)
-        ref = random.Random(1).sample(train_texts, min(drift.max_samples, len(train_texts)))
-        ans = answers(student_dir, teacher_dir, [r["text"] for part in c.values() for r in part] + ref)
+        student_dir, teacher_dir, train_texts, c, ans = prepare(args, labels)
+        ref = train_texts  # the input-drift reference only while a stream has too little early traffic
         ev = c["eval"]
         base = {"agreement": float(np.mean([ans[r["text"]]["student"] == ans[r["text"]]["teacher"] for r in ev])),
                 "accuracy": float(np.mean([ans[r["text"]]["student"] == r["gold"] for r in ev])), "n": len(ev)}
@@ -300,19 +338,23 @@ def main() -> None:  # long: the benchmark's steps in the order they are printed
               f"the teacher {base['agreement']:.4f}; models and answers in {time.perf_counter() - t0:.0f} s")
 
         if args.replay:
-            served = {name: make_stream(kind, c, args.replay // 2, args.replay - args.replay // 2, 900 + i)
+            # The champion's early traffic (clean), then the judged requests: clean, or 30 % out of scope.
+            served = {name: make_stream(kind, c, drift.reference_requests, args.replay, 900 + i)
                       for i, (name, kind) in enumerate((("none", "none"), ("oos30", "oos30")))}
             logged = replay(student_dir, teacher_dir, served, tmp)
             for name, stream in served.items():
                 rows, load = logged[name]["rows"], logged[name]["load"]
                 same_s = np.mean([r["champion_label"] == ans[r["text"]]["student"] for r in rows])
                 same_t = np.mean([r["teacher_label"] == ans[r["text"]]["teacher"] for r in rows])
-                res = judge_logged(rows, stream, labels, base, ref, drift, args.feedback, seed=7)
+                res = judge_logged(logged[name]["db"], student_dir, stream, labels, base, train_texts, drift,
+                                   args.feedback, seed=7)
+                ref = res.pop("_reference")
                 verdicts = ", ".join(f"{n} {'FIRED' if r['fired'] else r['status']} (p={r['p_value']:.3g})"
                                      if r.get("p_value") is not None else f"{n} {r['status']}" for n, r in res.items())
                 print(f"replay {name}: {len(rows)} requests served and logged ({load['errors']} errors, "
                       f"{load['throughput_rps']:.0f} req/s); logged labels = precomputed: student {same_s:.3f}, "
-                      f"teacher {same_t:.3f}; last {drift.recent_requests}: {verdicts}")
+                      f"teacher {same_t:.3f}; the drift watch's tasks on the last {ref['judged']} (reference: "
+                      f"the {ref['n']} before): {verdicts}")
 
         alarms = {n: [] for n in TRAFFIC_SENSORS}
         for s in range(args.streams):

