@@ -48,7 +48,7 @@ class ReviewInput(RunInput):
         default_factory=list, description="Regexes; every answer in the dataset matching one is rejected."
     )
     approve: bool = Field(
-        True, description="Untick to stop the run: the sample is not good enough to train on (say why in reason)."
+        True, description="Switch off to stop the run: the sample is not good enough to train on (say why in reason)."
     )
 
 
