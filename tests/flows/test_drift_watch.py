@@ -202,3 +202,21 @@ def test_drift_fires_event_and_trigger_starts_distillation_cycle(prefect_harness
 
     reports = [a.data for a in asyncio.run(artifacts())]
     assert any("Drift detected" in r and setup["task"] in r for r in reports)
+
+
+def test_input_drift_reference_is_the_champions_early_traffic(tmp_path):
+    from distill_tasks.drift import read_traffic
+
+    log = ShadowLog(f"sqlite:///{tmp_path}/log.sqlite")
+    old = [{"request_id": f"o{i}", "text": f"old {i}", "champion_run": "run-0"} for i in range(50)]
+    early = [{"request_id": f"e{i}", "text": f"early {i}", "champion_run": "run-1"} for i in range(300)]
+    recent = [{"request_id": f"n{i}", "text": f"new {i}", "champion_run": "run-1"} for i in range(200)]
+    log.append_many(old + early + recent)
+    out = read_traffic.fn(log.url, 200, ["run-1"], 250)
+    assert [r["text"] for r in out["rows"]] == [r["text"] for r in recent]
+    # the oldest requests this champion served, none of another champion's and none of the judged window
+    assert out["reference_texts"] == [r["text"] for r in early[:250]]
+    wide = read_traffic.fn(log.url, 400, ["run-1"], 250)
+    assert wide["reference_texts"] == [r["text"] for r in early[:100]]
+    assert read_traffic.fn(log.url, 200, None, 250)["reference_texts"] == []
+    log.close()
