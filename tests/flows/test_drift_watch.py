@@ -220,3 +220,57 @@ def test_input_drift_reference_is_the_champions_early_traffic(tmp_path):
     assert wide["reference_texts"] == [r["text"] for r in early[:100]]
     assert read_traffic.fn(log.url, 200, None, 250)["reference_texts"] == []
     log.close()
+
+
+def test_without_shadow_a_sample_is_relabelled_once_and_charged(prefect_harness, setup):
+    """Shadow off: the watch buys teacher labels for a random sample from a hosted-like teacher
+    (tests/chat_standin.py, its own process), charges the drift ledger, and never buys one twice."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from distill_flows.drift_watch import drift_watch
+
+    from distill.httpserver import free_port
+    from distill.teacher.ratelimit import Ledger
+
+    tmp = setup["tmp"]
+    traffic = sentences(120, 5)
+    data = write_csv(tmp / "traffic.csv", traffic)
+    (tmp / "labels.json").write_text(json.dumps(LABELS))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/chat_standin.py"), "--port", str(port), "--data",
+                             str(data), "--labels", str(tmp / "labels.json")])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "stand-in did not start"
+                time.sleep(0.2)
+        log_traffic(setup["log"], [t for t, _ in traffic], flip_teacher=0.0, seed=3, shadow=False)
+        ledger = tmp / "drift-ledger.jsonl"
+        overrides = [f"teacher.base_url=http://127.0.0.1:{port}/v1", "teacher.model=hosted",
+                     "teacher.input_price_per_1m=1.0", "teacher.output_price_per_1m=2.0",
+                     f"generation.cache_path={tmp / 'cache.sqlite'}", "generation.backoff_base_s=0.01",
+                     f"drift.ledger_path={ledger}", "drift.label_sample=80", "drift.min_shadow_pairs=50"]
+        first = drift_watch(config_path=setup["config"], overrides=overrides)
+        got = first["labelled"]
+        assert got["from_shadow"] == 0 and 70 <= got["relabelled"] <= 80 and got["cost_usd"] > 0
+        spent = Ledger(ledger, None).by_purpose()
+        assert set(spent) == {"drift-relabel"} and spent["drift-relabel"] == pytest.approx(got["cost_usd"], abs=1e-6)
+        stored = [r for r in setup["log"].recent() if r["teacher_label"] is not None]
+        assert len(stored) == got["relabelled"]  # bought labels are kept in the log
+        # A random champion against a teacher that is right ~90 % of the time: agreement is far below 1.0.
+        assert first["results"]["divergence"]["fired"] is True
+        second = drift_watch(config_path=setup["config"], overrides=overrides)
+        assert second["labelled"]["from_shadow"] == len(stored)  # reused, not bought again
+        # only requests still without a label were bought the second time: none is labelled twice
+        assert got["relabelled"] + second["labelled"]["relabelled"] <= len(traffic)
+        assert second["labelled"]["sampled"] == len(stored) + min(80, len(traffic) - len(stored))
+    finally:
+        proc.terminate()
+        proc.wait(10)
