@@ -25,11 +25,16 @@ from typing import Any, Callable
 
 from distill.config import BUNDLED_DATA, DistillConfig, TaskConfig, load_config
 from distill.data import read_table, write_text
-from distill.httpserver import free_port, port_is_free
+from distill.httpserver import free_port, port_is_free, stop_process, wait_for_health
 from distill.models.encoders import MINILM, EmbeddingClassifier
 
 DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
+
+
+def demo_task(**fields: Any) -> TaskConfig:
+    """The demo preset's task (the bundled BANKING77 data, fields and prompt), with `fields` changed."""
+    return TaskConfig.model_validate({**load_config(PRESET).task.model_dump(), **fields})
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> None:
@@ -119,32 +124,16 @@ def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeo
     """`distill teacher serve` in a process of its own for the block; yields its base URL."""
     import subprocess
     import sys
-    import urllib.request
 
     cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
            "--port", str(port), "--model-name", model_name]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the demo teacher exited with {proc.returncode} before it answered")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the demo teacher did not answer within {startup_timeout} s") from None
-                time.sleep(0.2)
+        wait_for_health(url, proc, startup_timeout, "the demo teacher")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,
