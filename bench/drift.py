@@ -39,19 +39,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import secrets
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-             "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-    os.environ.setdefault(k, v)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "distill" / "data" / "banking77"
@@ -279,7 +277,7 @@ def judge_logged(db: Path, student_dir: Path, stream: list[dict], labels: list[s
     """The drift watch's own tasks (read-traffic, label-recent-traffic, run-drift-sensors) on a served log."""
     from distill_tasks.drift import label_recent, read_traffic, run_sensors
 
-    from distill.config import TaskConfig
+    from distill.demo import demo_task
     from distill.drift.feedback import apply_feedback
     from distill.serve.shadow import ShadowLog
 
@@ -293,7 +291,7 @@ def judge_logged(db: Path, student_dir: Path, stream: list[dict], labels: list[s
     log.close()
     traffic = read_traffic.fn(f"sqlite:///{db}", recent, keys, drift.reference_requests)
     # Every judged row carries the shadow teacher's answer; nothing is re-labelled (no paid endpoint here).
-    labelled = label_recent.fn(traffic["rows"], TaskConfig(), drift.model_copy(update={"relabel": False}), None,
+    labelled = label_recent.fn(traffic["rows"], demo_task(), drift.model_copy(update={"relabel": False}), None,
                                None, "", seed)
     model = {"model_dir": str(student_dir), "run_id": None,
              "metrics": {"student_accuracy": base["accuracy"], "agreement": base["agreement"], "n_holdout": base["n"]}}
@@ -324,7 +322,7 @@ def main() -> None:  # long: the benchmark's steps in the order they are printed
 
     from distill.config import load_config
 
-    drift = load_config(None, args.set_).drift
+    drift = load_config(None, args.set_, need_task=False).drift
     labels = json.loads((DATA / "categories.json").read_text())
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
@@ -411,5 +409,4 @@ def main() -> None:  # long: the benchmark's steps in the order they are printed
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

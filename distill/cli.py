@@ -467,13 +467,13 @@ def feedback_cmd(input: Path = typer.Argument(..., help="CSV/JSONL with request_
 
     The whole file is checked before anything is written: an unknown label or request id fails with its line.
     """
-    cfg = load_or_fail(config, set_)
+    cfg = load_or_fail(config, set_, need_task=False)
     from distill.config import ConfigError
     from distill.drift.feedback import apply_feedback, read_feedback
     from distill.serve.shadow import ShadowLog
 
     try:
-        labels = cfg.task.label_set() if cfg.task.kind == "classification" else None
+        labels = cfg.task.label_set() if cfg.task is not None and cfg.task.kind == "classification" else None
         gold = read_feedback(input, labels)
         log = ShadowLog(log_url or cfg.drift.log_url or cfg.serve.log_url)
         try:

@@ -75,9 +75,10 @@ def prefect_ui(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-ui")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
-           "PREFECT_UI_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+    from distill.offline import OFFLINE_ENV
+
+    env = {**OFFLINE_ENV, **os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_UI_API_URL": api, "PREFECT_UI_ENABLED": "true", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_PROFILE", None)
     log = open(home / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import DriftConfig, GenerationConfig, TaskConfig, TeacherConfig
+from distill.config import DriftConfig, GenerationConfig, TeacherConfig
 from distill.data import read_table
+from distill.demo import demo_task
 from distill.drift.reference import labelling_sample, relabel
 from distill.httpserver import free_port
 from distill.teacher.ratelimit import Ledger
@@ -60,14 +61,14 @@ def test_relabel_buys_each_label_once_and_charges_the_ledger(standin, tmp_path):
     teacher = TeacherConfig(base_url=standin, model="hosted", input_price_per_1m=1.0, output_price_per_1m=2.0)
     gen = GenerationConfig(cache_path=tmp_path / "cache.sqlite", concurrency=4, backoff_base_s=0.01, max_tokens=16)
     drift = DriftConfig(ledger_path=tmp_path / "drift-ledger.jsonl", relabel_budget_usd=1.0)
-    first = relabel(rows, TaskConfig(), teacher, gen, drift, api_key="sk-standin-not-a-secret")
+    first = relabel(rows, demo_task(), teacher, gen, drift, api_key="sk-standin-not-a-secret")
     ledger = Ledger(drift.ledger_path, None)
     spent = ledger.spent()
     assert spent > 0 and set(ledger.by_purpose()) == {"drift-relabel"}
     got = [first["labels"][r["request_id"]] for r in rows]
     gold = [r["category"] for r in test]
     assert sum(g == l for g, l in zip(gold, got)) / len(gold) > 0.7  # the stand-in is right ~90 % of the time
-    again = relabel(rows, TaskConfig(), teacher, gen, drift, api_key="sk-standin-not-a-secret")
+    again = relabel(rows, demo_task(), teacher, gen, drift, api_key="sk-standin-not-a-secret")
     assert again["labels"] == first["labels"] and again["summary"]["cached"] == len(rows)
     assert Ledger(drift.ledger_path, None).spent() == spent  # nothing paid twice
     assert "sk-standin" not in drift.ledger_path.read_text()
