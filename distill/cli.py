@@ -503,6 +503,36 @@ def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML confi
         raise typer.Exit(1)
 
 
+@app.command("feedback")
+def feedback_cmd(input: Path = typer.Argument(..., help="CSV/JSONL with request_id and label columns: the gold "
+                                              "label of requests answered earlier."),
+                 config: Optional[Path] = typer.Option(None, "--config", help="YAML config (task labels, "
+                                                       "serve.log_url)."),
+                 set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+                 log_url: Optional[str] = typer.Option(None, help="Traffic log URL (default drift.log_url, then "
+                                                       "serve.log_url).")):
+    """Record late gold labels in the traffic log; the drift watch's accuracy sensor judges them.
+
+    The whole file is checked before anything is written: an unknown label or request id fails with its line.
+    """
+    cfg = load_or_fail(config, set_, need_task=False)
+    from distill.config import ConfigError
+    from distill.drift.feedback import apply_feedback, read_feedback
+    from distill.serve.shadow import ShadowLog
+
+    try:
+        labels = cfg.task.label_set() if cfg.task is not None and cfg.task.kind == "classification" else None
+        gold = read_feedback(input, labels)
+        log = ShadowLog(log_url or cfg.drift.log_url or cfg.serve.log_url)
+        try:
+            n = apply_feedback(log, gold, str(input))
+        finally:
+            log.close()
+    except ConfigError as e:
+        fail(str(e))
+    typer.echo(f"{n} gold label(s) recorded from {input}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
