@@ -273,6 +273,7 @@ def test_minilm_embedding_teacher_serves_banking77(tmp_path):
 
 def test_cli_serves_a_student_directory(tiny_classifier, port):
     """`distill teacher serve` as a real process, queried over HTTP, then stopped."""
+    import os
     import subprocess
     import sys
 
@@ -280,6 +281,7 @@ def test_cli_serves_a_student_directory(tiny_classifier, port):
 
     proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "teacher", "serve", str(tiny_classifier),
                              "--port", str(port), "--model-name", "cli-clf"],
+                            env={**os.environ, "DISTILL_TEACHER_API_KEY": "cli-key"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -292,8 +294,10 @@ def test_cli_serves_a_student_directory(tiny_classifier, port):
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
         assert health["model"] == "cli-clf" and health["labels"] == LABELS
-        r = client_for(f"http://127.0.0.1:{port}").chat.completions.create(
-            model="cli-clf", messages=[{"role": "user", "content": "great app"}])
+        import openai
+
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+        r = c.chat.completions.create(model="cli-clf", messages=[{"role": "user", "content": "great app"}])
         assert r.choices[0].message.content in LABELS
     finally:
         proc.terminate()
@@ -317,3 +321,74 @@ def test_thread_setting_stays_inside_the_model_worker(tiny_classifier):
     assert torch.get_num_threads() == before and seen == [before]
     assert app.state.teacher.executor.submit(torch.get_num_threads).result() == 1
     app.state.teacher.executor.shutdown()
+
+
+def _multipart(boundary: str, purpose: bytes, filename: str, content: bytes) -> bytes:
+    return (f"preamble\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n".encode()
+            + purpose + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/jsonl\r\n\r\n".encode()
+            + content + f"\r\n--{boundary}--\r\nepilogue".encode())
+
+
+def test_multipart_upload_parser_is_exact_whatever_the_chunking():
+    import random
+
+    from distill.chat import ApiError
+    from distill.teacher.server_batches import MultipartUpload
+
+    boundary = "----b0undary"
+    # Content that holds almost-delimiters: CRLF, dashes, the boundary without its leading CRLF--.
+    content = bytes(random.Random(0).randrange(256) for _ in range(3000)) + b"\r\n--" + b"----b0undar" + b"\r\n-"
+    body = _multipart(boundary, b"batch", "in.jsonl", content)
+    for size in (1, 2, 7, 13, 64, 4096, len(body)):
+        sink = io.BytesIO()
+        upload = MultipartUpload(f"multipart/form-data; boundary={boundary}", sink)
+        for i in range(0, len(body), size):
+            upload.feed(body[i:i + size])
+        upload.finish()
+        assert sink.getvalue() == content and upload.file_bytes == len(content), size
+        assert upload.fields == {"purpose": b"batch"} and upload.filename == "in.jsonl"
+        assert len(upload.buf) < len(boundary) + 8  # never more than a delimiter's worth held back
+    for bad_type in ("application/json", "multipart/form-data", "multipart/mixed; boundary=x"):
+        with pytest.raises(ApiError, match="multipart/form-data"):
+            MultipartUpload(bad_type, io.BytesIO())
+    cut = MultipartUpload(f"multipart/form-data; boundary={boundary}", io.BytesIO())
+    cut.feed(body[: len(body) // 2])
+    with pytest.raises(ApiError, match="closing boundary"):
+        cut.finish()
+    twice = MultipartUpload(f"multipart/form-data; boundary={boundary}", io.BytesIO())
+    with pytest.raises(ApiError, match="more than one"):
+        twice.feed(body.replace(b'name="purpose"', b'name="file"; filename="a"'))
+
+
+def test_long_texts_are_cut_without_changing_the_answer(tiny_classifier):
+    from distill.teacher.server import CHARS_PER_TOKEN, ClassifierTeacher
+
+    teacher = ClassifierTeacher(Path(tiny_classifier))
+    long = "my card was declined at the shop again " * 2000  # ~80,000 characters, far past max_length
+    assert len(long) > teacher._max_length * CHARS_PER_TOKEN
+    (cut, tokens), = teacher.classify([long])
+    import numpy as np
+
+    uncut = teacher._logits([long])[0]  # the whole text through the tokenizer, truncated there
+    assert np.allclose(cut, uncut - np.log(np.exp(uncut - uncut.max()).sum()) - uncut.max(), atol=1e-5)
+    assert tokens == teacher._max_length
+
+
+def test_a_temporary_files_directory_is_removed_with_its_store(tmp_path):
+    import gc
+
+    from distill.teacher.server_batches import BatchStore
+
+    store = BatchStore(None)
+    made = store.directory
+    store.save_file(b"x", "a.jsonl", "batch")
+    assert made.name.startswith("distill-teacher-files-") and made.exists()
+    store.close()
+    assert not made.exists()
+    forgotten = BatchStore(None).directory  # created, never served, dropped
+    gc.collect()
+    assert not forgotten.exists()
+    given = BatchStore(tmp_path / "files")
+    given.close()
+    assert (tmp_path / "files").exists()  # a directory the operator named is theirs
