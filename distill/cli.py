@@ -7,6 +7,7 @@ light: each command imports what it needs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -387,7 +388,9 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
               insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP)):
     """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env, required)."""
     apply_offline_env()
-    overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
+    # The host quoted: an override value is read as YAML, where `::` is not a string.
+    overrides = (list(set_ or []) + ([f"serve.host={json.dumps(host)}"] if host else [])
+                 + ([f"serve.port={port}"] if port else []))
     cfg = load_or_fail(config, overrides)
     from distill.config import ConfigError
     from distill.serve.app import serve_forever
