@@ -135,10 +135,13 @@ class BatchStore:
             raise ApiError(404, f"No such File object: {file_id}", code="file_not_found", param="file_id")
         return meta
 
-    def file_content(self, file_id: str) -> bytes:
-        """The exact bytes uploaded (or written as batch results)."""
+    def file_path(self, file_id: str) -> Path:
+        """Where the exact bytes uploaded (or written as batch results) are; ApiError 404 when gone."""
         self.file_meta(file_id)
-        return (self.directory / f"{Path(file_id).name}.data").read_bytes()
+        return self.directory / f"{Path(file_id).name}.data"
+
+    def file_content(self, file_id: str) -> bytes:
+        return self.file_path(file_id).read_bytes()
 
     def batch(self, batch_id: str) -> dict:
         if batch_id not in self.batches:
@@ -400,7 +403,7 @@ class MultipartUpload:
 def add_batch_routes(app: Any, store: BatchStore, answer: Answer, concurrency: int = 128) -> None:
     """Register /v1/files and /v1/batches on a FastAPI `app`; `answer` handles one chat request body."""
     from fastapi import Request
-    from fastapi.responses import Response
+    from fastapi.responses import FileResponse
 
     async def json_body(request: Request) -> Any:
         try:
@@ -418,7 +421,8 @@ def add_batch_routes(app: Any, store: BatchStore, answer: Answer, concurrency: i
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str):
-        return Response(store.file_content(file_id), media_type="application/octet-stream")
+        # Sent from disk in chunks: a large result file is never read into memory whole.
+        return FileResponse(store.file_path(file_id), media_type="application/octet-stream")
 
     @app.post("/v1/batches")
     async def create(request: Request):
