@@ -271,39 +271,31 @@ def test_minilm_embedding_teacher_serves_banking77(tmp_path):
         assert sum(math.exp(t.logprob) for t in first.top_logprobs) <= 1 + 1e-6
 
 
-def test_cli_serves_a_student_directory(tiny_classifier, port):
-    """`distill teacher serve` as a real process, queried over HTTP, then stopped."""
+def test_demo_teacher_process_requires_a_key_and_hands_it_to_the_client(tiny_classifier, port, monkeypatch):
+    """`distill teacher serve` as the demo starts it: a real process with a key of its own, which the
+    demo's config points the teacher client at, through the environment only."""
     import os
-    import subprocess
-    import sys
 
     import httpx
+    import openai
 
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "teacher", "serve", str(tiny_classifier),
-                             "--port", str(port), "--model-name", "cli-clf"],
-                            env={**os.environ, "DISTILL_TEACHER_API_KEY": "cli-key"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+    from distill.config import BUNDLED_DATA
+    from distill.demo import TEACHER_KEY_ENV, demo_config, teacher_process
+    from distill.teacher.client import resolve_api_key
+
+    monkeypatch.setenv(TEACHER_KEY_ENV, "the-user's-own")
+    with teacher_process(Path(tiny_classifier), port, "cli-clf") as url:
+        cfg = demo_config(url, BUNDLED_DATA / "banking77" / "train.csv", True, [])
+        key = resolve_api_key(cfg.teacher)
+        assert key and key != "the-user's-own" and cfg.teacher.api_key_env == TEACHER_KEY_ENV
+        assert key not in json.dumps(cfg.model_dump(mode="json"))  # the config names the variable only
+        health = httpx.get(url + "/health", timeout=10).json()
         assert health["model"] == "cli-clf" and health["labels"] == LABELS
-        import openai
-
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        c = openai.OpenAI(base_url=cfg.teacher.base_url, api_key=key, max_retries=0)
         r = c.chat.completions.create(model="cli-clf", messages=[{"role": "user", "content": "great app"}])
         assert r.choices[0].message.content in LABELS
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    # uvicorn shuts down gracefully, then re-raises the signal it caught.
-    assert proc.returncode in (0, -15)
+    assert os.environ[TEACHER_KEY_ENV] == "the-user's-own"  # put back after the block
 
 
 def test_thread_setting_stays_inside_the_model_worker(tiny_classifier):
