@@ -70,7 +70,7 @@ def server(tiny_classifier, tmp_path_factory):
                  "--max-upload-bytes", str(UPLOAD_LIMIT)) as (url, proc, stderr):
         files_dirs = list(tmpdir.glob("distill-teacher-files-*"))
         assert len(files_dirs) == 1
-        yield url, proc, files_dirs[0]
+        yield url, proc, files_dirs[0], stderr
 
 
 def chat_body(text: str = "my card was declined") -> dict:
@@ -122,7 +122,7 @@ def test_refuses_to_start_without_a_key_or_open_beyond_loopback(tiny_classifier,
 
 
 def test_every_route_but_health_needs_the_key(server):
-    url, _, _ = server
+    url, _, _, _ = server
     assert httpx.get(url + "/health").status_code == 200
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/files"),
                          ("GET", "/v1/files/file-x/content"), ("POST", "/v1/batches"), ("GET", "/docs")):
@@ -136,7 +136,7 @@ def test_every_route_but_health_needs_the_key(server):
 
 
 def test_oversized_chat_bodies_are_refused_before_they_are_read(server):
-    url, _, _ = server
+    url, _, _, _ = server
     # 5 MB announced, 64 KB sent: the 413 comes back while the rest of the body is still unsent.
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
             "Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n")
@@ -157,7 +157,7 @@ def _upload(url: str, data: bytes, **kw):
 
 
 def test_uploads_stream_to_disk_and_stop_at_the_limit(server):
-    url, proc, files_dir = server
+    url, proc, files_dir, stderr = server
     _upload(url, b'{"warm": "up"}\n')
     peak = peak_rss_kb(proc.pid)
     # Just under the limit, with CRLFs and dashes that look like the start of a boundary.
@@ -185,10 +185,22 @@ def test_uploads_stream_to_disk_and_stop_at_the_limit(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert sorted(p.name for p in files_dir.iterdir()) == before
     assert peak_rss_kb(proc.pid) - peak < UPLOAD_LIMIT / 1024 / 2
+    # A client that hangs up halfway: nothing kept, nothing but a debug line.
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 1000000\r\n\r\n")
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head.encode() + parts[0] + b"z" * 50000)
+    time.sleep(0.5)
+    assert httpx.get(url + "/health").status_code == 200
+    assert sorted(p.name for p in files_dir.iterdir()) == before
+    log = stderr.read_text()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
 def test_files_expire(server):
-    url, _, files_dir = server
+    url, _, files_dir, _ = server
     f = _upload(url, b'{"a": 1}\n', expires_after={"anchor": "created_at", "seconds": 1})
     assert f.expires_at is not None and f.expires_at - f.created_at == 1
     assert (files_dir / f"{f.id}.data").exists()
