@@ -384,3 +384,20 @@ def test_a_temporary_files_directory_is_removed_with_its_store(tmp_path):
     given = BatchStore(tmp_path / "files")
     given.close()
     assert (tmp_path / "files").exists()  # a directory the operator named is theirs
+
+
+def test_only_loopback_may_be_open_and_a_set_key_always_counts(monkeypatch):
+    from distill.teacher.server_guard import is_loopback, server_key
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LocalHost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.1", "192.168.1.2", "example.org",
+                                            "127.0.0.1.nip.io"))
+    monkeypatch.delenv("SOME_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"no API key in \$SOME_KEY"):
+        server_key("SOME_KEY", False, "127.0.0.1", "cmd")
+    assert server_key("SOME_KEY", True, "127.0.0.1", "cmd") is None
+    monkeypatch.setenv("SOME_KEY", "k")
+    assert server_key("SOME_KEY", False, "0.0.0.0", "cmd") == "k"
+    assert server_key("SOME_KEY", True, "::1", "cmd") == "k"  # a key that is set is required, flag or not
+    with pytest.raises(ConfigError, match="refused with --host 0.0.0.0"):
+        server_key("SOME_KEY", True, "0.0.0.0", "cmd")
