@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(k, v)
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 
 async def fire(url: str, model: str, texts: list[str], concurrency: int, key: str) -> tuple[float, list[float]]:

@@ -2,7 +2,7 @@
 
 On a GPU: ~0.5B, ~1.5B and ~7B configurations (Qwen2-0.5B/1.5B/7B shapes), sequence
 length 2048, bf16, gradient checkpointing, with and without packing, through the same
-trl SFTTrainer + peft path as `distill.train_lm.train_sft`. On CPU: one tiny
+trl SFTTrainer + peft path as `distill.train.lm.train_sft`. On CPU: one tiny
 configuration, tokens/s only. Weights are random and nothing is downloaded.
 
 tokens/s counts real (non-padding) tokens, so padding waste shows up as lower
@@ -19,14 +19,13 @@ Last line: device=<cpu|gpu name> tokens_per_s=<float> mfu=<float|na> for the lar
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 # Qwen2 shapes (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings).
 CONFIGS = {

@@ -38,11 +38,12 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def load_or_fail(config: Optional[Path], overrides: Optional[List[str]]):
+def load_or_fail(config: Optional[Path], overrides: Optional[List[str]], need_task: bool = True):
+    """The validated config, or exit 2 with the error (file and line, or the `--set`, and the field)."""
     from distill.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides)
+        return load_config(config, overrides, need_task=need_task)
     except ConfigError as e:
         fail(str(e))
 
@@ -51,10 +52,15 @@ def load_or_fail(config: Optional[Path], overrides: Optional[List[str]]):
 def config_validate(config: Path = typer.Argument(..., help="YAML config file."),
                     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
                     show: bool = typer.Option(False, help="Print the effective config.")):
-    """Validate a config (and its data files' headers) without calling the teacher."""
-    from distill.config import dump_config
+    """Validate a config, its names and output paths, and its data files, without calling the teacher."""
+    from distill.config import ConfigError, dump_config
+    from distill.preflight import check_outputs
 
     cfg = load_or_fail(config, set_)
+    try:
+        check_outputs(cfg)
+    except ConfigError as e:
+        fail(str(e))
     rows, test = check_inputs(cfg)
     if show:
         typer.echo(dump_config(cfg))
@@ -114,7 +120,7 @@ def teacher_serve(
 
 
 
-# --- models (distill/registry.py) --------------------------------------------------------------
+# --- models (distill/serve/registry.py) --------------------------------------------------------
 
 REGISTRY_HELP = "Registry directory; defaults to the config's `registry` (or .distill/registry)."
 CONFIG_OPT_HELP = "YAML config whose `registry` field names the registry."
@@ -124,7 +130,7 @@ def _registry(registry: Optional[Path], config: Optional[Path]):
     from distill.serve.registry import Registry
 
     if registry is None:
-        registry = load_or_fail(config, None).registry if config else Path(".distill/registry")
+        registry = load_or_fail(config, None, need_task=False).registry if config else Path(".distill/registry")
     return Registry(registry)
 
 
@@ -210,8 +216,13 @@ def _run_with_metrics(store, run_id: str) -> dict:
     """The run's manifest with "metrics" filled from its metrics.json artifact when the manifest lacks them."""
     import json
 
+    from distill.config import check_safe_name
     from distill.store import StoreError, read_manifest
 
+    try:
+        check_safe_name(run_id)
+    except ValueError as e:
+        fail(f"run id: {e}")
     try:
         manifest = read_manifest(store, run_id)
     except StoreError as e:
@@ -355,7 +366,7 @@ def runs_diff(run_a: str = typer.Argument(..., help="Baseline run id."),
 
 
 
-# --- serve and shadow (distill/serve.py, distill/shadow.py) ------------------------------------
+# --- serve and shadow (distill/serve/app.py, distill/serve/shadow.py) --------------------------
 
 
 def _serving_models(cfg, student: Optional[Path], challenger: Optional[Path], want_challenger: bool):
@@ -364,13 +375,16 @@ def _serving_models(cfg, student: Optional[Path], challenger: Optional[Path], wa
 
     reg = Registry(cfg.registry)
     champ_dir, champ_run = student or cfg.serve.student_dir, None
+    if champ_dir is None and cfg.task is None:
+        fail("no student to serve: pass --student DIR, set serve.student_dir, or give a config whose task "
+             "names the registry entry")
     if champ_dir is None:
         entry = reg.champion(cfg.task.name)
         if entry is None:
             fail(f"registry {cfg.registry}: task {cfg.task.name!r} has no champion; promote one or pass --student DIR")
         champ_dir, champ_run = entry["path"], entry["run_id"]
     chall_dir, chall_run = challenger or cfg.serve.challenger_dir, None
-    if chall_dir is None and want_challenger:
+    if chall_dir is None and want_challenger and cfg.task is not None:
         entry = reg.challenger(cfg.task.name)
         if entry is not None:
             chall_dir, chall_run = entry["path"], entry["run_id"]
@@ -391,7 +405,7 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
     # The host quoted: an override value is read as YAML, where `::` is not a string.
     overrides = (list(set_ or []) + ([f"serve.host={json.dumps(host)}"] if host else [])
                  + ([f"serve.port={port}"] if port else []))
-    cfg = load_or_fail(config, overrides)
+    cfg = load_or_fail(config, overrides, need_task=False)
     from distill.config import ConfigError
     from distill.serve.app import serve_forever
 
@@ -421,7 +435,7 @@ def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML confi
                   out: Optional[Path] = typer.Option(None, help="Also write the markdown report here.")):
     """Adjudicate champion/challenger/teacher disagreements from the shadow log and decide readiness."""
     apply_offline_env()
-    cfg = load_or_fail(config, set_)
+    cfg = load_or_fail(config, set_, need_task=False)
     import json as _json
 
     from distill.config import ConfigError
@@ -435,11 +449,13 @@ def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML confi
     )
 
     try:
-        gold_map = load_gold(gold, cfg.task.text_field, cfg.task.label_field or "label") if gold else None
+        task = cfg.task
+        gold_map = load_gold(gold, task.text_field if task else "text",
+                             (task.label_field if task else None) or "label") if gold else None
         grade = None
         if grader and cfg.serve.review_grader is not None:
             g = cfg.serve.review_grader
-            labels = cfg.task.label_set() if cfg.task.kind == "classification" else None
+            labels = task.label_set() if task and task.kind == "classification" else None
             grade = openai_grader(g, os.environ.get(g.api_key_env), labels)
         log = ShadowLog(log_url or cfg.serve.log_url)
         result = review(log.recent(limit=limit), student=student, gold=gold_map, grader=grade,

@@ -25,11 +25,16 @@ from typing import Any, Callable
 
 from distill.config import BUNDLED_DATA, DistillConfig, TaskConfig, load_config
 from distill.data import read_table, write_text
-from distill.httpserver import free_port, port_is_free
+from distill.httpserver import free_port, port_is_free, stop_process, wait_for_health
 from distill.models.encoders import MINILM, EmbeddingClassifier
 
 DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
+
+
+def demo_task(**fields: Any) -> TaskConfig:
+    """The demo preset's task (the bundled BANKING77 data, fields and prompt), with `fields` changed."""
+    return TaskConfig.model_validate({**load_config(PRESET).task.model_dump(), **fields})
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]], fields: list[str]) -> None:
@@ -127,7 +132,6 @@ def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeo
     import secrets
     import subprocess
     import sys
-    import urllib.request
 
     key = secrets.token_urlsafe(24)
     cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
@@ -137,29 +141,14 @@ def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeo
     previous = os.environ.get(TEACHER_KEY_ENV)
     os.environ[TEACHER_KEY_ENV] = key
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the demo teacher exited with {proc.returncode} before it answered")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the demo teacher did not answer within {startup_timeout} s") from None
-                time.sleep(0.2)
+        wait_for_health(url, proc, startup_timeout, "the demo teacher")
         yield url
     finally:
         if previous is None:
             os.environ.pop(TEACHER_KEY_ENV, None)
         else:
             os.environ[TEACHER_KEY_ENV] = previous
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,

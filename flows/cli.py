@@ -1,8 +1,9 @@
 """The `distill` entry point: the core command line plus the commands that run flows.
 
-`distill/cli.py` holds every command that needs no Prefect; this adapter adds `run`,
-`demo` and `generate` (whose key may come from a Prefect Secret block) on top of it.
-Keeping them here is what lets the core stay free of the orchestration layer.
+`distill/cli.py` holds every command that needs no Prefect; this adapter adds `run` and
+`demo`, which start the distillation flow through `_run_cycle` alone, and `generate` (whose
+key may come from a Prefect Secret block) on top of it. Keeping them here is what lets the
+core stay free of the orchestration layer.
 """
 
 from __future__ import annotations
@@ -24,16 +25,30 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     apply_offline_env()
     cfg = load_or_fail(config, set_)
     check_inputs(cfg)
+
+    def call(cycle):
+        from distill.preflight import check_outputs
+
+        check_outputs(cfg)  # again in the flow's preflight; here it fails before Prefect starts
+        return cycle(config=cfg)
+
+    _run_cycle(call)
+
+
+def _run_cycle(call) -> None:
+    """The one place the CLI starts a flow: `call(distillation_cycle)`, then its figures.
+
+    A config error found inside the flow exits 2 with its message, as one found before it does.
+    """
     from distill_flows.distillation_cycle import distillation_cycle
 
     from distill.config import ConfigError
 
     try:
-        result = distillation_cycle(config=cfg)
+        result = call(distillation_cycle)
     except ConfigError as e:
         fail(str(e))
     _print_result(result)
-
 
 
 def _print_result(result: dict) -> None:
@@ -53,25 +68,14 @@ def _print_result(result: dict) -> None:
     typer.echo(f"run directory: {result['run_dir']}")
 
 
-
 @app.command("demo")
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
          quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests.")):
     """Distil BANKING77 intent classification end to end, offline, on CPU."""
     apply_offline_env()
-    from distill_flows.distillation_cycle import distillation_cycle
-
-    from distill.config import ConfigError
     from distill.demo import run_demo
 
-    try:
-        result = run_demo(distillation_cycle, overrides=set_ or [], quick=quick)
-    except ConfigError as e:
-        fail(str(e))
-    _print_result(result)
-
-
-
+    _run_cycle(lambda cycle: run_demo(cycle, overrides=set_ or [], quick=quick))
 
 
 @app.command("generate")
@@ -89,10 +93,11 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
     """
     from distill.config import ConfigError
     from distill.data import write_jsonl
+    from distill.preflight import check_writable
     from distill.teacher.client import resolve_api_key
     from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
-    cfg = load_or_fail(config, set_)
+    cfg = load_or_fail(config, set_, need_task=False)  # rows with `messages` need no task
     try:
         rows = load_prompt_rows(input, cfg.task)
         if dry_run:
@@ -100,6 +105,8 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
             for k, v in est.items():
                 typer.echo(f"{k:>22}: {v}")
             return
+        check_writable(output, "--output", directory=False)
+        check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
         key = resolve_api_key(cfg.teacher)
         if key is None and cfg.teacher.api_key_secret_block:
             apply_offline_env()

@@ -48,7 +48,7 @@ trap 'exit 130' INT TERM
 
 # Start a command in its own process group (so the trap stops it and its children), output to a log.
 background() { local log="$1"; shift; setsid "$@" >"$log" 2>&1 & PIDS+=($!); }
-free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { python -c 'from distill.httpserver import free_port; print(free_port())'; }
 wait_http() {  # url, seconds, log: wait until the URL answers 200
     local deadline=$((SECONDS + $2))
     until curl -fsS -o /dev/null "$1" 2>/dev/null; do

@@ -22,13 +22,13 @@ HEADLINE = ("teacher_accuracy", "student_accuracy", "retention", "agreement", "e
 def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: list[dict], labels: list[str] | None,
                      evaluate: EvaluateConfig, run_dir: str, validation: list[dict] | None = None,
                      teacher: TeacherConfig | None = None, train_rows: list[dict] | None = None) -> dict:
-    """Measure the student (see distill.evaluate.evaluate_classifier); plots land in run_dir.
+    """Measure the student (see distill.evaluate.classifier.evaluate_classifier); plots land in run_dir.
 
     Args:
         student_dir: the trained student.
         holdout: gold task rows.
         teacher_records: the teacher's records for the holdout.
-        labels: the label set; None for generation tasks (distill.evaluate_generative measures those).
+        labels: the label set; None for generation tasks (distill.evaluate.generative measures those).
         evaluate: the evaluate section.
         run_dir: the run directory (plots, tail.jsonl, robustness.jsonl).
         validation: training rows with split "validation" (the temperature is fitted there).
@@ -66,7 +66,7 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
 
 @task(name="gate-student", cache_policy=NO_CACHE)
 def gate_student(metrics: dict, gate: GateConfig) -> dict:
-    """Ship / don't ship with the failing reasons (see distill.gate.decide); also a markdown artifact."""
+    """Ship / don't ship with the failing reasons (see distill.evaluate.gate.decide); also a markdown artifact."""
     from distill.evaluate.gate import decide
 
     logger = get_run_logger()

@@ -209,6 +209,9 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
     for row in read_table(path, required=["id"]):
         where = f"{path}:{row['_line']}"
         msgs = row.get("messages")
+        if msgs is None and task is None:
+            raise ConfigError(f"{where}: no 'messages', and the config has no task section whose prompt would "
+                              "render the row")
         if msgs is None:
             prefix = prompt_prefix(task) if prefix is None else prefix
             msgs = render_messages(task, row, where=f"{where}: ", prefix=prefix)

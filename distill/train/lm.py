@@ -11,7 +11,7 @@ The data flow and the on-policy option come from trl's GKD trainer
 (`trl.experimental.gkd`): with probability `on_policy_fraction` a batch's completions
 are sampled from the student itself (GKD, Agarwal et al. 2024) and the teacher scores
 them; otherwise the teacher's completions from the dataset are used. The loss is
-`distill.losses.token_kd_loss`, forward KL(teacher_T || student_T) * T^2 on completion
+`distill.train.losses.token_kd_loss`, forward KL(teacher_T || student_T) * T^2 on completion
 tokens, rather than GKD's built-in JSD, so that T means the same thing in every mode.
 
 Output directory layout:
@@ -178,7 +178,7 @@ def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progre
 
 
 def _token_kd_trainer(temperature: float):
-    """trl's GKD trainer with its loss replaced by distill.losses.token_kd_loss.
+    """trl's GKD trainer with its loss replaced by distill.train.losses.token_kd_loss.
 
     Subclassing is the extension point the Trainer documents for a custom loss that
     needs more than the labels (here: a second model's logits).

@@ -9,7 +9,8 @@ from distill.data import load_task_rows, read_jsonl, write_jsonl
 def task(tmp_path, body: str, name="train.csv", **kw) -> TaskConfig:
     p = tmp_path / name
     p.write_text(body)
-    return TaskConfig(train_path=p, test_path=None, labels=["card_lost", "refund"], labels_path=None, **kw)
+    return TaskConfig(name="cards", train_path=p, labels=["card_lost", "refund"], label_field="category",
+                      system_prompt="Classify the message.", **kw)
 
 
 def test_good_rows_render_the_production_prompt(tmp_path):
@@ -39,7 +40,7 @@ def test_bad_jsonl_and_missing_file(tmp_path):
     t = task(tmp_path, '{"text": "hi", "category": "refund"}\n{not json\n', name="train.jsonl")
     with pytest.raises(ConfigError, match=r"train.jsonl:2: invalid JSON"):
         load_task_rows(t)
-    t = TaskConfig(train_path=tmp_path / "nope.csv", labels=["a"], labels_path=None)
+    t = TaskConfig(name="t", train_path=tmp_path / "nope.csv", labels=["a"], system_prompt="")
     with pytest.raises(ConfigError, match="nope.csv: file not found"):
         load_task_rows(t)
 

@@ -48,7 +48,7 @@ def setup(tmp_path, tiny_classifier):
     cfg = {
         "task": {"name": task, "train_path": str(write_csv(tmp_path / "train.csv", sentences(300, 0))),
                  "test_path": str(write_csv(tmp_path / "test.csv", sentences(60, 1))),
-                 "labels": LABELS, "labels_path": None},
+                 "labels": LABELS, "label_field": "category", "system_prompt": "Classify the message."},
         "registry": str(tmp_path / "registry"),
         "serve": {"log_url": f"sqlite:///{tmp_path}/shadow.sqlite"},
         "drift": {"embedder": None, "min_requests": 100, "min_shadow_pairs": 30, "permutations": 200},

@@ -7,14 +7,14 @@ import random
 import numpy as np
 import pytest
 
-from distill.config import TaskConfig
 from distill.data import load_task_rows
+from distill.demo import demo_task
 from distill.drift import sensors as drift
 
 
 @pytest.fixture(scope="module")
 def banking_texts() -> list[str]:
-    rows = load_task_rows(TaskConfig(max_rows=1200), "train")
+    rows = load_task_rows(demo_task(max_rows=1200), "train")
     texts = [r["text"] for r in rows]
     random.Random(0).shuffle(texts)
     return texts

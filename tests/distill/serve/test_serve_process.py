@@ -156,7 +156,7 @@ def test_refuses_to_start_without_a_key_or_open_beyond_loopback(tiny_classifier,
 def test_insecure_no_auth_serves_open_on_loopback_only_when_asked(tiny_classifier, tmp_path):
     import subprocess
 
-    from distill.httpserver import free_port
+    from distill.httpserver import free_port, stop_process, wait_for_health
 
     port = free_port()
     stderr = tmp_path / "stderr.log"
@@ -166,18 +166,9 @@ def test_insecure_no_auth_serves_open_on_loopback_only_when_asked(tiny_classifie
                                 env=_no_key_env(), stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, stderr.read_text()[-2000:]
-            try:
-                httpx.get(url + "/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_for_health(url, proc, 180, "distill serve", exit_detail=lambda: stderr.read_text()[-2000:])
         r = httpx.post(url + "/v1/chat/completions", json=body(), timeout=20)  # no Authorization header
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
     assert "unauthenticated" in stderr.read_text()

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from distill.httpserver import free_port
+from distill.httpserver import free_port, stop_process, wait_for_health
 
 KEY = "teacher-process-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -47,20 +47,11 @@ def teacher(model_dir: Path, tmpdir: Path, key: str | None, *args: str):
                                 env=_env(tmpdir, key), stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, stderr.read_text()[-2000:]
-            try:
-                httpx.get(url + "/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the teacher server did not start"
-                time.sleep(0.2)
+        wait_for_health(url, proc, 180, "distill teacher serve", exit_detail=lambda: stderr.read_text()[-2000:])
         yield url, proc, stderr
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distill.config import ConfigError, TrainConfig
+from distill.config import ConfigError, LogitKDTrain, SFTTrain
 from distill.train.lm import train_logit_kd, train_sft
 from distill.train.losses import token_kd_loss
 
@@ -60,7 +60,7 @@ def test_lora_sft_learns_completions_and_leaves_base_untouched(tmp_path, student
     from transformers import AutoModelForCausalLM
 
     base_before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(student_lm).state_dict().items()}
-    cfg = TrainConfig(mode="sft", student_model=student_lm, lora={"enabled": True, "r": 8, "alpha": 16,
+    cfg = SFTTrain(student_model=student_lm, lora={"enabled": True, "r": 8, "alpha": 16,
                       "dropout": 0.0}, merge_adapter=True, packing=True, learning_rate=3e-2, batch_size=4,
                       max_steps=80, max_length=64, eval_steps=40, checkpoint_steps=40, logging_steps=10)
     result = train_sft(lm_rows(8, validation=True), cfg, tmp_path / "sft", progress=False)
@@ -129,7 +129,7 @@ def test_logit_kd_pulls_student_towards_teacher(tmp_path, student_lm, on_policy)
     teacher = sharpen(make_tiny_causal_lm(tmp_path / "teacher-raw", seed=7), tmp_path / "teacher")
     rows = lm_rows(4)
     before = _kd_gap(student_lm, teacher, rows[:4])
-    cfg = TrainConfig(mode="logit_kd", student_model=student_lm, teacher_model=teacher, temperature=1.0,
+    cfg = LogitKDTrain(student_model=student_lm, teacher_model=teacher, temperature=1.0,
                       on_policy_fraction=on_policy, max_new_tokens=4, learning_rate=2e-2, batch_size=4,
                       max_steps=40, max_length=64, eval_steps=20, checkpoint_steps=20)
     result = train_logit_kd(rows, cfg, tmp_path / "kd", progress=False)
@@ -147,7 +147,7 @@ def test_logit_kd_rejects_a_teacher_with_another_tokenizer(tmp_path, tiny_causal
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["zebra"])
     tok.save_pretrained(other)
-    cfg = TrainConfig(mode="logit_kd", student_model=tiny_causal_lm, teacher_model=other, max_steps=1)
+    cfg = LogitKDTrain(student_model=tiny_causal_lm, teacher_model=other, max_steps=1)
     with pytest.raises(ConfigError, match="tokenizer"):
         train_logit_kd(lm_rows(1), cfg, tmp_path / "kd", progress=False)
     with pytest.raises(ConfigError, match="teacher_model"):
