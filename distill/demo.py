@@ -108,8 +108,8 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
 
 
 def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str]) -> DistillConfig:
-    """The demo preset, pointed at the in-process teacher and the student split."""
-    base = [f"teacher.base_url={teacher_url}/v1"]
+    """The demo preset, pointed at the demo teacher (and its key's variable) and the student split."""
+    base = [f"teacher.base_url={teacher_url}/v1", f"teacher.api_key_env={TEACHER_KEY_ENV}"]
     if quick:
         base += ["task.max_test_rows=300", "train.epochs=1", "evaluate.latency_requests=40",
                  "evaluate.tail_size=100", "gate.min_retention=0.0"]
@@ -118,23 +118,38 @@ def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list
 
 
 DEMO_PORT = 8765
+TEACHER_KEY_ENV = "DISTILL_TEACHER_API_KEY"
 
 
 @contextmanager
 def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeout: float = 180.0):
-    """`distill teacher serve` in a process of its own for the block; yields its base URL."""
+    """`distill teacher serve` in a process of its own for the block; yields its base URL.
+
+    The server requires a key made for this block. It travels in the environment variable
+    TEACHER_KEY_ENV, never on a command line: the child's environment, and this process's
+    for the block, where the teacher client reads it (the previous value is put back after).
+    """
+    import os
+    import secrets
     import subprocess
     import sys
 
+    key = secrets.token_urlsafe(24)
     cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--model-name", model_name]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+           "--port", str(port), "--model-name", model_name, "--api-key-env", TEACHER_KEY_ENV]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, TEACHER_KEY_ENV: key})
     watch(proc.pid)  # stopped with this process even when it is killed (distill/lifeline.py)
     url = f"http://127.0.0.1:{port}"
+    previous = os.environ.get(TEACHER_KEY_ENV)
+    os.environ[TEACHER_KEY_ENV] = key
     try:
         wait_for_health(url, proc, startup_timeout, "the demo teacher")
         yield url
     finally:
+        if previous is None:
+            os.environ.pop(TEACHER_KEY_ENV, None)
+        else:
+            os.environ[TEACHER_KEY_ENV] = previous
         stop_process(proc)
 
 
