@@ -104,6 +104,8 @@ def teacher_serve(
     max_upload_bytes: int = typer.Option(100 * 1024 * 1024, help="Largest /v1/files upload accepted (streamed to "
                                          "disk; 413 past it)."),
     file_ttl_s: float = typer.Option(86400.0, help="Seconds an uploaded or batch-result file is kept."),
+    json_field: Optional[str] = typer.Option(None, help="A classifier answers the JSON object {FIELD: label} "
+                                             "(for generative students) instead of the bare label."),
 ):
     """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
     apply_offline_env()
@@ -114,7 +116,7 @@ def teacher_serve(
         serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
               batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads, api_key_env=api_key_env,
               insecure_no_auth=insecure_no_auth, max_request_bytes=max_request_bytes,
-              max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s)
+              max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s, json_field=json_field)
     except ConfigError as e:
         fail(str(e))
 

@@ -602,9 +602,15 @@ def serve_forever(student_dir: str | Path, serve: ServeConfig, *, insecure_no_au
     import signal
     import socket
 
+    from distill.models.causal import is_causal_lm_dir
+
     # "" is create_app's word for "no authentication", which only insecure_no_auth can ask for here.
     kwargs["api_key"] = kwargs.get("api_key") or server_key(serve.api_key_env, insecure_no_auth, serve.host,
                                                             "distill serve") or ""
+    if is_causal_lm_dir(student_dir):  # a generative student has its own server: distill/serve/generative.py
+        from distill.serve.generative import serve_generative
+
+        return serve_generative(student_dir, serve, run=kwargs.get("champion_run"), api_key=kwargs["api_key"])
     check_safetensors_only(student_dir)  # a bad directory fails here, before any worker starts
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without it
     # every response (headers, then body) waits ~40 ms for the client's delayed ACK.

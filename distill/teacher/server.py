@@ -37,6 +37,7 @@ from distill.chat import ApiError, token_logprob
 from distill.config import ConfigError
 from distill.models.classifier import ClassifierStudent
 from distill.models.encoders import EmbeddingClassifier
+from distill.teacher.json_answers import json_answer
 from distill.teacher.server_batches import DAY_S, BatchStore, add_batch_routes
 from distill.teacher.server_guard import Guard, server_key
 
@@ -319,6 +320,7 @@ class ServerState:
         # own setting, everything else in the process gets the old default back.
         torch.set_num_threads(default)
         self.batcher: MicroBatcher | None = None
+        self.json_field: str | None = None
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -361,9 +363,12 @@ async def chat_completion(state: ServerState, req: ChatRequest) -> dict:
             k = min(req.top_logprobs or 0, len(teacher.labels))
             tops = [token_logprob(teacher.labels[j], logprobs[j]) for j in order[:k]]
             lp = {"content": [{**token_logprob(label, logprobs[order[0]]), "top_logprobs": tops}], "refusal": None}
-        choices = [{"index": i, "message": {"role": "assistant", "content": label, "refusal": None},
+        content, completion_tokens = label, req.n
+        if state.json_field:  # a generative student's teacher: see distill/teacher/json_answers.py
+            content, lp = json_answer(state.json_field, teacher.labels, logprobs, req.logprobs, req.top_logprobs or 0)
+            completion_tokens = 3 * req.n
+        choices = [{"index": i, "message": {"role": "assistant", "content": content, "refusal": None},
                     "logprobs": lp, "finish_reason": "stop"} for i in range(req.n)]
-        completion_tokens = req.n
     else:
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -500,7 +505,8 @@ def _add_model_routes(app, state: ServerState) -> None:
 def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
                batch_wait_ms: float = 2.0, files_dir: str | Path | None = None, threads: int | None = None,
                api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, file_ttl_s: float = DAY_S) -> "FastAPI":  # noqa: F821
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, file_ttl_s: float = DAY_S,
+               json_field: str | None = None) -> "FastAPI":  # noqa: F821
     """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
 
     Args:
@@ -517,6 +523,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
         max_request_bytes: the most a request body may hold (413 past it).
         max_upload_bytes: the most a /v1/files upload may hold (413 past it).
         file_ttl_s: seconds an uploaded or result file is kept.
+        json_field: a classifier answers {json_field: label} instead of the bare label.
     """
     from fastapi import FastAPI
 
@@ -526,6 +533,7 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
         raise ConfigError("max_request_bytes, max_upload_bytes and file_ttl_s must be > 0")
     teacher = load_teacher(model_path)
     state = ServerState(teacher, model_name or Path(model_path).resolve().name, threads)
+    state.json_field = json_field
     store = BatchStore(Path(files_dir) if files_dir else None, file_ttl_s)
     app = FastAPI(title="distill teacher", lifespan=_lifespan(state, store, max_batch, batch_wait_ms))
     app.state.teacher = state
@@ -542,7 +550,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8765, mod
           max_batch: int = 64, batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
           threads: int | None = None, api_key_env: str = "DISTILL_TEACHER_API_KEY", insecure_no_auth: bool = False,
           max_request_bytes: int = MAX_REQUEST_BYTES, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-          file_ttl_s: float = DAY_S) -> None:
+          file_ttl_s: float = DAY_S, json_field: str | None = None) -> None:
     """Run the server in the foreground until interrupted (what `distill teacher serve` does).
 
     The key comes from the environment variable `api_key_env`; without one the server refuses to
@@ -553,5 +561,5 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8765, mod
     key = server_key(api_key_env, insecure_no_auth, host, "distill teacher serve")
     app = create_app(model_path, model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms, files_dir=files_dir,
                      threads=threads, api_key=key, max_request_bytes=max_request_bytes,
-                     max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s)
+                     max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s, json_field=json_field)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
