@@ -223,8 +223,12 @@ def create_generative_app(student: GenerativeStudent | str | Path, serve: ServeC
     return app
 
 
-def serve_generative(student_dir: str | Path, serve: ServeConfig, run: str | None = None) -> None:
-    """Run the generative student server in the foreground (what `distill serve` does for a causal LM)."""
+def serve_generative(student_dir: str | Path, serve: ServeConfig, run: str | None = None,
+                     api_key: str | None = None) -> None:
+    """Run the generative student server in the foreground (what `distill serve` does for a causal LM).
+
+    api_key: as resolved by `serve_forever` ("" only when the command was told --insecure-no-auth).
+    """
     import uvicorn
 
     from distill.config import ConfigError
@@ -232,5 +236,5 @@ def serve_generative(student_dir: str | Path, serve: ServeConfig, run: str | Non
     if not any(Path(student_dir).glob("*.safetensors")):
         raise ConfigError(f"{student_dir}: no .safetensors weights (pickled weights are never loaded)")
 
-    app = create_generative_app(student_dir, serve, run=run)
+    app = create_generative_app(student_dir, serve, run=run, api_key=api_key)
     uvicorn.run(app, host=serve.host, port=serve.port, log_level="info", access_log=False)
