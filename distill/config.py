@@ -151,10 +151,23 @@ class GenerationConfig(Section):
         "everything the run spends (training prompts, holdout, grader, probes, re-asks, retries), and `distill "
         "run` stops before the first call when the dry-run estimate exceeds it.",
     )
-    soft_labels: Literal["trie", "hard"] = Field(
-        "trie", description="Classification label distributions. trie: top_logprobs at every answer position "
-        "(no extra request; a few more completion bytes), read over the labels' token trie; hard: no logprobs "
-        "asked, the answer's label smoothed (cheapest; no teacher uncertainty for KD or the entropy filter).",
+    soft_labels: Literal["trie", "score", "hard"] = Field(
+        "trie", description="Classification label distributions, and what each costs per row. trie: top_logprobs "
+        "at every answer position, read over the labels' token trie (no extra request; a few more completion "
+        "bytes). score: exact, for endpoints that score given text (vLLM): every label is scored inside the "
+        "teacher's own answer frame and the distribution is the normalised product of each label's token "
+        "probabilities; the answer request asks for no logprobs, and scoring adds, per row, L requests of about "
+        "(prompt + answer) prompt tokens and 1 completion token each with score_api prompt_logprobs, or 1 "
+        "request of L x (prompt + answer) prompt tokens and L completion tokens with score_api echo (L: the "
+        "number of labels). hard: no logprobs asked, the answer's label smoothed (cheapest; no teacher "
+        "uncertainty for KD or the entropy filter).",
+    )
+    score_api: Literal["prompt_logprobs", "echo"] = Field(
+        "prompt_logprobs", description="With soft_labels score, how labels are scored. prompt_logprobs: vLLM's "
+        "chat completions with prompt_logprobs and continue_final_message (the server applies the model's chat "
+        "template: the same prompt the answer was given), one request per label. echo: the completions API "
+        "(/completions with echo, logprobs, max_tokens 1; vLLM, or any server that echoes prompt logprobs), "
+        "all labels in one request, the chat rendered as plain 'Role: content' text.",
     )
     reask: bool = Field(
         False, description="Classification: one corrective re-ask, with the label list, for an answer that maps "
