@@ -23,12 +23,18 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     """Run the whole distillation cycle (generate, filter, train, evaluate, gate, register)."""
     apply_offline_env()
     cfg = load_or_fail(config, set_)
-    check_inputs(cfg)
-    from distill_flows.distillation_cycle import distillation_cycle
+    rows, holdout = check_inputs(cfg)
+    from distill_flows.distillation_cycle import distillation_cycle, split_real_rows
 
     from distill.config import ConfigError
+    from distill.preflight import budget_estimate, estimate_text, over_budget
 
     try:
+        # The dry-run estimate on the console; over the budget, the run stops here, before any call.
+        estimate = budget_estimate(cfg, split_real_rows(rows, cfg.filter.mix.real_fraction, cfg.seed)[0], holdout)
+        typer.echo(estimate_text(cfg, estimate))
+        if over_budget(cfg, estimate, cfg.generation.budget_usd):
+            fail(over_budget(cfg, estimate, cfg.generation.budget_usd))
         result = distillation_cycle(config=cfg)
     except ConfigError as e:
         fail(str(e))

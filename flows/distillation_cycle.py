@@ -16,7 +16,7 @@ from typing import Any
 
 from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from distill_tasks.filter import filter_rows, report_markdown
-from distill_tasks.generate import generate_completions, reask_unmapped_answers, summary_line
+from distill_tasks.generate import generate_completions, reask_unmapped_answers, score_label_answers, summary_line
 from distill_tasks.preflight import preflight_run
 from distill_tasks.train import train_where_configured
 from prefect import flow, get_run_logger
@@ -94,11 +94,19 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     records, gen_summary = generate_completions(teacher_rows, cfg.teacher, generation,
                                                 str(run_dir / "teacher_outputs.jsonl"))
     records = reask_unmapped_answers(records, labels, cfg.teacher, generation, str(run_dir / "teacher_outputs.jsonl"))
+    records = score_label_answers(records, labels, cfg.teacher, generation, str(run_dir / "teacher_outputs.jsonl"))
     holdout_records, holdout_summary = ([], {})
     if holdout:
         # The teacher's own answers on the holdout: its accuracy is what retention is measured against.
         holdout_records, holdout_summary = generate_completions.with_options(name="generate-holdout")(
             holdout, cfg.teacher, generation, str(run_dir / "teacher_holdout.jsonl"), purpose="holdout")
+        # The same corrective re-ask and label scoring as the training answers: the teacher is measured as it teaches.
+        holdout_records = reask_unmapped_answers.with_options(name="reask-holdout")(
+            holdout_records, labels, cfg.teacher, generation, str(run_dir / "teacher_holdout.jsonl"),
+            purpose="holdout-reask")
+        holdout_records = score_label_answers.with_options(name="score-holdout")(
+            holdout_records, labels, cfg.teacher, generation, str(run_dir / "teacher_holdout.jsonl"),
+            purpose="holdout-score")
 
     dataset, filter_report = filter_rows(teacher_rows, records, real_rows, cfg.task, cfg.filter, str(run_dir),
                                          teacher=cfg.teacher, generation=generation, seed=cfg.seed)

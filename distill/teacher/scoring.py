@@ -33,8 +33,8 @@ import json
 import math
 from typing import Any, Callable
 
-from distill.config import GenerationConfig, TeacherConfig
-from distill.teacher.client import Job, cache_key, estimate_tokens, make_record
+from distill.config import ConfigError, GenerationConfig, TeacherConfig
+from distill.teacher.client import Job, cache_key, estimate_tokens, make_record, price
 from distill.teacher.generation import GenerationResult, run_jobs
 from distill.teacher.labels import label_span, map_answer
 
@@ -209,6 +209,32 @@ def score_labels(records: list[dict], labels: list[str], teacher: TeacherConfig,
     summary = dict(result.summary)
     summary["scored"] = sum(1 for i, _ in plan if "label_scores" in out[i])
     return out, summary
+
+
+def probe_scoring(teacher: TeacherConfig, generation: GenerationConfig, labels: list[str], messages: list[dict],
+                  api_key: str | None, ledger: Any) -> None:
+    """One scoring request of two labels before the run pays for answers; charged as "probe".
+
+    Raises ConfigError naming generation.score_api when the endpoint does not score given text
+    (an OpenAI-hosted model answers 400 to prompt_logprobs, or ignores it), so a run in score mode
+    fails before its first batch instead of after it.
+    """
+    from distill.teacher.structured import post_chat
+
+    rec = make_record("probe", 0, messages, {}, teacher.model, status="done", response=labels[0])
+    _, jobs, _ = score_jobs([rec], labels[:2], teacher, generation)
+    job = jobs[0]
+    status, raw, error = post_chat(teacher, json.loads(job.body), api_key, path=job.path)
+    if error is not None:
+        raise ConfigError(f"teacher.base_url: {teacher.base_url} does not answer ({error}); nothing was sent to it")
+    fields = job.parse(raw)[0] if status == 200 else None
+    if ledger is not None:
+        usage = (fields or {}).get("usage") or {}
+        ledger.charge("probe", price(teacher, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)), 1)
+    if fields is None or not fields["scores"] or not fields["scores"][0]:
+        raise ConfigError(f"generation.score_api: {teacher.base_url}{job.path} does not score given text with "
+                          f"{generation.score_api} (HTTP {status}); use generation.soft_labels trie, or the other "
+                          "score_api; nothing else was sent")
 
 
 def estimate_score_cost(rows: list[dict], labels: list[str], generation: GenerationConfig) -> dict[str, int]:

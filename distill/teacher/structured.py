@@ -53,13 +53,13 @@ def structured_params(mode: str, labels: list[str], rationale: bool = False) -> 
     return {}
 
 
-def post_chat(teacher: TeacherConfig, body: dict, api_key: str | None,
-              timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int | None, bytes, str | None]:
-    """One blocking chat completion: (status, body, transport error or None)."""
+def post_chat(teacher: TeacherConfig, body: dict, api_key: str | None, timeout_s: float = PROBE_TIMEOUT_S,
+              path: str = "/chat/completions") -> tuple[int | None, bytes, str | None]:
+    """One blocking chat completion (or another POST under base_url): (status, body, transport error or None)."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(teacher.base_url + "/chat/completions", data=json.dumps(body).encode(),
+    req = urllib.request.Request(teacher.base_url + path, data=json.dumps(body).encode(),
                                  headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=min(timeout_s, teacher.timeout_s)) as resp:

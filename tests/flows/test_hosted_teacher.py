@@ -121,3 +121,8 @@ def test_a_run_whose_estimate_exceeds_the_budget_stops_before_the_first_call(tmp
     output = result.stdout + result.stderr
     assert "generation.budget_usd" in output and "nothing was sent" in output, output[-2000:]
     assert app.state.requests == 0
+    # The estimate is printed as a line of its own, not only logged, and the run never reached Prefect
+    # (one of the two rows is kept back as a real example: one request).
+    line = next(l for l in result.stdout.splitlines() if l.startswith("teacher estimate: up to $"))
+    assert "for 1 request " in line and "budget $0.0000" in line and "generation $" in line, line
+    assert not (tmp_path / "runs").exists()
