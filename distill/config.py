@@ -108,7 +108,7 @@ class TeacherConfig(Section):
     )
     structured_output: Literal["auto", "json_schema", "choice", "off"] = Field(
         "off", description="Classification answers constrained to the label set: json_schema (response_format "
-        "with a strict enum; OpenAI, vLLM, Ollama), choice (vLLM guided choice), off (prompt only), or auto "
+        "with a strict enum; OpenAI, vLLM, Ollama's /v1, which passes the schema on as Ollama's `format`), choice (vLLM guided choice), off (prompt only), or auto "
         "(decided by one probe request per candidate, counted in the run's spend, falling back to off).",
     )
     rationale: bool = Field(
@@ -125,7 +125,14 @@ class TeacherConfig(Section):
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        v = v.rstrip("/")
+        scheme_host, _, path = v.partition("://")[2].partition("/")
+        if scheme_host.endswith(":11434") and not path.endswith("v1"):
+            # Ollama's native API (/api/chat) speaks another wire format; its /v1 is the OpenAI one, and it
+            # turns response_format json_schema into Ollama's own `format` (structured outputs work there).
+            raise ValueError(f"{v} is Ollama's native API; use its OpenAI-compatible endpoint "
+                             f"{v.partition('://')[0]}://{scheme_host}/v1")
+        return v
 
 
 class GenerationConfig(Section):

@@ -4,7 +4,9 @@
 
 - `json_schema`: OpenAI-style `response_format` with a strict JSON schema whose
   `label` property is an `enum` of the labels (OpenAI, vLLM, Ollama's /v1, llama.cpp
-  all accept it); with `teacher.rationale`, a short `rationale` string comes first,
+  all accept it; Ollama's /v1 hands `json_schema.schema` on as its native `format`,
+  so an Ollama user gets `format` with the label enum, and `auto` picks json_schema
+  there: Ollama ignores the vLLM choice fields); with `teacher.rationale`, a short `rationale` string comes first,
   so the consistency filter can check that it argues for the label it gives.
 - `choice`: vLLM's guided choice (`guided_choice`, and `structured_outputs.choice`
   of newer vLLM): the answer is one label verbatim.
