@@ -101,14 +101,16 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
             "fit_s": round(time.perf_counter() - t0, 1)}
 
 
-def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str]) -> DistillConfig:
-    """The demo preset, pointed at the in-process teacher and the student split."""
+def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str],
+                model_name: str | None = None) -> DistillConfig:
+    """The demo preset, pointed at the local teacher (serving `model_name`) and the student split."""
     base = [f"teacher.base_url={teacher_url}/v1"]
     if quick:
         base += ["task.max_test_rows=300", "train.epochs=1", "evaluate.latency_requests=40",
                  "evaluate.tail_size=100", "gate.min_retention=0.0"]
     # The student split comes last: a task.train_path override names the data the teacher was fit on.
-    return load_config(PRESET, base + list(overrides) + [f"task.train_path={train_path}"])
+    last = [f"task.train_path={train_path}"] + ([f"teacher.model={model_name}"] if model_name else [])
+    return load_config(PRESET, base + list(overrides) + last)
 
 
 DEMO_PORT = 8765
@@ -160,9 +162,12 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
-    with teacher_process(prep["teacher_dir"], port, "banking77-teacher") as url:
+    # The model name carries the teacher's hash: the request cache never serves one teacher's answers
+    # (BANKING77's, say) to a demo whose teacher was fit on other data.
+    name = f"demo-{prep['teacher_dir'].name}"
+    with teacher_process(prep["teacher_dir"], port, name) as url:
         print(f"demo teacher serving at {url}/v1")
-        cfg = demo_config(url, prep["train_path"], quick, overrides or [])
+        cfg = demo_config(url, prep["train_path"], quick, overrides or [], model_name=name)
         result = run_cycle(config=cfg)
     result["metrics"]["demo_wall_s"] = round(time.perf_counter() - started, 1)
     return result
