@@ -120,6 +120,11 @@ class TeacherConfig(Section):
         "refused key or an unknown model fails the run within seconds, naming the URL.",
     )
 
+    @field_validator("structured_output", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:

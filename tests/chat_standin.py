@@ -15,6 +15,9 @@
 - Every 37th request is answered 429 with Retry-After (seconds) and retry-after-ms.
 - `--reject-structured` answers 400 to `response_format`, like an endpoint without
   structured outputs.
+- `--free-text-share F` makes it sloppier: that share of inputs is answered in its own
+  words even when the prompt lists the labels; a corrective follow-up turn (the
+  input is no longer the last user turn) is answered with a label.
 - It scores given text as vLLM does, consistently with the same distribution: chat
   completions with `prompt_logprobs` and `continue_final_message` return the prompt's
   tokens (its own chat template, then the assistant turn cut into the same pieces)
@@ -121,7 +124,8 @@ def lists_labels(messages: list[dict], labels: list[str]) -> bool:
     return sum(1 for l in labels if l in prompt) >= len(labels) // 2
 
 
-def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dict[str, float]):
+def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dict[str, float],
+                 free_text_share: float = 0.0):
     """(frame, surface function, hedge text or None) for one request, by what the request asks for."""
     fmt = body.get("response_format") or {}
     schema = ((fmt.get("json_schema") or {}).get("schema") or {}) if fmt.get("type") == "json_schema" else {}
@@ -137,7 +141,9 @@ def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dic
     if body.get("guided_choice") or (body.get("structured_outputs") or {}).get("choice"):
         return ("", ""), (lambda l: l), None
     rng = _rng("shape", text)
-    if lists_labels(body.get("messages") or [], labels):
+    users = [m.get("content") for m in body.get("messages") or [] if m.get("role") == "user"]
+    sloppy = bool(users) and users[-1] == text and _rng("sloppy", text).random() < free_text_share
+    if lists_labels(body.get("messages") or [], labels) and not sloppy:
         if rng.random() < 0.01:
             return None, None, "I'm not sure; it could be several things. Could you tell me more?"
         style = rng.randrange(3)
@@ -209,14 +215,17 @@ def score_completions(body: dict, golds: dict[str, str], labels: list[str], n: i
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     gen = int(body.get("max_tokens") if body.get("max_tokens") is not None else 16) > 0
     choices, used = [], 0
+    seen: dict[str, tuple[list, dict]] = {}  # the labels of one row share their context: cut it once
     for i, prompt in enumerate(prompts):
         cut = prompt.rfind("Assistant: ")
         context, answer = (prompt[:cut + len("Assistant: ")], prompt[cut + len("Assistant: "):]) if cut >= 0 \
             else (prompt, "")
-        user_at = context.rfind("User: ")
-        text = context[user_at + len("User: "):cut].rstrip("\n") if user_at >= 0 and cut >= 0 else ""
-        dist = true_distribution(text, golds.get(text), labels)
-        toks = _context_pieces(context) + (answer_logprobs(answer, dist) if answer else [])
+        if context not in seen:
+            user_at = context.rfind("User: ")
+            text = context[user_at + len("User: "):cut].rstrip("\n") if user_at >= 0 and cut >= 0 else ""
+            seen[context] = _context_pieces(context), true_distribution(text, golds.get(text), labels)
+        context_toks, dist = seen[context]
+        toks = context_toks + (answer_logprobs(answer, dist) if answer else [])
         toks += [("\n", -0.05)] if gen else []
         offsets, at = [], 0
         for t, _ in toks:
@@ -233,7 +242,8 @@ def score_completions(body: dict, golds: dict[str, str], labels: list[str], n: i
                                           "completion_tokens": len(prompts) * gen, "total_tokens": used}}
 
 
-def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool = False):
+def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool = False,
+              free_text_share: float = 0.0):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -252,8 +262,8 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
             return JSONResponse({"error": {"message": "response_format is not supported", "type":
                                            "invalid_request_error", "param": "response_format"}}, status_code=400)
         if body.get("prompt_logprobs") is not None and body.get("continue_final_message"):
-            return score_chat(body, golds, labels, app.state.requests)
-        return completion(body, golds, labels, app.state.requests)
+            return JSONResponse(score_chat(body, golds, labels, app.state.requests))
+        return completion(body, golds, labels, app.state.requests, free_text_share)
 
     @app.post("/v1/completions")
     async def completions(body: dict):
@@ -264,7 +274,8 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
                                 status_code=429, headers={"Retry-After": "1", "retry-after-ms": "20"})
         if not body.get("echo"):
             return JSONResponse({"error": {"message": "this stand-in only scores (echo)"}}, status_code=400)
-        return score_completions(body, golds, labels, app.state.requests)
+        # A megabyte of nested lists: rendered straight to JSON, not through FastAPI's encoder (seconds).
+        return JSONResponse(score_completions(body, golds, labels, app.state.requests))
 
     @app.get("/standin/stats")
     async def stats():
@@ -273,7 +284,7 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
     return app
 
 
-def completion(body: dict, golds: dict[str, str], labels: list[str], n: int) -> dict:
+def completion(body: dict, golds: dict[str, str], labels: list[str], n: int, free_text_share: float = 0.0) -> dict:
     messages = body.get("messages") or []
     users = [m["content"] for m in messages if m.get("role") == "user"]
     # The input is the last user turn that is a known text (a corrective follow-up is not the input).
@@ -283,7 +294,7 @@ def completion(body: dict, golds: dict[str, str], labels: list[str], n: int) -> 
         label = _rng("sample", text, n).choices(list(dist), weights=list(dist.values()))[0]
     else:
         label = max(dist, key=dist.get)
-    frame, surface, hedge = answer_shape(body, labels, text, label, dist)
+    frame, surface, hedge = answer_shape(body, labels, text, label, dist, free_text_share)
     top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
     if hedge is not None:
         content = hedge
@@ -316,9 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--reject-structured", action="store_true")
+    ap.add_argument("--free-text-share", type=float, default=0.0)
     args = ap.parse_args(argv)
     labels = list(json.loads(Path(args.labels).read_text()))
-    app = build_app(load_golds(args.data), labels, args.reject_structured)
+    app = build_app(load_golds(args.data), labels, args.reject_structured, args.free_text_share)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

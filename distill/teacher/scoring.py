@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from typing import Any, Callable
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
@@ -56,32 +57,42 @@ def chat_text(messages: list[dict]) -> str:
     return "".join(f"{m['role'].capitalize()}: {m.get('content') or ''}\n\n" for m in messages) + "Assistant: "
 
 
-def parse_prompt_logprobs(body: bytes | dict) -> tuple[dict | None, str | None, bool]:
-    """(fields, error, retryable) from a vLLM chat completion with `prompt_logprobs`: the prompt's tokens."""
+def parse_prompt_logprobs(body: bytes | dict, tail: int = 0) -> tuple[dict | None, str | None, bool]:
+    """(fields, error, retryable) from a vLLM chat completion with `prompt_logprobs`.
+
+    Keeps the prompt tokens that cover its last `tail` characters (the framed label; all when 0): the
+    part that is read, so the cache holds a few tokens per label, not the whole prompt.
+    """
     try:
         data = json.loads(body) if isinstance(body, (bytes, str)) else body
-        entries = data["prompt_logprobs"]
-        tokens = []
-        for entry in entries:
-            if entry is None:
-                continue  # the first prompt token has no logprob
+        tokens: list[list] = []
+        covered = 0
+        for entry in reversed(data["prompt_logprobs"]):
+            if entry is None or (tail and covered >= tail):
+                break  # the first prompt token has no logprob
             # prompt_logprobs 0 gives the prompt's own token alone; were there more, it is the one ranked last
             own = max(entry.values(), key=lambda v: v.get("rank") or 0)
-            tokens.append([str(own.get("decoded_token") or ""), float(own["logprob"])])
+            tokens.insert(0, [str(own.get("decoded_token") or ""), float(own["logprob"])])
+            covered += len(tokens[0][0])
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None, "malformed: no prompt_logprobs in the response (does the endpoint score prompts?)", False
     return _fields(data, [tokens]), None, True
 
 
-def parse_echo(body: bytes | dict) -> tuple[dict | None, str | None, bool]:
-    """(fields, error, retryable) from a completions response with `echo`: each prompt's tokens and offsets."""
+def parse_echo(body: bytes | dict, start: int = 0) -> tuple[dict | None, str | None, bool]:
+    """(fields, error, retryable) from a completions response with `echo`: each prompt's tokens and offsets.
+
+    Keeps the tokens that reach past character `start` (where the labels' frame begins): the part that
+    is read, so the cache holds the answers' tokens, not L copies of the prompt.
+    """
     try:
         data = json.loads(body) if isinstance(body, (bytes, str)) else body
         choices = sorted(data["choices"], key=lambda c: int(c.get("index") or 0))
         seqs = []
         for c in choices:
             lp = c["logprobs"]
-            seqs.append([[t, lp["text_offset"][i], lp["token_logprobs"][i]] for i, t in enumerate(lp["tokens"])])
+            seqs.append([[t, lp["text_offset"][i], lp["token_logprobs"][i]] for i, t in enumerate(lp["tokens"])
+                         if lp["text_offset"][i] + len(t) > start])
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None, "malformed: no echoed logprobs in the response (does the endpoint echo prompts?)", False
     return _fields(data, seqs), None, True
@@ -108,7 +119,12 @@ def tail_logprob(tokens: list[list], tail: int) -> float | None:
 
 def span_logprob(tokens: list[list], start: int, end: int) -> float | None:
     """Sum of the logprobs of the echoed tokens overlapping characters [start, end) (echo)."""
-    picked = [lp for text, at, lp in tokens if at < end and at + len(text) > start]
+    picked = []
+    for text, at, lp in reversed(tokens):  # the span is at the end: stop once a token ends before it
+        if at + len(text) <= start:
+            break
+        if at < end:
+            picked.append(lp)
     if not picked or any(lp is None for lp in picked):
         return None
     return float(sum(picked))
@@ -144,14 +160,16 @@ def score_jobs(records: list[dict], labels: list[str], teacher: TeacherConfig, g
             texts = [chat_text(rec["messages"]) + before + l + after for l in labels]
             messages = [{"role": "prompt", "content": t} for t in texts]  # the cache key's input
             body = {"model": teacher.model, "prompt": texts, **params}
-            slot = add(rec, messages, body, parse_echo, "/completions")
+            start = len(chat_text(rec["messages"]) + before)
+            slot = add(rec, messages, body, partial(parse_echo, start=start), "/completions")
             plan.append((i, [slot] * len(labels)))
             continue
         slots = []
         for l in labels:
             messages = [*rec["messages"], {"role": "assistant", "content": before + l + after}]
             body = {"model": teacher.model, "messages": messages, **params}
-            slots.append(add(rec, messages, body, parse_prompt_logprobs, "/chat/completions"))
+            slots.append(add(rec, messages, body, partial(parse_prompt_logprobs, tail=len(l + after)),
+                             "/chat/completions"))
         plan.append((i, slots))
     return out, list(jobs.values()), plan
 

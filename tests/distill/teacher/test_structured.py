@@ -173,3 +173,11 @@ def test_ollamas_native_api_url_names_its_v1_endpoint():
         with pytest.raises(ValueError, match=r"Ollama's native API; use .*:11434/v1"):
             TeacherConfig(base_url=url)
     assert TeacherConfig(base_url="http://localhost:11434/v1/").base_url == "http://localhost:11434/v1"
+
+
+def test_a_bare_off_in_yaml_means_off(tmp_path):
+    from distill.config import load_config
+
+    (tmp_path / "c.yaml").write_text("teacher:\n  structured_output: off\n")
+    assert load_config(tmp_path / "c.yaml").teacher.structured_output == "off"
+    assert load_config(tmp_path / "c.yaml", ["teacher.structured_output=off"]).teacher.structured_output == "off"
