@@ -144,7 +144,7 @@ def score_jobs(records: list[dict], labels: list[str], teacher: TeacherConfig, g
     def add(rec: dict, messages: list[dict], body: dict, parse: Callable, path: str) -> int:
         key = cache_key(teacher.base_url + path, teacher.model, messages, params, 0)
         if key not in jobs:
-            est = estimate_tokens(messages) * (len(labels) if echo else 1)
+            est = estimate_tokens(messages)  # an echo request's messages already hold all L texts
             jobs[key] = Job(key, messages, 0, json.dumps(body).encode(), est, path=path, parse=parse,
                             max_out=SCORE_MAX_TOKENS * (len(labels) if echo else 1))
         jobs[key].slots.append(len(out))

@@ -77,3 +77,16 @@ def test_the_frame_is_the_teachers_own_answer_around_its_label():
     echo = estimate_score_cost(rows, LABELS, GenerationConfig(soft_labels="score", score_api="echo", max_tokens=10))
     assert chat["requests"] == len(LABELS) and echo["requests"] == 1
     assert chat["prompt_tokens"] == echo["prompt_tokens"] > 100 * len(LABELS)
+
+
+def test_an_echo_request_reserves_its_own_tokens_once():
+    from distill.teacher.client import make_record
+    from distill.teacher.scoring import score_jobs
+
+    messages = [{"role": "user", "content": "x" * 400}]
+    rec = make_record("a", 0, messages, {}, "m", status="done", response=LABELS[0])
+    for api, n in (("echo", 1), ("prompt_logprobs", len(LABELS))):
+        _, jobs, _ = score_jobs([rec], LABELS, TeacherConfig(), GenerationConfig(score_api=api))
+        assert len(jobs) == n
+        # What the rate limiter and the budget reserve: about L prompts per row, not L x L.
+        assert 100 * len(LABELS) < sum(j.est_tokens for j in jobs) < 200 * len(LABELS)
