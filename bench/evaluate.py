@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
-             "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(k, v)
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 
 def build_student(directory: Path, labels: list[str]) -> Path:
@@ -46,14 +45,15 @@ def main() -> None:
     parser.add_argument("--robustness-rows", type=int, default=400)
     args = parser.parse_args()
 
-    from distill.config import EvaluateConfig, TaskConfig
+    from distill.config import EvaluateConfig
     from distill.data import load_task_rows
+    from distill.demo import demo_task
     from distill.evaluate.classifier import evaluate_classifier
 
-    task = TaskConfig(max_test_rows=args.rows)
+    task = demo_task(max_test_rows=args.rows)
     labels = task.label_set()
     holdout = load_task_rows(task, "test")
-    train = load_task_rows(TaskConfig(max_rows=2000), "train")
+    train = load_task_rows(demo_task(max_rows=2000), "train")
     records = []
     for i, r in enumerate(holdout):
         answer = r["gold"] if i % 10 else labels[(labels.index(r["gold"]) + 1) % len(labels)]

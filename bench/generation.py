@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill.offline import apply_offline_env  # noqa: E402
+
 
 def serve(port: int, latency_s: float) -> None:
     """The fixed-latency server (child process): a label with top-5 logprobs, like a classifier teacher."""
@@ -104,7 +106,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, latency)
         return
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    apply_offline_env()
     proc, url = start_server(latency)
     try:
         run_once(url, 8, 16, None, "warmup")  # imports, first connections

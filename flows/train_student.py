@@ -17,7 +17,7 @@ from distill_tasks.train import RESULT_FILE, RESULT_PATHS, train_student
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from distill.config import TrainConfig
+from distill.config import parse_train
 from distill.data import read_jsonl
 
 # Checkpoints stay on the worker: they only serve a retry there, and are the bulk of the bytes.
@@ -55,7 +55,7 @@ def train_student_flow(dataset_uri: str, labels: list[str] | None, train: dict, 
     Args:
         dataset_uri: store key of the training rows (JSONL), e.g. `<run_id>/dataset.jsonl`.
         labels: the label set (classifier_kd) or None.
-        train: the train config section as a dict (`TrainConfig.model_dump(mode="json")`).
+        train: the train config section as a dict (the mode's `model_dump(mode="json")`).
         run_id: the run the student belongs to; outputs go to `<run_id>/train/...` in the store.
         store: the store URI (`s3://bucket/prefix`, or a directory the worker shares with the caller).
         dataset_sha256: expected sha256 of the rows; a mismatch fails before any training.
@@ -71,7 +71,7 @@ def train_student_flow(dataset_uri: str, labels: list[str] | None, train: dict, 
 
     logger = get_run_logger()
     target = open_store(store)
-    config = TrainConfig.model_validate(train)
+    config = parse_train(train)
     run_dir = Path(work_dir) / run_id
     rows = read_jsonl(target.get_file(dataset_uri, run_dir / "dataset.jsonl", sha256=dataset_sha256))
     logger.info("training %d rows from %s for run %s", len(rows), target.url(dataset_uri), run_id)

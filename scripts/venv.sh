@@ -18,6 +18,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 # No network beyond package registries: keep Prefect and the HF libraries offline.
+# distill/offline.py (OFFLINE_ENV) is the one home of these values; they are exported here
+# as well because this shell starts processes Python never gets to configure first (the
+# prefect server and workers, pip) and tests/test_architecture.py checks the two agree.
 export DO_NOT_TRACK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY=false

@@ -47,6 +47,13 @@ class ReviewInput(RunInput):
     reject_patterns: list[str] = Field(
         default_factory=list, description="Regexes; every answer in the dataset matching one is rejected."
     )
+    approve: bool = Field(
+        True, description="Switch off to stop the run: the sample is not good enough to train on (say why in reason)."
+    )
+
+
+class SpotCheckRejected(Exception):
+    """The reviewer stopped the run at the spot-check; the message carries their reason."""
 
 
 # The stages are fast, pure and run once per flow run: hashing their inputs for a cache would
@@ -155,6 +162,8 @@ def _review(rows: list[dict], config: SpotCheckConfig, run_dir: Path, seed: int)
                         "of wrong answers in rejected_ids; add regexes to reject_patterns to remove every "
                         "matching answer in the dataset. Submit with empty lists to approve all.")
         answer = pause_flow_run(wait_for_input=form, timeout=config.timeout_s, poll_interval=config.poll_interval_s)
+        if not answer.approve:
+            raise SpotCheckRejected(f"spot-check: the reviewer rejected the sample: {answer.reason or 'no reason given'}")
         rejected_ids = {str(i): answer.reason for i in answer.rejected_ids}
         patterns = list(answer.reject_patterns)
         info["mode"] = "reviewer"
@@ -183,7 +192,7 @@ def answers_markdown(answers: dict | None) -> list[str]:
 def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict], task: TaskConfig,
                 filter: FilterConfig, run_dir: str, grader_api_key: str | None = None, seed: int = 0, *,
                 teacher: TeacherConfig | None = None, generation: GenerationConfig | None = None
-                ) -> tuple[list[dict], dict]:  # long: split into named steps is pending
+                ) -> tuple[list[dict], dict]:
     """Run every enabled stage, the spot-check and the mix; write the outputs and the report.
 
     Must run inside a flow run (the spot-check may pause it).
@@ -201,80 +210,103 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
 
     Returns (training_rows, report).
     """
-    logger = get_run_logger()
+    stages = _Stages(get_run_logger())
     out = Path(run_dir)
     labels = task.label_set() if task.kind == "classification" else None
     if filter.grader.enabled and (teacher is None or generation is None):
         raise ConfigError("filter.grader.enabled: the grader needs the teacher and generation sections")
-    stages: list[dict] = []
-    all_rejected: list[dict] = []
-    grading_summary: dict = {}
-
-    def run(name: str, enabled: bool, call: Callable[[list[dict]], tuple]) -> None:
-        nonlocal rows, grading_summary
-        n_in, t0 = len(rows), time.perf_counter()
-        if not enabled:
-            stages.append(stage_report(name, n_in, rows, [], 0.0, skipped=True))
-            return
-        result = call(rows)
-        kept, rejected = result[0], result[1]
-        if name == "grader":
-            grading_summary = result[2]
-        stages.append(stage_report(name, n_in, kept, rejected, time.perf_counter() - t0))
-        all_rejected.extend(rejected)
-        rows = kept
-        logger.info("filter %s: %d in, %d kept, %d dropped", name, n_in, len(kept), len(rejected))
-
     t0 = time.perf_counter()
     rows, rejected = candidates_task(quote(task_rows), quote(records), task, filter.consistency.label_key)
-    stages.append(stage_report("generation", len(records), rows, rejected, time.perf_counter() - t0))
+    stages.add("generation", len(records), rows, rejected, time.perf_counter() - t0)
     answers = answer_report(rows, task, filter.consistency.rationale_field)
-    all_rejected.extend(rejected)
-    run("heuristics", filter.heuristics.enabled, lambda r: heuristics_task(quote(r), filter.heuristics, task))
-    run("consistency", filter.consistency.enabled, lambda r: consistency_task(quote(r), filter.consistency, task))
-    run("entropy", filter.entropy.enabled, lambda r: entropy_task(quote(r), filter.entropy, task))
-    # Dedup before the grader: grading a duplicate that is dropped anyway would be paid for nothing.
-    run("dedup", filter.dedup.enabled, lambda r: dedup_task(quote(r), filter.dedup, task, seed))
-    if filter.grader.enabled:
-        endpoint = filter.grader.endpoint or teacher
-        key = grader_api_key
-        if key is None:
-            from distill_tasks.generate import resolve_key
-
-            key = resolve_key(endpoint)
-        run("grader", True, lambda r: grader_task(quote(r), filter.grader, teacher, generation, key))
-    else:
-        run("grader", False, lambda r: ([], []))
-    review_info: dict = {"mode": "disabled"}
-
-    def review(r: list[dict]) -> tuple[list, list]:
-        nonlocal review_info
-        kept, rejected, review_info = _review(r, filter.spotcheck, out, seed)
-        return kept, rejected
-
-    run("spotcheck", filter.spotcheck.enabled, review)
+    rows, grading_summary = _run_filters(stages, rows, task, filter, seed, teacher, generation, grader_api_key)
+    rows, (review_info,) = stages.run("spotcheck", filter.spotcheck.enabled, rows,
+                                      lambda r: _review(r, filter.spotcheck, out, seed), ({"mode": "disabled"},))
     training = mix_task(quote(rows), quote(real_rows), labels, filter.mix, seed)
-    n_real = sum(1 for r in training if r["source"] == "real")
     report = {
-        "stages": stages,
+        "stages": stages.reports,
         "spotcheck": review_info,
         "grader": grading_summary,
-        "rejected_total": len(all_rejected),
+        "rejected_total": len(stages.rejected),
         "answers": answers,
-        "final": {"rows": len(training), "teacher": len(training) - n_real, "real": n_real,
-                  "real_share": n_real / len(training) if training else 0.0,
-                  "train": sum(1 for r in training if r["split"] == "train"),
-                  "validation": sum(1 for r in training if r["split"] == "validation"),
-                  "tail_weighted": sum(1 for r in training if r["weight"] > 1.0),
-                  "labels": len({r["target"] for r in training}) if labels else None},
+        "final": _final_counts(training, labels),
     }
-    write_jsonl(out / "rejected.jsonl", all_rejected)
+    _write_outputs(out, report, stages.rejected, training)
+    if not training:
+        raise ConfigError("filter: no training rows left after filtering (see filter_report.json and rejected.jsonl)")
+    return training, report
+
+
+class _Stages:
+    """The stages run one after another: each one's report line, and every row any of them rejected."""
+
+    def __init__(self, logger) -> None:
+        self.logger = logger
+        self.reports: list[dict] = []
+        self.rejected: list[dict] = []
+
+    def add(self, name: str, n_in: int, kept: list[dict], rejected: list[dict], seconds: float) -> None:
+        self.reports.append(stage_report(name, n_in, kept, rejected, seconds))
+        self.rejected.extend(rejected)
+
+    def run(self, name: str, enabled: bool, rows: list[dict], call: Callable[[list[dict]], tuple],
+            skipped: tuple = ()) -> tuple[list[dict], tuple]:
+        """(kept rows, the stage's extra results) of `call(rows)`; `skipped` stands in for those when disabled."""
+        n_in, t0 = len(rows), time.perf_counter()
+        if not enabled:
+            self.reports.append(stage_report(name, n_in, rows, [], 0.0, skipped=True))
+            return rows, skipped
+        kept, rejected, *extra = call(rows)
+        self.add(name, n_in, kept, rejected, time.perf_counter() - t0)
+        self.logger.info("filter %s: %d in, %d kept, %d dropped", name, n_in, len(kept), len(rejected))
+        return kept, tuple(extra)
+
+
+def _run_filters(stages: _Stages, rows: list[dict], task: TaskConfig, filter: FilterConfig, seed: int,
+                 teacher: TeacherConfig | None, generation: GenerationConfig | None,
+                 grader_api_key: str | None) -> tuple[list[dict], dict]:
+    """The automatic stages in order; returns (kept rows, the grader's summary or {})."""
+    rows, _ = stages.run("heuristics", filter.heuristics.enabled, rows,
+                         lambda r: heuristics_task(quote(r), filter.heuristics, task))
+    rows, _ = stages.run("consistency", filter.consistency.enabled, rows,
+                         lambda r: consistency_task(quote(r), filter.consistency, task))
+    rows, _ = stages.run("entropy", filter.entropy.enabled, rows,
+                         lambda r: entropy_task(quote(r), filter.entropy, task))
+    # Dedup before the grader: grading a duplicate that is dropped anyway would be paid for nothing.
+    rows, _ = stages.run("dedup", filter.dedup.enabled, rows,
+                         lambda r: dedup_task(quote(r), filter.dedup, task, seed))
+    key = _grader_key(filter, teacher, grader_api_key) if filter.grader.enabled else None
+    rows, (grading_summary,) = stages.run("grader", filter.grader.enabled, rows,
+                                          lambda r: grader_task(quote(r), filter.grader, teacher, generation, key),
+                                          ({},))
+    return rows, grading_summary
+
+
+def _grader_key(filter: FilterConfig, teacher: TeacherConfig, grader_api_key: str | None) -> str | None:
+    if grader_api_key is not None:
+        return grader_api_key
+    from distill_tasks.generate import resolve_key
+
+    return resolve_key(filter.grader.endpoint or teacher)
+
+
+def _final_counts(training: list[dict], labels: list[str] | None) -> dict[str, Any]:
+    n_real = sum(1 for r in training if r["source"] == "real")
+    return {"rows": len(training), "teacher": len(training) - n_real, "real": n_real,
+            "real_share": n_real / len(training) if training else 0.0,
+            "train": sum(1 for r in training if r["split"] == "train"),
+            "validation": sum(1 for r in training if r["split"] == "validation"),
+            "tail_weighted": sum(1 for r in training if r["weight"] > 1.0),
+            "labels": len({r["target"] for r in training}) if labels else None}
+
+
+def _write_outputs(out: Path, report: dict, rejected: list[dict], training: list[dict]) -> None:
+    """rejected.jsonl, dataset.jsonl, filter_report.json and the two artifacts."""
+    write_jsonl(out / "rejected.jsonl", rejected)
     write_jsonl(out / "dataset.jsonl", training)
     write_text(out / "filter_report.json", json.dumps(report, indent=2, ensure_ascii=False, default=str))
     create_table_artifact([{k: s[k] for k in ("stage", "in", "kept", "dropped", "skipped", "seconds")}
                            | {"top_reasons": ", ".join(f"{code} ({n})" for code, n in s["top_reasons"].items())}
-                           for s in stages], key="filter-stages", description="Rows in/kept/dropped per filter stage")
+                           for s in report["stages"]], key="filter-stages",
+                          description="Rows in/kept/dropped per filter stage")
     create_markdown_artifact(report_markdown(report), key="filter-report", description="Filter report")
-    if not training:
-        raise ConfigError("filter: no training rows left after filtering (see filter_report.json and rejected.jsonl)")
-    return training, report

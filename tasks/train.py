@@ -50,7 +50,7 @@ def train_student(rows: list[dict], labels: list[str] | None, train: TrainConfig
         run_dir: the run directory; checkpoints live under run_dir/train/checkpoints.
 
     Returns:
-        the dict of distill.train.train_classifier or distill.train_lm.train_sft / train_logit_kd.
+        the dict of distill.train.classifier.train_classifier or distill.train.lm.train_sft / train_logit_kd.
     """
     out_dir = Path(run_dir) / "train"
     if train.mode == "classifier_kd":

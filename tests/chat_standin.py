@@ -27,7 +27,8 @@
   answer, the frame around a label is certain and the label's pieces carry their
   conditional probabilities, so a label's pieces multiply to its true probability.
 
-Run as its own process: `python tests/chat_standin.py --port P --data a.csv b.csv --labels labels.json`.
+Run as its own process: `python tests/chat_standin.py --port P --data a.csv b.csv --labels labels.json`,
+or `start()` from a test or benchmark.
 """
 
 from __future__ import annotations
@@ -317,6 +318,35 @@ def load_golds(paths: list[str], text_field: str = "text", label_field: str = "c
             for row in csv.DictReader(f):
                 golds[row[text_field]] = row[label_field]
     return golds
+
+
+BANKING77 = Path(__file__).resolve().parents[1] / "distill/data/banking77"
+
+
+def start(*extra: str) -> tuple["subprocess.Popen", str]:
+    """This stand-in over BANKING77 in a process of its own on a free loopback port: (process, base URL …/v1).
+
+    extra: more command-line flags (e.g. "--reject-structured").
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from distill.httpserver import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--data", str(BANKING77 / "train.csv"),
+                             str(BANKING77 / "test.csv"), "--labels", str(BANKING77 / "categories.json"), *extra])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("stand-in did not start")
 
 
 def main(argv: list[str] | None = None) -> None:

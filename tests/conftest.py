@@ -7,18 +7,14 @@ from a word list.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from distill.httpserver import free_port  # noqa: F401 - tests import it from here
+from distill.offline import apply_offline_env
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+apply_offline_env()
 
 # A small closed vocabulary: enough for toy tasks and the BANKING77 smoke rows
 # (unknown words map to [UNK], which is fine for a random model).

@@ -8,7 +8,7 @@ reported ECE optimistic.
 
 For generative students there are no class logits; `sequence_confidence` and
 `label_token_confidence` turn an OpenAI-style logprobs list into a confidence in
-[0, 1] that the binned measures of `distill.metrics` accept as is.
+[0, 1] that the binned measures of `distill.evaluate.metrics` accept as is.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,11 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
                         validation: list[dict] | None = None, teacher_url: str | None = None,
                         teacher_model: str | None = None, teacher_api_key: str | None = None,
                         teacher_price: tuple[float, float] = (0.0, 0.0),
-                        train_label_counts: dict[str, int] | None = None) -> dict:  # long: split into named steps is pending
+                        train_label_counts: dict[str, int] | None = None) -> dict:
     """Measure a classification student; write calibration.json into it and plots into out_dir.
 
     Args:
-        student_dir: the student directory (see distill.student).
+        student_dir: the student directory (see distill.models.classifier).
         holdout: gold task rows, never used for training.
         teacher_records: the teacher's records for the holdout rows (same ids).
         labels: the task's label set.
@@ -91,33 +92,91 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not holdout:
-        raise ConfigError("task.test_path: the gold holdout is empty; evaluation needs gold labels")
-    for r in holdout:
-        if r.get("gold") not in labels:
-            raise ConfigError(f"holdout line {r.get('_line', '?')}: gold label {r.get('gold')!r} is not in the label set")
+    _check_holdout(holdout, labels)
     # User files are read before any model work, so a bad line fails in seconds.
     user_tail = load_tail_rows(config.tail_path, holdout, labels) if config.tail_path else []
     ood = robustness.load_ood(config.ood_path)
     student = ClassifierStudent(student_dir)
     if set(student.labels) != set(labels):
         raise ConfigError(f"{student_dir}: the student's labels differ from the task's label set")
-    index = {l: i for i, l in enumerate(student.labels)}
-    order = list(student.labels)
     m: dict[str, Any] = {"n_holdout": len(holdout), "n_labels": len(labels)}
-    stages: dict[str, float] = {}
-    mark = time.perf_counter()
+    laps = _Laps()
 
-    def lap(name: str) -> None:
-        nonlocal mark
+    p = _predict_holdout(student, holdout, teacher_records, labels)
+    m.update(_in_distribution(p, labels))
+    laps.lap("in_distribution")
+
+    calibrated, probs = _calibration(student, p, validation, config, student_dir, out_dir,
+                                     m["confusion"]["matrix"], labels)
+    m.update(calibrated)
+    laps.lap("calibration")
+
+    # Uncalibrated: a refitted temperature would otherwise mask a collapse from one cycle to the next.
+    m.update(output_entropy=metrics.mean_entropy(p.raw), output_entropy_calibrated=metrics.mean_entropy(probs),
+             label_entropy=metrics.label_entropy(p.student_pred))
+
+    m.update(_tail(student, holdout, user_tail, labels, config, out_dir, p.teacher_pred, p.student_pred,
+                   p.teacher_conf, train_label_counts, teacher_url, teacher_model, teacher_api_key))
+    laps.lap("tail")
+
+    if config.robustness:
+        m.update(_robustness(student, holdout, p.student_pred, config, out_dir))
+    else:
+        m.update(robustness_accuracy=None, robustness_drop=None)
+    m.update(_out_of_domain(student, ood, probs, m["temperature"], config))
+    laps.lap("robustness_ood")
+
+    m.update(_latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, teacher_api_key,
+                      teacher_records))
+    m["student_cost_per_1k"] = latency.student_cost_per_1k(config.student_cost_per_hour, m["student_peak_rps"])
+    m["teacher_cost_per_1k"] = latency.teacher_cost_per_1k(teacher_records, teacher_price)
+    m.update(gate.relative_metrics(m))
+    laps.lap("latency")
+    m["eval_stage_s"] = laps.stages
+    m["eval_s"] = round(time.perf_counter() - started, 2)
+    return clean_json(m)
+
+
+def _check_holdout(holdout: list[dict], labels: list[str]) -> None:
+    if not holdout:
+        raise ConfigError("task.test_path: the gold holdout is empty; evaluation needs gold labels")
+    for r in holdout:
+        if r.get("gold") not in labels:
+            raise ConfigError(f"holdout line {r.get('_line', '?')}: gold label {r.get('gold')!r} is not in the label set")
+
+
+class _Laps:
+    """Seconds spent in each section, for metrics' eval_stage_s."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
-        stages[name] = round(now - mark, 2)
-        mark = now
+        self.stages[name] = round(now - self.mark, 2)
+        self.mark = now
 
-    # --- in-distribution ---------------------------------------------------------------------
-    texts = [r["text"] for r in holdout]
+
+@dataclass
+class _Holdout:
+    """Both models' answers on the holdout, which every later section reads."""
+
+    gold: list[str]
+    y: np.ndarray  # gold label indices in the student's label order
+    order: list[str]  # the student's label order
+    teacher_pred: list[str | None]  # None where the teacher did not answer
+    teacher_conf: dict[str, float]  # top teacher probability by row id, where it gave a distribution
+    logits: np.ndarray
+    raw: np.ndarray  # uncalibrated student probabilities
+    student_pred: list[str]
+
+
+def _predict_holdout(student: ClassifierStudent, holdout: list[dict], teacher_records: list[dict],
+                     labels: list[str]) -> _Holdout:
+    order = list(student.labels)
+    index = {l: i for i, l in enumerate(order)}
     gold = [r["gold"] for r in holdout]
-    y = np.array([index[g] for g in gold])
     by_id = first_records(teacher_records)
     teacher_pred: list[str | None] = []
     teacher_conf: dict[str, float] = {}
@@ -128,26 +187,39 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
         dist = soft_labels(rec, labels) if ok else None
         if dist:
             teacher_conf[r["id"]] = max(dist.values())
-    m["teacher_unanswered"] = sum(p is None for p in teacher_pred)
-    logits = student.logits(texts)
+    logits = student.logits([r["text"] for r in holdout])
     raw = calibration.softmax(logits)
-    student_pred = [order[i] for i in raw.argmax(axis=1)]
-    m["teacher_accuracy"] = metrics.accuracy(gold, teacher_pred)
-    m["student_accuracy"] = metrics.accuracy(gold, student_pred)
+    return _Holdout(gold=gold, y=np.array([index[g] for g in gold]), order=order, teacher_pred=teacher_pred,
+                    teacher_conf=teacher_conf, logits=logits, raw=raw,
+                    student_pred=[order[i] for i in raw.argmax(axis=1)])
+
+
+def _in_distribution(p: _Holdout, labels: list[str]) -> dict[str, Any]:
+    m: dict[str, Any] = {"teacher_unanswered": sum(t is None for t in p.teacher_pred)}
+    m["teacher_accuracy"] = metrics.accuracy(p.gold, p.teacher_pred)
+    m["student_accuracy"] = metrics.accuracy(p.gold, p.student_pred)
     m["retention"] = m["student_accuracy"] / m["teacher_accuracy"] if m["teacher_accuracy"] else math.nan
-    m["agreement"] = metrics.agreement(student_pred, teacher_pred)
-    per_label = metrics.per_label_scores(gold, student_pred, labels)
-    teacher_per_label = metrics.per_label_scores(gold, [p or "" for p in teacher_pred], labels)
+    m["agreement"] = metrics.agreement(p.student_pred, p.teacher_pred)
+    per_label = metrics.per_label_scores(p.gold, p.student_pred, labels)
+    teacher_per_label = metrics.per_label_scores(p.gold, [t or "" for t in p.teacher_pred], labels)
     for l in labels:
         per_label[l]["teacher_f1"] = teacher_per_label[l]["f1"]
     m["macro_f1"] = metrics.macro_f1(per_label)
     m["teacher_macro_f1"] = metrics.macro_f1(teacher_per_label)
     m["per_label"] = per_label
-    conf_matrix = metrics.confusion(gold, student_pred, labels)
-    m["confusion"] = {"labels": labels, "matrix": conf_matrix}
-    lap("in_distribution")
+    m["confusion"] = {"labels": labels, "matrix": metrics.confusion(p.gold, p.student_pred, labels)}
+    return m
 
-    # --- calibration (temperature fitted on validation only) ---------------------------------
+
+def _calibration(student: ClassifierStudent, p: _Holdout, validation: list[dict] | None, config: EvaluateConfig,
+                 student_dir: str | Path, out_dir: Path, conf_matrix: np.ndarray,
+                 labels: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+    """Calibration measures, the reliability and confusion plots, and the calibrated holdout probabilities.
+
+    The temperature is fitted on the validation rows only, never on the holdout.
+    """
+    index = {l: i for i, l in enumerate(p.order)}
+    m: dict[str, Any] = {}
     val = [r for r in (validation or []) if r.get("target") in index]
     if val:
         v_logits = student.logits([r["text"] for r in val])
@@ -161,8 +233,8 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
     m["temperature"] = temperature
     m["validation_rows"] = len(val)
     write_text(Path(student_dir) / "calibration.json", json.dumps({"temperature": temperature}))
-    probs = calibration.softmax(logits, temperature)
-    n_bins = config.ece_bins
+    probs = calibration.softmax(p.logits, temperature)
+    n_bins, raw, y = config.ece_bins, p.raw, p.y
     conf_b, corr_b = metrics.top_label(raw, y)
     conf_a, corr_a = metrics.top_label(probs, y)
     m.update(ece_bins=n_bins,
@@ -177,41 +249,16 @@ def evaluate_classifier(student_dir: str | Path, holdout: list[dict], teacher_re
     calibration.confusion_plot(conf_matrix, labels, out_dir / "confusion.png", "Student confusion (holdout)")
     m["plots"] = {"reliability_before": "reliability_before.png", "reliability_after": "reliability_after.png",
                   "confusion": "confusion.png"}
-    lap("calibration")
+    return m, probs
 
-    # --- output entropy ----------------------------------------------------------------------
-    # Uncalibrated: a refitted temperature would otherwise mask a collapse from one cycle to the next.
-    m["output_entropy"] = metrics.mean_entropy(raw)
-    m["output_entropy_calibrated"] = metrics.mean_entropy(probs)
-    m["label_entropy"] = metrics.label_entropy(student_pred)
 
-    # --- tail slice --------------------------------------------------------------------------
-    m.update(_tail(student, holdout, user_tail, labels, config, out_dir, teacher_pred, student_pred, teacher_conf,
-                   train_label_counts, teacher_url, teacher_model, teacher_api_key))
-    lap("tail")
-
-    # --- robustness and out-of-domain --------------------------------------------------------
-    if config.robustness:
-        m.update(_robustness(student, holdout, student_pred, config, out_dir))
-    else:
-        m.update(robustness_accuracy=None, robustness_drop=None)
+def _out_of_domain(student: ClassifierStudent, ood: list[str], probs: np.ndarray, temperature: float,
+                   config: EvaluateConfig) -> dict[str, Any]:
     ood_probs = calibration.softmax(student.logits(ood), temperature)
-    m.update(ood_size=len(ood), abstain_threshold=config.abstain_threshold,
-             ood_abstain_rate=robustness.abstain_rate(ood_probs, config.abstain_threshold),
-             ood_mean_confidence=float(ood_probs.max(axis=1).mean()),
-             holdout_abstain_rate=robustness.abstain_rate(probs, config.abstain_threshold))
-    lap("robustness_ood")
-
-    # --- latency and cost --------------------------------------------------------------------
-    m.update(_latency(student_dir, holdout, config, out_dir, teacher_url, teacher_model, teacher_api_key,
-                      teacher_records))
-    m["student_cost_per_1k"] = latency.student_cost_per_1k(config.student_cost_per_hour, m["student_peak_rps"])
-    m["teacher_cost_per_1k"] = latency.teacher_cost_per_1k(teacher_records, teacher_price)
-    m.update(gate.relative_metrics(m))
-    lap("latency")
-    m["eval_stage_s"] = stages
-    m["eval_s"] = round(time.perf_counter() - started, 2)
-    return clean_json(m)
+    return dict(ood_size=len(ood), abstain_threshold=config.abstain_threshold,
+                ood_abstain_rate=robustness.abstain_rate(ood_probs, config.abstain_threshold),
+                ood_mean_confidence=float(ood_probs.max(axis=1).mean()),
+                holdout_abstain_rate=robustness.abstain_rate(probs, config.abstain_threshold))
 
 
 def _tail(student, holdout, user, labels, config, out_dir, teacher_pred, student_pred, teacher_conf,

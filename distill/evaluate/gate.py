@@ -64,7 +64,7 @@ def decide(metrics: dict, gate: GateConfig) -> dict:
     """Ship or not, and why.
 
     Args:
-        metrics: the evaluation metrics (see distill.evaluate.evaluate_classifier).
+        metrics: the evaluation metrics (see distill.evaluate.classifier.evaluate_classifier).
         gate: the thresholds.
     Returns:
         {"ship": bool, "reasons": [one line per failing check],

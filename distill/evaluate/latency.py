@@ -21,6 +21,7 @@ import numpy as np
 
 from distill.config import ServeConfig
 from distill.evaluate import metrics
+from distill.httpserver import free_port, minimal_chat_app, stop_process, wait_for_health
 from distill.models.classifier import ClassifierStudent
 
 
@@ -164,29 +165,19 @@ def teacher_cost_per_1k(records: Sequence[dict[str, Any]], price_per_1m: tuple[f
 
 
 def minimal_student_app(student_dir: str | Path):
-    """A bare OpenAI-compatible chat endpoint around a ClassifierStudent.
+    """A bare OpenAI-compatible chat endpoint around a ClassifierStudent (see distill.httpserver).
 
-    Used only when the full server (`distill.serve`) cannot be built, so the
+    Used only when the full server (`distill serve`) cannot be built, so the
     student's latency is still measured over real HTTP.
     """
-    from fastapi import FastAPI
-
-
     student = ClassifierStudent(student_dir)
-    app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    def chat(body: dict) -> dict:
-        text = next((m["content"] for m in reversed(body.get("messages") or []) if m.get("role") == "user"), "")
+    def answer(messages: list[dict]) -> str:
+        text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
         probs = student.predict_proba([text])[0]
-        label = student.labels[int(probs.argmax())]
-        return {"id": "chatcmpl-student", "object": "chat.completion", "created": int(time.time()),
-                "model": body.get("model", "student"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": label},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}}
+        return student.labels[int(probs.argmax())]
 
-    return app
+    return minimal_chat_app(answer)
 
 
 @contextmanager
@@ -207,9 +198,6 @@ def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_ke
     import subprocess
     import sys
     import tempfile
-    import urllib.request
-
-    from distill.httpserver import free_port
 
     port = free_port()
     env = dict(os.environ)
@@ -220,31 +208,19 @@ def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_ke
            "--port", str(port)]
     for o in overrides:
         cmd += ["--set", o]
-    err = open(stderr_path, "wb") if stderr_path else tempfile.TemporaryFile()
+    err = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
+
+    def stderr_tail() -> str:
+        err.seek(0)
+        return err.read()[-2000:].decode(errors="replace")
+
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                err.seek(0)
-                tail = err.read()[-2000:].decode(errors="replace")
-                raise RuntimeError(f"distill serve exited with {proc.returncode} before it answered: {tail}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"distill serve did not answer /health within {startup_timeout} s") from None
-                time.sleep(0.1)
+        wait_for_health(url, proc, startup_timeout, "distill serve", poll_s=0.1, exit_detail=stderr_tail)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         err.close()
 
 

@@ -9,7 +9,7 @@ Conventions:
 - Calibration is measured on the top label: confidence = max prob, correct =
   (argmax == y). The binned measures take (confidence, correct) pairs so that
   generative students (sequence or label-token probabilities, see
-  `distill.calibration.sequence_confidence`) are measured by the same code.
+  `distill.evaluate.calibration.sequence_confidence`) are measured by the same code.
 - Equal-width bins over [0, 1]; a confidence on an inner edge falls into the
   lower bin and bin 0 also holds 0.0 (the convention of scikit-learn's
   `calibration_curve`, so the two agree where they overlap).

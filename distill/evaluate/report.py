@@ -17,7 +17,7 @@ def _v(metrics: dict, key: str, unit: str = "num") -> str:
     return format_value(metrics.get(key), unit)
 
 
-def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] | None = None) -> str:  # long: split into named steps is pending
+def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] | None = None) -> str:
     """The run's report.md: the gate decision, every measure, and the plots by relative path.
 
     Args:
@@ -28,11 +28,24 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
     m = metrics
     plots = m.get("plots") or {}
     out = ["# Distillation report", ""]
+    out += _gate_section(decision)
+    for title, body in (extra_sections or {}).items():
+        out += ["", f"## {title}", "", body]
+    out += _in_distribution_section(m)
+    out += _tail_section(m)
+    out += _calibration_section(m, plots)
+    out += _robustness_section(m)
+    out += _entropy_section(m)
+    out += _latency_section(m)
+    out += _per_label_section(m, plots)
+    out += _scalars_section(m)
+    return "\n".join(out)
+
+
+def _gate_section(decision: dict) -> list[str]:
     verdict = "SHIP" if decision.get("ship") else "DO NOT SHIP"
-    out.append(f"**Gate decision: {verdict}**")
-    out.append("")
-    for r in decision.get("reasons", []):
-        out.append(f"- {r}")
+    out = [f"**Gate decision: {verdict}**", ""]
+    out += [f"- {r}" for r in decision.get("reasons", [])]
     out += ["", "## Gate checks", ""]
     units = {key: unit for key, _, _, unit, _ in CHECKS}
     rows = []
@@ -41,11 +54,11 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
         result = "skipped" if c.get("skipped") else ("pass" if c["passed"] else "FAIL")
         rows.append([c["name"], format_value(c["value"], unit), f"{c.get('op', '')} {format_value(c['threshold'], unit)}", result])
     out.append(_table(["check", "value", "threshold", "result"], rows))
-    for title, body in (extra_sections or {}).items():
-        out += ["", f"## {title}", "", body]
+    return out
 
-    out += ["", "## In-distribution (gold holdout)", ""]
-    out.append(_table(["measure", "value"], [
+
+def _in_distribution_section(m: dict) -> list[str]:
+    return ["", "## In-distribution (gold holdout)", "", _table(["measure", "value"], [
         ["holdout rows", _v(m, "n_holdout")],
         ["teacher accuracy", _v(m, "teacher_accuracy", "pct")],
         ["student accuracy", _v(m, "student_accuracy", "pct")],
@@ -54,23 +67,27 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
         ["student macro F1", _v(m, "macro_f1")],
         ["teacher macro F1", _v(m, "teacher_macro_f1")],
         ["holdout rows the teacher did not answer", _v(m, "teacher_unanswered")],
-    ]))
+    ])]
 
-    out += ["", "## Tail slice (hardest inputs)", ""]
-    out.append(_table(["measure", "value"], [
+
+def _tail_section(m: dict) -> list[str]:
+    out = ["", "## Tail slice (hardest inputs)", "", _table(["measure", "value"], [
         ["rows", _v(m, "tail_size")],
         ["teacher accuracy", _v(m, "tail_teacher_accuracy", "pct")],
         ["student accuracy", _v(m, "tail_student_accuracy", "pct")],
         ["gap (teacher - student)", _v(m, "tail_gap", "points")],
         ["rows the teacher did not answer (counted wrong)", _v(m, "tail_teacher_unanswered")],
-    ]))
+    ])]
     by_reason = m.get("tail_by_reason") or {}
     if by_reason:
         out += ["", _table(["selected as", "rows", "teacher", "student"], [
             [k, str(v["n"]), format_value(v["teacher_accuracy"], "pct"), format_value(v["student_accuracy"], "pct")]
             for k, v in by_reason.items()])]
+    return out
 
-    out += ["", "## Calibration", ""]
+
+def _calibration_section(m: dict, plots: dict) -> list[str]:
+    out = ["", "## Calibration", ""]
     out.append(f"Temperature {_v(m, 'temperature')} fitted on {_v(m, 'validation_rows')} validation rows "
                f"(validation NLL {_v(m, 'validation_nll_before')} -> {_v(m, 'validation_nll_after')}); "
                f"{_v(m, 'ece_bins')} equal-width bins.")
@@ -83,32 +100,36 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
     for name, path in plots.items():
         if name.startswith("reliability"):
             out += ["", f"![{name.replace('_', ' ')}]({path})"]
+    return out
 
-    out += ["", "## Robustness", ""]
+
+def _robustness_section(m: dict) -> list[str]:
     rob = [["rephrased rows (source rows x 5 kinds)", _v(m, "robustness_rows")],
            ["accuracy on the source rows", _v(m, "robustness_original_accuracy", "pct")],
            ["accuracy on rephrasings", _v(m, "robustness_accuracy", "pct")],
            ["drop", _v(m, "robustness_drop", "points")]]
     rob += [[f"accuracy, {k}", format_value(v, "pct")] for k, v in (m.get("robustness_by_kind") or {}).items()]
-    out.append(_table(["measure", "value"], rob))
-    out += ["", "### Out-of-domain inputs", ""]
-    out.append(_table(["measure", "value"], [
-        ["out-of-domain inputs", _v(m, "ood_size")],
-        ["abstain threshold (top probability)", _v(m, "abstain_threshold")],
-        ["abstained on out-of-domain inputs", _v(m, "ood_abstain_rate", "pct")],
-        ["mean top probability on out-of-domain inputs", _v(m, "ood_mean_confidence")],
-        ["abstained on holdout inputs", _v(m, "holdout_abstain_rate", "pct")],
-    ]))
+    return ["", "## Robustness", "", _table(["measure", "value"], rob),
+            "", "### Out-of-domain inputs", "", _table(["measure", "value"], [
+                ["out-of-domain inputs", _v(m, "ood_size")],
+                ["abstain threshold (top probability)", _v(m, "abstain_threshold")],
+                ["abstained on out-of-domain inputs", _v(m, "ood_abstain_rate", "pct")],
+                ["mean top probability on out-of-domain inputs", _v(m, "ood_mean_confidence")],
+                ["abstained on holdout inputs", _v(m, "holdout_abstain_rate", "pct")],
+            ])]
 
-    out += ["", "## Output entropy", ""]
-    out.append(_table(["measure", "value"], [
+
+def _entropy_section(m: dict) -> list[str]:
+    return ["", "## Output entropy", "", _table(["measure", "value"], [
         ["mean prediction entropy, uncalibrated (nats)", _v(m, "output_entropy")],
         ["mean prediction entropy, calibrated (nats)", _v(m, "output_entropy_calibrated")],
         ["entropy of the predicted-label histogram (nats)", _v(m, "label_entropy")],
-    ]))
+    ])]
 
-    out += ["", "## Latency and cost", ""]
+
+def _latency_section(m: dict) -> list[str]:
     sl, tl = m.get("student_latency") or {}, m.get("teacher_latency") or {}
+    out = ["", "## Latency and cost", ""]
     out.append(f"Single requests from {sl.get('concurrency', 'n/a')} concurrent clients, "
                f"{sl.get('n', 'n/a')} requests per model, same machine; student served by "
                f"`{m.get('student_server', 'n/a')}`.")
@@ -120,8 +141,11 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
         ["failed requests", format_value(sl.get("errors"), "num"), format_value(tl.get("errors"), "num")],
         ["USD per 1,000 requests", _v(m, "student_cost_per_1k"), _v(m, "teacher_cost_per_1k")],
     ])]
-    out += latency.render_latency(m)
+    return out + latency.render_latency(m)
 
+
+def _per_label_section(m: dict, plots: dict) -> list[str]:
+    out = []
     per_label = m.get("per_label") or {}
     if per_label:
         out += ["", "## Per label (student)", ""]
@@ -130,7 +154,9 @@ def render_report(metrics: dict, decision: dict, extra_sections: dict[str, str] 
              format_value(v.get("teacher_f1"), "num"), str(v["support"])] for l, v in per_label.items()]))
     if "confusion" in plots:
         out += ["", f"![confusion matrix]({plots['confusion']})"]
+    return out
 
+
+def _scalars_section(m: dict) -> list[str]:
     scalars = [[k, format_value(v, "num")] for k, v in sorted(m.items()) if isinstance(v, (int, float)) or v is None]
-    out += ["", "## All scalar measures", "", _table(["key", "value"], scalars), ""]
-    return "\n".join(out)
+    return ["", "## All scalar measures", "", _table(["key", "value"], scalars), ""]

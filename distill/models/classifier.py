@@ -1,7 +1,7 @@
 """Loading a trained classification student and asking it for label distributions.
 
 A classification student is a plain Hugging Face directory written with
-`save_pretrained` (safetensors only) by `distill.train`: an
+`save_pretrained` (safetensors only) by `distill.train.classifier`: an
 `AutoModelForSequenceClassification` whose `config.id2label` holds the task's
 labels, its tokenizer, and optionally `calibration.json` ({"temperature": T})
 written by the evaluation stage. Evaluation, serving and the drift sensors all

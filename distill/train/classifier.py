@@ -235,7 +235,7 @@ def _pooled_classifier_class():
 
 
     class PooledClassifier(torch.nn.Module):
-        """Runs a sequence classifier with mean pooling (see distill.student.classifier_logits).
+        """Runs a sequence classifier with mean pooling (see distill.models.classifier.classifier_logits).
 
         A thin wrapper rather than a model subclass, so the saved student stays a stock
         `AutoModelForSequenceClassification` checkpoint with `distill_pooling` in its config.
@@ -277,7 +277,7 @@ def _metrics(eval_pred) -> dict[str, float]:
 
 
 def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, out_dir: str | Path,
-                     progress: bool = True, callbacks: list | None = None) -> dict:  # long: split into named steps is pending
+                     progress: bool = True, callbacks: list | None = None) -> dict:
     """Train a classification student on training rows; see the module docstring for the output layout.
 
     Args:
@@ -293,20 +293,34 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     Returns:
         {"model_dir", "adapter_dir" (or None), "steps", "history", "best_metric", "curves_png", "train_s"}
     """
-    import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
-
+    from transformers import set_seed
 
     check_rows(rows, labels)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config)
     set_seed(config.seed)
+    train_rows = [r for r in rows if r.get("split", "train") == "train"]
+    val_rows = [r for r in rows if r.get("split") == "validation"]
     model, tokenizer = build_student(config, labels)
+    model = _prepare_student(model, tokenizer, train_rows, labels, config, out_dir)
+    train_ds = _encode(train_rows, tokenizer, labels, config.max_length)
+    val_ds = _encode(val_rows, tokenizer, labels, config.max_length) if val_rows else None
+    trainer = _trainer(model, tokenizer, train_ds, val_ds, labels, config, out_dir, device, progress, callbacks)
+    train_s = run_trainer(trainer, out_dir, config)
+    model_dir, adapter_dir = _save_student(trainer, tokenizer, labels, config, out_dir)
+    history, curves = save_history(trainer, out_dir, f"classifier student ({len(train_ds)} rows)")
+    return {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
+            "steps": trainer.state.global_step, "history": history, "best_metric": trainer.state.best_metric,
+            "curves_png": str(curves), "train_s": train_s}
+
+
+def _prepare_student(model, tokenizer, train_rows: list[dict], labels: list[str], config: TrainConfig,
+                     out_dir: Path):
+    """The fresh student made ready to train: head probed, then LoRA adapters or frozen embeddings."""
     resuming = config.resume and last_checkpoint(out_dir / "checkpoints") is not None
     if config.head_init == "linear_probe" and config.pooling == "mean" and not resuming:
-        linear_probe_head(model, tokenizer, [r for r in rows if r.get("split", "train") == "train"], labels,
-                          config)
+        linear_probe_head(model, tokenizer, train_rows, labels, config)
     if config.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -317,11 +331,13 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
             exclude_modules=r".*pooler.*" if config.pooling == "mean" else None))
     elif config.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    return model
 
-    train_rows = [r for r in rows if r.get("split", "train") == "train"]
-    val_rows = [r for r in rows if r.get("split") == "validation"]
-    train_ds = _encode(train_rows, tokenizer, labels, config.max_length)
-    val_ds = _encode(val_rows, tokenizer, labels, config.max_length) if val_rows else None
+
+def _trainer(model, tokenizer, train_ds: list[dict], val_ds: list[dict] | None, labels: list[str],
+             config: TrainConfig, out_dir: Path, device, progress: bool, callbacks: list | None):
+    """The Hugging Face Trainer with the KD loss, the packed collator and early stopping on validation."""
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     def loss_func(outputs, packed, num_items_in_batch=None):
         return soft_label_kd_loss(outputs.logits, packed[:, 2:], packed[:, 0].long(), config.temperature,
@@ -330,19 +346,22 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     metric = "eval_accuracy" if config.early_stopping_metric == "accuracy" else "eval_loss"
     kwargs = training_kwargs(config, out_dir / "checkpoints", device, val_ds is not None, progress, metric)
     # label_names: a PeftModel hides the forward signature the Trainer would read it from.
-    args = TrainingArguments(**kwargs, label_names=["labels"], remove_unused_columns=False,
-                             )
+    args = TrainingArguments(**kwargs, label_names=["labels"], remove_unused_columns=False)
     extra = list(callbacks or [])
     if val_ds is not None and config.early_stopping_patience:
         extra.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     if config.pooling == "mean":
         _check_mean_head(model)
         model = PooledClassifier(model)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                      optimizers=(_optimizer(model, config), None),
-                      data_collator=_Collator(tokenizer, len(labels)), compute_loss_func=loss_func,
-                      compute_metrics=_metrics if val_ds is not None else None, callbacks=extra)
-    train_s = run_trainer(trainer, out_dir, config)
+    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                   optimizers=(_optimizer(model, config), None),
+                   data_collator=_Collator(tokenizer, len(labels)), compute_loss_func=loss_func,
+                   compute_metrics=_metrics if val_ds is not None else None, callbacks=extra)
+
+
+def _save_student(trainer, tokenizer, labels: list[str], config: TrainConfig, out_dir: Path) -> tuple[Path, Path | None]:
+    """Write the servable student (LoRA merged in) and, with LoRA, the adapter alone; return both paths."""
+    import torch
 
     model = trainer.model
     if config.pooling == "mean":
@@ -358,7 +377,4 @@ def train_classifier(rows: list[dict], labels: list[str], config: TrainConfig, o
     model.config.label2id = {l: i for i, l in enumerate(labels)}
     model.to(torch.device("cpu")).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    history, curves = save_history(trainer, out_dir, f"classifier student ({len(train_ds)} rows)")
-    return {"model_dir": str(model_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
-            "steps": trainer.state.global_step, "history": history, "best_metric": trainer.state.best_metric,
-            "curves_png": str(curves), "train_s": train_s}
+    return model_dir, adapter_dir

@@ -22,7 +22,7 @@ def test_the_demo_teacher_learns_the_configured_dataset_not_banking77(tmp_path):
         for label, items in texts.items():
             w.writerows([t, label] for t in items)
     (tmp_path / "labels.json").write_text(json.dumps({l: f"the user says {l}" for l in labels}))
-    task = TaskConfig(train_path=train, test_path=None, labels_path=tmp_path / "labels.json",
+    task = TaskConfig(name="greetings", train_path=train, labels_path=tmp_path / "labels.json", system_prompt="",
                       text_field="utterance", label_field="intent")
     prep = prepare_demo(tmp_path / "work", task=task, progress=False)
     teacher = EmbeddingClassifier.load(prep["teacher_dir"])

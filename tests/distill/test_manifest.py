@@ -18,6 +18,8 @@ from distill.manifest import (
 )
 
 SECRET = "sk-live-Zx9SuperSecretValue123"
+# A minimal task: every config names its own.
+TASK = ["task.name=greetings", "task.train_path=train.csv", "task.labels=[greet, leave]", "task.system_prompt="]
 
 
 def _build(cfg, tmp_path, run_id="run-1", **kw):
@@ -31,7 +33,7 @@ def _build(cfg, tmp_path, run_id="run-1", **kw):
 
 
 def test_manifest_records_lineage(tmp_path):
-    cfg = load_config(None, ["teacher.model=gpt-4o-mini", "teacher.input_price_per_1m=0.15",
+    cfg = load_config(None, [*TASK, "teacher.model=gpt-4o-mini", "teacher.input_price_per_1m=0.15",
                              "parent_run=banking77-20260101-000000-abcdef"])
     m = _build(cfg, tmp_path, extra={"gate": {"ship": False}})
     assert m["config_hash"] == cfg.digest()
@@ -50,11 +52,11 @@ def test_manifest_records_lineage(tmp_path):
 
 def test_missing_data_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.csv: data file not found"):
-        _build(load_config(), tmp_path, data_files=[tmp_path / "nope.csv"])
+        _build(load_config(None, TASK), tmp_path, data_files=[tmp_path / "nope.csv"])
 
 
 def test_no_secret_reaches_the_manifest(tmp_path):
-    cfg = load_config(None, [f"teacher.base_url=https://user:{SECRET}@llm.example.com/v1?api_key={SECRET}",
+    cfg = load_config(None, [*TASK, f"teacher.base_url=https://user:{SECRET}@llm.example.com/v1?api_key={SECRET}",
                              "teacher.api_key_env=TEAM_OPENAI_KEY", "teacher.api_key_secret_block=openai-prod"])
     m = _build(cfg, tmp_path, extra={"registry": {"client_secret": SECRET, "token_env": "HF_TOKEN"}})
     blob = json.dumps(m)
@@ -81,7 +83,7 @@ def test_scrub(name, value, kept):
 
 def test_reproduce_command_rebuilds_the_exact_config(tmp_path):
     cfg = load_config(None, [
-        "train.epochs=1", "train.learning_rate=0.00002", "generation.concurrency=64",
+        "task.name=yesno", "train.epochs=1", "train.learning_rate=0.00002", "generation.concurrency=64",
         f"task.train_path={tmp_path / 'my data' / 'train.csv'}", "task.system_prompt='Answer: true or null?'",
         "task.labels=['yes', 'no', 'true']", "store=s3://distill-runs/team", "parent_run=run-0",
         "filter.heuristics.json_schema={type: object, required: [label]}", "task.max_rows=500",
@@ -91,7 +93,7 @@ def test_reproduce_command_rebuilds_the_exact_config(tmp_path):
     argv = shlex.split(cmd)
     assert argv[:3] == ["distill", "run", "/dev/null"]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert len(sets) == 12, sets
+    assert len(sets) == 13, sets
     rebuilt = load_config("/dev/null", sets)
     assert rebuilt.digest() == cfg.digest()
     # A base preset is honoured as given.
@@ -99,16 +101,31 @@ def test_reproduce_command_rebuilds_the_exact_config(tmp_path):
         "distill run 'my preset.yaml' --set ")
 
 
-def test_reproduce_of_defaults_has_no_overrides():
-    assert reproduce_command({"config": load_config().model_dump(mode="json")}) == "distill run /dev/null"
+def test_reproduce_of_defaults_has_only_the_task():
+    cfg = load_config(None, TASK)
+    argv = shlex.split(reproduce_command({"config": cfg.model_dump(mode="json")}))
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert argv[:3] == ["distill", "run", "/dev/null"] and len(argv) == 3 + 2 * len(TASK)
+    assert sorted(s.split("=", 1)[0] for s in sets) == sorted(t.split("=", 1)[0] for t in TASK)
+    assert load_config("/dev/null", sets).digest() == cfg.digest()
+
+
+def test_reproduce_keeps_the_train_mode():
+    cfg = load_config(None, [*TASK, "task.kind=generation", "task.labels=null", "train.mode=sft",
+                             "train.student_model=/models/lm", "train.packing=false"])
+    cmd = reproduce_command({"config": cfg.model_dump(mode="json")})
+    argv = shlex.split(cmd)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert "train.mode=sft" in sets and "train.packing=false" in sets
+    assert load_config("/dev/null", sets).digest() == cfg.digest()
 
 
 def test_diff_manifests(tmp_path):
-    a = _build(load_config(None, ["train.epochs=3"]), tmp_path, "run-a", extra={"gate": {"ship": True},
+    a = _build(load_config(None, [*TASK, "train.epochs=3"]), tmp_path, "run-a", extra={"gate": {"ship": True},
                                                                               "metrics": {"student_accuracy": 0.9,
                                                                                           "ece": 0.03}})
     (tmp_path / "train.csv").write_text("text,category\nhello,greet\nbye,leave\n")
-    b = _build(load_config(None, ["train.epochs=1"]), tmp_path, "run-b", extra={"gate": {"ship": False},
+    b = _build(load_config(None, [*TASK, "train.epochs=1"]), tmp_path, "run-b", extra={"gate": {"ship": False},
                                                                               "metrics": {"student_accuracy": 0.85,
                                                                                           "ece": 0.03}})
     d = diff_manifests(a, b)

@@ -23,6 +23,8 @@ from distill.store import (
 )
 
 BUCKET = "distill-runs"
+# A minimal task: every config names its own.
+TASK = ["task.name=greetings", "task.train_path=train.csv", "task.labels=[greet]", "task.system_prompt="]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +187,7 @@ def _manifest(cfg, run_id, tmp_path):
 
 
 def test_publish_run_to_s3_writes_manifest_last(s3_endpoint, s3_client, tmp_path):
-    cfg = load_config(None, [f"store=s3://{BUCKET}/published"])
+    cfg = load_config(None, [*TASK, f"store=s3://{BUCKET}/published"])
     run_dir = tmp_path / "staging" / "run-a"
     _make_run(run_dir)
     recording = FaultyClient(s3_client, fail="")
@@ -220,7 +222,7 @@ def test_publish_in_place_local_store_hashes_without_copying(tmp_path):
     model = run_dir / "student" / "model.safetensors"
     before = model.stat()
     store = open_store(str(root))
-    cfg = load_config(None, [f"store={root}"])
+    cfg = load_config(None, [*TASK, f"store={root}"])
     manifest = publish_run(run_dir, store, "run-b", _manifest(cfg, "run-b", tmp_path))
     after = model.stat()
     assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
@@ -242,11 +244,11 @@ def test_incomplete_run_is_not_listed(tmp_path):
 
 
 def test_store_setting_validated():
-    assert load_config(None, [f"store=s3://{BUCKET}/team/a"]).store == f"s3://{BUCKET}/team/a"
+    assert load_config(None, [*TASK, f"store=s3://{BUCKET}/team/a"]).store == f"s3://{BUCKET}/team/a"
     with pytest.raises(ConfigError, match="store: .*not a valid S3 bucket name"):
-        load_config(None, ["store=s3://Bad_Bucket/x"])
+        load_config(None, [*TASK, "store=s3://Bad_Bucket/x"])
     with pytest.raises(ConfigError, match="store: .*unsupported scheme gs://"):
-        load_config(None, ["store=gs://bucket/x"])
+        load_config(None, [*TASK, "store=gs://bucket/x"])
 
 
 def test_runs_cli_list_show_diff(s3_endpoint, s3_client, tmp_path):
@@ -260,7 +262,7 @@ def test_runs_cli_list_show_diff(s3_endpoint, s3_client, tmp_path):
         _make_run(run_dir)
         (run_dir / "metrics.json").write_text(json.dumps({"student_accuracy": acc, "retention": 0.9,
                                                           "gate": {"ship": acc > 0.8}}))
-        cfg = load_config(None, [f"store={uri}", f"train.epochs={epochs}"])
+        cfg = load_config(None, [*TASK, f"store={uri}", f"train.epochs={epochs}"])
         m = _manifest(cfg, run_id, tmp_path)
         m["started_at"] = f"2026-01-0{run_id[-1]}T00:00:00+00:00"
         publish_run(run_dir, store, run_id, m)

@@ -37,7 +37,8 @@ def test_bad_label_stops_before_any_teacher_call(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.csv").write_text("text,category\nmy card is lost,card_lost\nrefund me,teleport\n")
     (tmp_path / "cfg.yaml").write_text(
-        "task:\n  train_path: train.csv\n  test_path: null\n  labels: [card_lost, refund]\n  labels_path: null\n")
+        "task:\n  name: cards\n  train_path: train.csv\n  test_path: null\n  labels: [card_lost, refund]\n"
+        "  label_field: category\n  system_prompt: Classify the message.\n")
     api, hits = counting_server()
     with start_in_thread(api) as server:
         result = CliRunner().invoke(app, ["run", "cfg.yaml", "--set", f"teacher.base_url={server.url}/v1"])

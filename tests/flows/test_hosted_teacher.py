@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,22 +26,6 @@ sys.path.insert(0, str(REPO / "tests"))
 import chat_standin as standin  # noqa: E402
 
 
-def start_standin(*extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests/chat_standin.py"), "--port", str(port), "--data",
-                             str(DATA / "train.csv"), str(DATA / "test.csv"), "--labels",
-                             str(DATA / "categories.json"), *extra])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("stand-in did not start")
-
-
 def run_cli(tmp_path: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
            "OPENAI_API_KEY": "sk-standin-not-a-secret",
@@ -56,7 +39,7 @@ def run_cli(tmp_path: Path, *overrides: str, timeout: float = 900) -> subprocess
 
 @pytest.mark.slow
 def test_classification_cycle_against_a_hosted_chat_model(tmp_path):
-    proc, url = start_standin()
+    proc, url = standin.start()
     try:
         done = run_cli(tmp_path, f"teacher.base_url={url}", "teacher.model=standin-chat",
                        "task.max_rows=1200", "task.max_test_rows=300", "filter.spotcheck.auto_approve=true",
@@ -132,7 +115,7 @@ def test_a_run_whose_estimate_exceeds_the_budget_stops_before_the_first_call(tmp
 def test_score_mode_and_holdout_reask_in_the_cycle(tmp_path):
     """A sloppier teacher (a fifth of inputs answered in its own words) with generation.reask and exact scoring:
     holdout answers are re-asked like training answers, every answer is scored, and the ledger shows each part."""
-    proc, url = start_standin("--free-text-share", "0.2")
+    proc, url = standin.start("--free-text-share", "0.2")
     try:
         done = run_cli(tmp_path, f"teacher.base_url={url}", "teacher.model=standin-chat",
                        "teacher.structured_output=off", "generation.reask=true", "generation.soft_labels=score",

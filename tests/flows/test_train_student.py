@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import TrainConfig
+from distill.config import ClassifierKDTrain
+from distill.httpserver import stop_process
+from distill.offline import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["positive", "negative", "neutral"]
@@ -70,7 +72,7 @@ def deploy(pool: str, work_dir: Path) -> str:
             # What `prefect deploy` records without a pull section: the checkout it ran in.
             pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
             parameters={"work_dir": str(work_dir)}, concurrency_limit=SPEC.get("concurrency_limit"),
-            job_variables={"env": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"}})
+            job_variables={"env": dict(OFFLINE_ENV)})
 
     _api(register)
     return f"train-student/{SPEC['name']}-{pool}"
@@ -87,11 +89,7 @@ def worker(pool, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                              "--limit", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     yield tmp_path / "worker.log"
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, timeout_s=30)
     log.close()
 
 
@@ -104,7 +102,7 @@ def test_trains_on_the_work_pool_and_brings_the_student_back(pool, worker, tmp_p
     store = tmp_path / "store"
     run_dir = tmp_path / "caller" / "run-1"  # not inside the store: the files must really come back
     name = deploy(pool, tmp_path / "worker-work")
-    train = TrainConfig(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=8, eval_steps=3,
+    train = ClassifierKDTrain(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=8, eval_steps=3,
                         checkpoint_steps=3, logging_steps=1, device="cpu", deployment_timeout_s=300)
     started = time.monotonic()
     result = train_where_configured(training_rows(30), LABELS, train, str(run_dir), run_id="run-1",
@@ -142,7 +140,7 @@ def test_no_worker_on_the_pool_fails_with_a_clear_error(pool, tmp_path):
     from distill_tasks.train import train_where_configured
 
     name = deploy(pool, tmp_path / "worker-work")
-    train = TrainConfig(deployment=name, max_steps=3, deployment_timeout_s=3)
+    train = ClassifierKDTrain(deployment=name, max_steps=3, deployment_timeout_s=3)
     with pytest.raises(RuntimeError, match="is a worker polling"):
         train_where_configured(training_rows(6), LABELS, train, str(tmp_path / "run"), run_id="run-2",
                                store=str(tmp_path / "store"))

@@ -22,8 +22,9 @@ from starlette.requests import Request
 
 from distill.config import FilterConfig, TaskConfig
 from distill.data import load_task_rows, read_jsonl, write_jsonl
+from distill.demo import demo_task
 
-TASK = TaskConfig()
+TASK = demo_task()
 PLANTED = {"refusal": 37, "truncated": 41, "failed": 43, "not_a_label": 47, "uncertain": 29}
 
 

@@ -17,8 +17,9 @@ from distill.filter.rows import build_candidates
 from distill.teacher.soft_labels import entropy
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "top_up_failed", "refund_not_showing_up"]
-TASK = TaskConfig(labels=LABELS, labels_path=None)
-GEN = TaskConfig(kind="generation", labels=None, labels_path=None, label_field=None)
+TASK = TaskConfig(name="cards", train_path="train.csv", labels=LABELS, label_field="category",
+                  system_prompt="Classify the message.")
+GEN = TaskConfig(name="ids", kind="generation", train_path="train.csv", system_prompt="Answer with the id.")
 
 
 def task_row(i, text=None, gold=None):

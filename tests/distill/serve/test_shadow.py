@@ -122,7 +122,7 @@ def seed_disagreements(url: str, tmp_path) -> Path:
         {"request_id": "3", "text": "three", "champion_label": "neutral", "teacher_label": "neutral"},
     ])
     gold = tmp_path / "gold.csv"
-    gold.write_text("text,category\none,negative\ntwo,positive\n")
+    gold.write_text("text,label\none,negative\ntwo,positive\n")
     return gold
 
 
@@ -139,7 +139,7 @@ def test_shadow_report_cli(tmp_path):
     res = runner.invoke(app, ["shadow", "report", "--log-url", url, "--gold", str(gold), "--max-wrong", "0.5"])
     assert res.exit_code == 0 and "READY" in res.output
     bad = tmp_path / "bad.csv"
-    bad.write_text("text,category\none,negative,extra\n")
+    bad.write_text("text,label\none,negative,extra\n")
     res = runner.invoke(app, ["shadow", "report", "--log-url", url, "--gold", str(bad)])
     assert res.exit_code == 2 and "bad.csv:2" in res.output
-    assert load_gold(gold, "text", "category") == {"one": "negative", "two": "positive"}
+    assert load_gold(gold, "text", "label") == {"one": "negative", "two": "positive"}

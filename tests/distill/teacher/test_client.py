@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
 from distill.httpserver import start_in_thread
+from distill.offline import OFFLINE_ENV
 from distill.teacher.client import parse_completion, retry_after_s, sampling_params
 from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
 
@@ -258,7 +259,8 @@ def test_bad_rows_are_config_errors(tmp_path):
 def test_load_prompt_rows_renders_the_production_prompt(tmp_path):
     from distill.config import TaskConfig
 
-    task = TaskConfig(labels=["a", "b"], labels_path=None, system_prompt="SYS", prompt_template="Q: {text}")
+    task = TaskConfig(name="prompts", train_path=tmp_path / "unused.csv", labels=["a", "b"], system_prompt="SYS",
+                      prompt_template="Q: {text}")
     p = tmp_path / "in.jsonl"
     p.write_text('{"id": 1, "text": "hello"}\n'
                  '{"id": 2, "messages": [{"role": "user", "content": "raw"}]}\n')
@@ -294,7 +296,7 @@ def test_sigkill_mid_run_then_resume_pays_nothing_twice(tmp_path):
         inp.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"ok {i}"}]})
                                + "\n" for i in range(n)))
         out = tmp_path / "out.jsonl"
-        env = {**os.environ, "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, **OFFLINE_ENV}
         proc = subprocess.Popen(_cli(cfg, inp, out, srv.url), cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60

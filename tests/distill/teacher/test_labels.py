@@ -55,7 +55,9 @@ def _task(tmp_path, **kw) -> TaskConfig:
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"card_arrival": "the card has not arrived", "card_linking": "linking a card",
                                   "lost_or_stolen_card": "lost or stolen"}))
-    return TaskConfig(train_path=train, test_path=test, labels_path=labels, **kw)
+    kw.setdefault("system_prompt", "Classify the message.")
+    return TaskConfig(name="labels", train_path=train, test_path=test, labels_path=labels, label_field="category",
+                      **kw)
 
 
 def test_the_label_list_and_descriptions_reach_the_teacher(tmp_path):

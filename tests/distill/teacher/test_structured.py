@@ -178,6 +178,8 @@ def test_ollamas_native_api_url_names_its_v1_endpoint():
 def test_a_bare_off_in_yaml_means_off(tmp_path):
     from distill.config import load_config
 
-    (tmp_path / "c.yaml").write_text("teacher:\n  structured_output: off\n")
+    data = ROOT / "distill/data/banking77"
+    (tmp_path / "c.yaml").write_text(f"task:\n  name: t\n  train_path: {data / 'train.csv'}\n  labels_path: "
+                                     f"{data / 'categories.json'}\n  system_prompt: Classify.\nteacher:\n  structured_output: off\n")
     assert load_config(tmp_path / "c.yaml").teacher.structured_output == "off"
     assert load_config(tmp_path / "c.yaml", ["teacher.structured_output=off"]).teacher.structured_output == "off"

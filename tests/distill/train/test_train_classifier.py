@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from distill.config import ConfigError, TrainConfig
+from distill.config import ClassifierKDTrain, ConfigError
 from distill.models.classifier import ClassifierStudent
 from distill.train.classifier import build_student, train_classifier
 
@@ -86,7 +86,7 @@ def test_kd_student_reaches_teacher_agreement(tmp_path, tiny_encoder):
     rows[1]["soft_labels"] = None  # a gold row without a teacher distribution trains on CE only
     # The stock [CLS] head: a random tiny encoder has no sentence features worth mean-pooling
     # (the mean-pooled, linear-probed path is what the BANKING77 demo test trains).
-    cfg = TrainConfig(init_from_teacher=tiny_encoder, student_layers=2, learning_rate=3e-3, batch_size=16,
+    cfg = ClassifierKDTrain(init_from_teacher=tiny_encoder, student_layers=2, learning_rate=3e-3, batch_size=16,
                       pooling="cls", head_init="random", epochs=8, eval_steps=20, checkpoint_steps=40, logging_steps=5, max_length=16)
     result = train_classifier(rows, LABELS, cfg, tmp_path / "run", progress=False)
 
@@ -113,7 +113,7 @@ def test_kd_student_reaches_teacher_agreement(tmp_path, tiny_encoder):
 def test_student_initialised_from_first_teacher_layers(tiny_encoder):
     from transformers import AutoModel
 
-    model, tokenizer = build_student(TrainConfig(init_from_teacher=tiny_encoder, student_layers=2), LABELS)
+    model, tokenizer = build_student(ClassifierKDTrain(init_from_teacher=tiny_encoder, student_layers=2), LABELS)
     teacher = AutoModel.from_pretrained(tiny_encoder)
     assert len(model.bert.encoder.layer) == 2
     for i in range(2):
@@ -123,7 +123,7 @@ def test_student_initialised_from_first_teacher_layers(tiny_encoder):
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
     assert model.classifier.out_features == 3 and model.config.id2label == dict(enumerate(LABELS))
     with pytest.raises(ConfigError, match="student_layers"):
-        build_student(TrainConfig(init_from_teacher=tiny_encoder, student_layers=9), LABELS)
+        build_student(ClassifierKDTrain(init_from_teacher=tiny_encoder, student_layers=9), LABELS)
 
 
 def test_lora_changes_adapters_only_and_merges_into_saved_student(tmp_path, tiny_classifier):
@@ -131,7 +131,7 @@ def test_lora_changes_adapters_only_and_merges_into_saved_student(tmp_path, tiny
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    cfg = TrainConfig(student_model=tiny_classifier, lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=12,
+    cfg = ClassifierKDTrain(student_model=tiny_classifier, lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=12,
                       learning_rate=1e-2, batch_size=8, eval_steps=12, checkpoint_steps=12, max_length=16)
     result = train_classifier(toy_rows(96, seed=2), LABELS, cfg, tmp_path / "run", progress=False)
 
@@ -176,7 +176,7 @@ class _Crash:
 
 def test_resume_after_crash_continues_the_same_run(tmp_path, tiny_encoder):
     rows = toy_rows(64, seed=3)
-    cfg = TrainConfig(init_from_teacher=tiny_encoder, max_steps=10, batch_size=8, eval_steps=4,
+    cfg = ClassifierKDTrain(init_from_teacher=tiny_encoder, max_steps=10, batch_size=8, eval_steps=4,
                       checkpoint_steps=4, save_total_limit=5, learning_rate=1e-3, max_length=16, logging_steps=1)
     with pytest.raises(RuntimeError, match="worker lost"):
         train_classifier(rows, LABELS, cfg, tmp_path / "crashed", progress=False, callbacks=[_Crash(7)])
@@ -197,9 +197,9 @@ def test_resume_after_crash_continues_the_same_run(tmp_path, tiny_encoder):
 def test_bad_rows_fail_before_training(tmp_path, tiny_encoder):
     rows = toy_rows(6, seed=4)
     rows[3]["target"] = "furious"
-    cfg = TrainConfig(init_from_teacher=tiny_encoder)
+    cfg = ClassifierKDTrain(init_from_teacher=tiny_encoder)
     with pytest.raises(ConfigError, match=r"id 'r3'.*furious"):
         train_classifier(rows, LABELS, cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="multiple of eval_steps"):
-        TrainConfig(eval_steps=30, checkpoint_steps=200)
+        ClassifierKDTrain(eval_steps=30, checkpoint_steps=200)
