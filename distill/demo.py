@@ -111,8 +111,9 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
 
 
 def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str],
-                preset: Path = PRESET) -> DistillConfig:
-    """The demo preset, pointed at the demo teacher (and its key's variable) and the student split."""
+                preset: Path = PRESET, model_name: str | None = None) -> DistillConfig:
+    """The demo preset, pointed at the demo teacher (serving `model_name`, with its key's variable) and the
+    student split."""
     base = [f"teacher.base_url={teacher_url}/v1", f"teacher.api_key_env={TEACHER_KEY_ENV}"]
     if quick:
         base += ["task.max_test_rows=300", "train.epochs=1", "evaluate.latency_requests=40",
@@ -120,7 +121,8 @@ def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list
         if preset == GENERATIVE_PRESET:
             base += ["task.max_rows=600", "task.max_test_rows=100", "evaluate.robustness_rows=20"]
     # The student split comes last: a task.train_path override names the data the teacher was fit on.
-    return load_config(preset, base + list(overrides) + [f"task.train_path={train_path}"])
+    last = [f"task.train_path={train_path}"] + ([f"teacher.model={model_name}"] if model_name else [])
+    return load_config(preset, base + list(overrides) + last)
 
 
 DEMO_PORT = 8765
@@ -186,11 +188,13 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
-    with teacher_process(prep["teacher_dir"], port, "banking77-teacher",
-                         json_field=JSON_FIELD if generative else None) as url:
+    # The model name carries the teacher's hash: the request cache never serves one teacher's answers
+    # (BANKING77's, say) to a demo whose teacher was fit on other data.
+    name = f"demo-{prep['teacher_dir'].name}"
+    with teacher_process(prep["teacher_dir"], port, name, json_field=JSON_FIELD if generative else None) as url:
         print(f"demo teacher serving at {url}/v1" + (f" (answers as JSON {{\"{JSON_FIELD}\": ...}})"
                                                     if generative else ""))
-        cfg = demo_config(url, prep["train_path"], quick, overrides or [], preset)
+        cfg = demo_config(url, prep["train_path"], quick, overrides or [], preset, model_name=name)
         result = run_cycle(config=cfg)
     result["metrics"]["demo_wall_s"] = round(time.perf_counter() - started, 1)
     return result
