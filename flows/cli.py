@@ -9,6 +9,8 @@ core stay free of the orchestration layer.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,42 +20,95 @@ from distill.cli import SET_HELP, app, check_inputs, fail, load_or_fail
 from distill.offline import apply_offline_env
 
 
+RESUME_HELP = ("Continue this run (its id) from its last training checkpoint, in its own directory; `last`: "
+               "the newest crashed, interrupted or failed run of this config. Without it, a crashed run of the "
+               "same config is continued anyway (see --fresh).")
+FRESH_HELP = "Start a new run even when a crashed run of the same config could be continued."
+SERVER_STARTUP_S = 120
+
+
 @app.command("run")
 def run(config: Path = typer.Argument(..., help="YAML config file (see deployments/configs/)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID|last", help=RESUME_HELP),
+        fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP)):
     """Run the whole distillation cycle (generate, filter, train, evaluate, gate, register)."""
     apply_offline_env()
+    if resume and fresh:
+        fail("--resume and --fresh contradict each other; pick one")
     cfg = load_or_fail(config, set_)
     check_inputs(cfg)
+    from distill.config import ConfigError
+    from distill.preflight import check_outputs
+    from distill.runs import check_resumable, runs_root
 
-    def call(cycle):
-        from distill.preflight import check_outputs
-
-        check_outputs(cfg)  # again in the flow's preflight; here it fails before Prefect starts
-        return cycle(config=cfg)
-
-    _run_cycle(call)
+    # Both again in the flow (which deployments call directly); here they fail before Prefect starts.
+    try:
+        check_outputs(cfg)
+        if resume and resume != "last":
+            check_resumable(runs_root(str(cfg.store)), resume, cfg.digest())
+    except ConfigError as e:
+        fail(str(e))
+    _run_cycle(lambda cycle: cycle(config=cfg, resume=resume, fresh=fresh))
 
 
 def _run_cycle(call) -> None:
-    """The one place the CLI starts a flow: `call(distillation_cycle)`, then its figures.
+    """The one place the CLI starts a flow: `call(distillation_cycle)` inside `guarded_run`, then its figures.
 
     A config error found inside the flow exits 2 with its message, as one found before it does.
     """
-    from distill_flows.distillation_cycle import distillation_cycle
-
     from distill.config import ConfigError
 
-    try:
-        result = call(distillation_cycle)
-    except ConfigError as e:
-        fail(str(e))
+    with guarded_run():
+        from distill_flows.distillation_cycle import distillation_cycle
+
+        try:
+            result = call(distillation_cycle)
+        except ConfigError as e:
+            fail(str(e))
     _print_result(result)
+
+
+@contextmanager
+def guarded_run():
+    """The block with no child left behind and SIGTERM handled like Ctrl-C.
+
+    The watcher (distill/lifeline.py) stops every child of this process when it dies, SIGKILL
+    included; the temporary Prefect server is started here, before the flow, so it is handed to the
+    watcher at once. SIGTERM (a supervisor stopping the run) becomes KeyboardInterrupt, so the run
+    records itself as interrupted and stops its children on the way out.
+    """
+    import signal
+
+    from distill.lifeline import start_lifeline, watch
+
+    start_lifeline()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            from prefect.server.api.server import SubprocessASGIServer
+            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP
+
+            server = SubprocessASGIServer()  # the instance every Prefect client of this process then uses
+            # Creating a fresh database takes longer than Prefect's default 20 s on a busy 2-core machine.
+            server.start(timeout=max(STARTUP.value(), SERVER_STARTUP_S))
+            if server.server_process is not None:
+                watch(server.server_process.pid)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_result(result: dict) -> None:
     m = result.get("metrics", {})
-    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "ece", "ece_before",
+    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "json_valid_rate",
+            "student_field_accuracy", "teacher_field_accuracy", "field_agreement", "ece", "ece_before",
             "tail_gap", "robustness_drop", "teacher_p50_ms", "teacher_p95_ms", "student_p50_ms",
             "student_p95_ms", "teacher_cost_usd", "wall_s", "demo_wall_s"]
     for k in keys:
@@ -70,12 +125,19 @@ def _print_result(result: dict) -> None:
 
 @app.command("demo")
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests.")):
+         quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests."),
+         resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID|last", help=RESUME_HELP),
+         fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+         generative: bool = typer.Option(False, "--generative", help="A causal-LM student answering as JSON "
+                                         "{\"intent\": ...} (deployments/configs/banking77-json-demo.yaml).")):
     """Distil BANKING77 intent classification end to end, offline, on CPU."""
     apply_offline_env()
+    if resume and fresh:
+        fail("--resume and --fresh contradict each other; pick one")
     from distill.demo import run_demo
 
-    _run_cycle(lambda cycle: run_demo(cycle, overrides=set_ or [], quick=quick))
+    _run_cycle(lambda cycle: run_demo(partial(cycle, resume=resume, fresh=fresh), overrides=set_ or [],
+                                      quick=quick, generative=generative))
 
 
 @app.command("generate")
@@ -143,3 +205,4 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+

@@ -46,7 +46,7 @@ def drift_watch(config_path: str | None = None, overrides: list[str] | None = No
     cfg = load_config(config_path, overrides)
     model = watched_model(cfg)
     log_url = cfg.drift.log_url or cfg.serve.log_url
-    holdout = score_holdout(model["model_dir"], cfg.task, cfg.drift)
+    holdout = score_holdout(model["model_dir"], cfg.task, cfg.drift, cfg.evaluate.answer_field)
     keys = [k for k in (model["run_id"], model["model_dir"]) if k]
     traffic = read_traffic(log_url, cfg.drift.recent_requests, keys, cfg.drift.reference_requests)
     run_id = str(flow_run.get_id() or "")

@@ -62,6 +62,8 @@ export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 LOG_URL="sqlite:///$WORK/shadow.sqlite"
 # The clients' key for the student server; random per run and checked below never to land on disk.
 export DISTILL_SERVE_API_KEY="loop-$(python -c 'import secrets; print(secrets.token_hex(16))')"
+# The demo teacher's key, shared by `distill teacher serve` and the student's shadow-teacher client.
+export DISTILL_TEACHER_API_KEY="loop-$(python -c 'import secrets; print(secrets.token_hex(16))')"
 
 say "1/6 Prefect server on 127.0.0.1:$PREFECT_PORT (PREFECT_HOME=$PREFECT_HOME)"
 background "$WORK/logs/prefect-server.log" prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
@@ -118,7 +120,7 @@ background "$WORK/logs/teacher.log" distill teacher serve "$TEACHER_DIR" --port 
     --model-name banking77-teacher --threads 1
 background "$WORK/logs/serve.log" distill serve "$PRESET" --port "$SERVE_PORT" \
     --set serve.shadow=true --set "serve.log_url=$LOG_URL" --set "registry=$WORK/.distill/registry" \
-    --set "teacher.base_url=http://127.0.0.1:$TEACHER_PORT/v1"
+    --set "teacher.base_url=http://127.0.0.1:$TEACHER_PORT/v1" --set teacher.api_key_env=DISTILL_TEACHER_API_KEY
 wait_http "http://127.0.0.1:$TEACHER_PORT/health" 180 "$WORK/logs/teacher.log"
 wait_http "http://127.0.0.1:$SERVE_PORT/health" 180 "$WORK/logs/serve.log"
 curl -fsS "http://127.0.0.1:$SERVE_PORT/health"; echo
@@ -257,8 +259,11 @@ async def main():
 asyncio.run(main())
 PY
 
-# The clients' API key must not have been written anywhere (logs, shadow log, Prefect database).
+# The API keys must not have been written anywhere (logs, shadow log, Prefect database).
 if grep -rla -- "$DISTILL_SERVE_API_KEY" "$WORK" >/dev/null 2>&1; then
     die "the serve API key appears in files under $WORK"
+fi
+if grep -rla -- "$DISTILL_TEACHER_API_KEY" "$WORK" >/dev/null 2>&1; then
+    die "the teacher API key appears in files under $WORK"
 fi
 say "closed loop OK: champion $RUN_ID drifted (event $EVENT_ID) and a re-distillation run was created"

@@ -30,10 +30,12 @@ def watched_model(cfg: DistillConfig) -> dict[str, Any]:
 
 
 @task(name="score-holdout", cache_policy=NO_CACHE)
-def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> dict[str, Any]:
+def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig,
+                  answer_field: str | None = None) -> dict[str, Any]:
     """The regression check's measurement: accuracy and mean prediction entropy of the model on the
     static holdout (drift.reference_max_rows evenly spaced rows).
 
+    answer_field: for a generative student, the JSON field its answers are judged by (evaluate.answer_field).
     Returns {"accuracy", "entropy", "n", "labels"}.
     """
     import numpy as np
@@ -46,6 +48,12 @@ def score_holdout(model_dir: str, task_cfg: TaskConfig, drift: DriftConfig) -> d
         raise ConfigError("drift.reference_path: no reference holdout (and task.test_path is unset)")
     ref_task = task_cfg.model_copy(update={"test_path": path, "max_test_rows": drift.reference_max_rows})
     rows = load_task_rows(ref_task, "test")
+    from distill.models.causal import is_causal_lm_dir
+
+    if is_causal_lm_dir(model_dir):  # a generative student: answers judged as in evaluation, token entropy
+        from distill.evaluate.generative import score_answers
+
+        return score_answers(model_dir, rows, answer_field)
     student = ClassifierStudent(model_dir)
     probs = student.predict_proba([r["text"] for r in rows])
     pred = [student.labels[i] for i in probs.argmax(1)]

@@ -91,6 +91,11 @@ def probe(teacher: TeacherConfig, messages: list[dict], extra: dict[str, Any], a
         raise ConfigError(f"teacher.api_key_env: {teacher.base_url} refused the key (HTTP {status})")
     if status == 404:
         raise ConfigError(f"teacher.model: {teacher.base_url} answers 404 for model {teacher.model!r}")
+    if status is not None and status >= 400 and status != 429 and not extra:
+        # A plain request refused or failing after the retries (a proxy in front of a dead backend, a
+        # request the server cannot take): every training request would fail the same way.
+        raise ConfigError(f"teacher.base_url: {teacher.base_url} answers HTTP {status} to a plain probe "
+                          f"({redact(raw[:200].decode(errors='replace'), api_key)!r}); nothing else was sent")
     return status, fields
 
 
@@ -104,6 +109,7 @@ def choose_structured(teacher: TeacherConfig, generation: GenerationConfig, labe
     wanted = teacher.structured_output if labels else "off"
     candidates = ["json_schema", "choice"] if wanted == "auto" else [wanted]
     max_tokens = max(generation.max_tokens, 64 if teacher.rationale else 16)
+    failed_all = True
     for mode in candidates:
         extra = structured_params(mode, labels or [], teacher.rationale)
         status, fields = probe(teacher, messages, extra, api_key, ledger, max_tokens)
@@ -116,4 +122,8 @@ def choose_structured(teacher: TeacherConfig, generation: GenerationConfig, labe
             return mode, extra
         if mode == "choice" and answer and answer.strip() in labels:
             return mode, extra
+        failed_all = failed_all and (status is None or status >= 500)
+    if failed_all:
+        # Both structured probes broke the server: it may dislike the fields, or be down; a plain probe tells.
+        probe(teacher, messages, {}, api_key, ledger, max_tokens)
     return "off", {}

@@ -5,7 +5,9 @@ the resumable train call, checkpoints, and the training history with its curves.
 from __future__ import annotations
 
 import json
+import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,12 @@ from distill.config import ConfigError, TrainConfig
 from distill.data import write_text
 
 HISTORY_FILE = "history.json"
+RESUME_FILE = "resume.json"
 
 
 CURVES_FILE = "training_curves.png"
+
+logger = logging.getLogger("distill.train")
 
 
 def split_of(row: dict[str, Any], where: str) -> str:
@@ -27,8 +32,17 @@ def split_of(row: dict[str, Any], where: str) -> str:
 
 
 def run_trainer(trainer, out_dir: Path, config: TrainConfig) -> float:
-    """Train, continuing from the last checkpoint under out_dir when config.resume; returns seconds."""
+    """Train, continuing from the last complete checkpoint under out_dir when config.resume; returns seconds.
+
+    A resumed run says so in the log and in out_dir/RESUME_FILE ({"checkpoint", "step", "at"}), which
+    the run report and a user checking what a rerun did both read.
+    """
     resume = last_checkpoint(out_dir / "checkpoints") if config.resume else None
+    if resume is not None:
+        step = int(Path(resume).name.split("-")[-1])
+        print(f"resuming training from {Path(resume).name} (step {step})", flush=True)
+        write_text(out_dir / RESUME_FILE, json.dumps({"checkpoint": str(resume), "step": step,
+                                                      "at": datetime.now(timezone.utc).isoformat()}))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     return time.perf_counter() - started
@@ -82,9 +96,23 @@ def training_kwargs(config: TrainConfig, checkpoint_dir: Path, device: str, has_
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest checkpoint that was written to the end, or None.
 
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    The Trainer writes trainer_state.json last and not atomically: a process killed while saving
+    leaves a folder without it, or with half of it, and resuming from that folder would fail.
+    """
+    if not checkpoint_dir.is_dir():
+        return None
+    steps = sorted((int(p.name.split("-")[1]), p) for p in checkpoint_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _step, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping %s: written only in part (no readable trainer_state.json)", path)
+            continue
+        return str(path)
+    return None
 
 
 def save_history(trainer, out_dir: Path, title: str) -> tuple[list[dict], Path]:
