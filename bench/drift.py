@@ -85,7 +85,7 @@ def build_models(out: Path, train_rows: int, teacher_rows: int, labels: list[str
 
     Returns (student_dir, teacher_dir, the champion's training texts).
     """
-    from distill.config import TrainConfig
+    from distill.config import ClassifierKDTrain
     from distill.data import read_table
     from distill.models.encoders import MINILM, EmbeddingClassifier
     from distill.train.classifier import build_student, linear_probe_head
@@ -93,7 +93,7 @@ def build_models(out: Path, train_rows: int, teacher_rows: int, labels: list[str
     rows = read_table(DATA / "train.csv", required=["text", "category"])
     random.Random(0).shuffle(rows)
     stud, teach = rows[:train_rows], rows[train_rows:train_rows + teacher_rows]
-    config = TrainConfig(init_from_teacher=MINILM, student_layers=2, pooling="mean")
+    config = ClassifierKDTrain(init_from_teacher=MINILM, student_layers=2, pooling="mean")
     model, tokenizer = build_student(config, labels)
     linear_probe_head(model, tokenizer, [{"text": r["text"], "target": r["category"]} for r in stud], labels, config)
     student_dir = out / "student"
