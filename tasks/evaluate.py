@@ -21,7 +21,8 @@ HEADLINE = ("teacher_accuracy", "student_accuracy", "retention", "agreement", "e
 @task(name="evaluate-student", cache_policy=NO_CACHE)
 def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: list[dict], labels: list[str] | None,
                      evaluate: EvaluateConfig, run_dir: str, validation: list[dict] | None = None,
-                     teacher: TeacherConfig | None = None, train_rows: list[dict] | None = None) -> dict:
+                     teacher: TeacherConfig | None = None, train_rows: list[dict] | None = None,
+                     max_new_tokens: int = 64) -> dict:
     """Measure the student (see distill.evaluate.classifier.evaluate_classifier); plots land in run_dir.
 
     Args:
@@ -34,6 +35,7 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
         validation: training rows with split "validation" (the temperature is fitted there).
         teacher: the teacher endpoint, for its latency and for unanswered user tail rows.
         train_rows: the training rows; their label frequencies define the rare labels of the tail.
+        max_new_tokens: generative answers' length cap (the teacher's generation.max_tokens).
     """
     from distill.evaluate.classifier import evaluate_classifier
     from distill.evaluate.generative import evaluate_generative
@@ -55,7 +57,8 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
                                       teacher_api_key=key, teacher_price=price, train_label_counts=counts)
     else:
         metrics = evaluate_generative(student_dir, holdout, teacher_records, evaluate, run_dir, teacher_url=url,
-                                      teacher_model=model, teacher_api_key=key, teacher_price=price)
+                                      teacher_model=model, teacher_api_key=key, teacher_price=price,
+                                      max_new_tokens=max_new_tokens, validation=validation)
     rows = [{"metric": k, "value": metrics.get(k)} for k in HEADLINE]
     create_table_artifact(rows, key="evaluation-metrics", description="Student evaluation (gold holdout)")
     logger.info("student %s vs teacher %s accuracy (retention %s), ECE %s, P95 %s ms",

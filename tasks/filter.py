@@ -47,6 +47,13 @@ class ReviewInput(RunInput):
     reject_patterns: list[str] = Field(
         default_factory=list, description="Regexes; every answer in the dataset matching one is rejected."
     )
+    approve: bool = Field(
+        True, description="Switch off to stop the run: the sample is not good enough to train on (say why in reason)."
+    )
+
+
+class SpotCheckRejected(Exception):
+    """The reviewer stopped the run at the spot-check; the message carries their reason."""
 
 
 # The stages are fast, pure and run once per flow run: hashing their inputs for a cache would
@@ -155,6 +162,8 @@ def _review(rows: list[dict], config: SpotCheckConfig, run_dir: Path, seed: int)
                         "of wrong answers in rejected_ids; add regexes to reject_patterns to remove every "
                         "matching answer in the dataset. Submit with empty lists to approve all.")
         answer = pause_flow_run(wait_for_input=form, timeout=config.timeout_s, poll_interval=config.poll_interval_s)
+        if not answer.approve:
+            raise SpotCheckRejected(f"spot-check: the reviewer rejected the sample: {answer.reason or 'no reason given'}")
         rejected_ids = {str(i): answer.reason for i in answer.rejected_ids}
         patterns = list(answer.reject_patterns)
         info["mode"] = "reviewer"

@@ -1,18 +1,23 @@
-"""Drift sensors: pure statistics that decide when the student needs re-distilling.
+"""Drift sensors: each one a stated statistical test that decides when the student needs re-distilling.
 
-Each sensor returns a dict {"sensor", "fired": bool, "value", ...} with the
-numbers it judged, so the drift-watch flow can put them in an event payload and
-a report unchanged. A sensor that lacks the data to judge returns fired=False
-with a "reason"; it never guesses.
+Each sensor returns a dict {"sensor", "fired": bool, "status", "value", "test", "p_value",
+"alpha", "n", "min_n", ...} with the numbers it judged, so the drift-watch flow can put
+them in an event payload and a report unchanged. status is "drift", "no drift" or
+"not enough data": below its minimum sample size a sensor never fires, it says so.
 
-- accuracy_drop: holdout accuracy now vs at promotion.
-- entropy_collapse: prediction entropy falling cycle after cycle while accuracy
-  does not improve (re-distilling on its own outputs sharpens a model without
-  making it right).
-- divergence: student-teacher disagreement (and KL) on live traffic vs baseline.
+- divergence: student-teacher agreement on a random, budgeted sample of recent traffic
+  (teacher answers from the shadow log, or bought re-labels) against the champion's
+  agreement at evaluation: one-sided two-proportion z test with a margin, Newcombe interval.
+- accuracy_drop: the same test on gold accuracy, for the recent requests whose gold label
+  arrived later (`distill feedback`).
+- entropy_collapse: Mann-Kendall test of falling prediction entropy over distillation
+  cycles (exact; at least `min_cycles`), while accuracy over those cycles does not improve.
 - input_drift: recent traffic vs training inputs, by a kernel two-sample (MMD)
   permutation test on sentence embeddings, or on text statistics without an
   encoder (PSI per statistic is reported alongside).
+- holdout_regression (a regression check, not a drift sensor): the frozen model on the
+  static holdout against its registry accuracy; it can catch a broken export or runtime,
+  never production drift, because neither the model nor that data changes.
 """
 
 from __future__ import annotations
@@ -21,45 +26,128 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from distill.drift.stats import mann_kendall_decrease, mmd_permutation_test, proportion_drop_test
 
-def accuracy_drop(baseline_acc: float | None, current_acc: float | None, threshold: float) -> dict:
-    """Fires when accuracy fell by more than `threshold` (absolute) since promotion.
+__all__ = ["accuracy_drop", "divergence", "entropy_collapse", "holdout_regression", "input_drift",
+           "mmd_permutation_test", "render_report"]
+
+NOT_ENOUGH = "not enough data"
+
+
+def _verdict(out: dict, p_value: float, alpha: float) -> dict:
+    fired = bool(p_value < alpha)
+    return {**out, "fired": fired, "status": "drift" if fired else "no drift"}
+
+
+def _too_few(out: dict, reason: str) -> dict:
+    return {"value": None, "p_value": None, **out, "fired": False, "status": NOT_ENOUGH, "reason": reason}
+
+
+def _rate_sensor(name: str, hits: int, n: int, baseline: float | None, baseline_n: int | None, margin: float,
+                 alpha: float, min_n: int, what: str) -> dict:
+    out = {"sensor": name, "n": n, "min_n": min_n, "alpha": alpha, "baseline": baseline, "baseline_n": baseline_n,
+           "margin": margin, "test": "two-proportion z test (one-sided), H1: rate < baseline - margin"}
+    if n < min_n:
+        return _too_few({**out, "value": hits / n if n else None}, f"{n} {what}, {min_n} needed")
+    if baseline is None:
+        return _too_few({**out, "value": hits / n}, "no baseline from the champion's evaluation")
+    t = proportion_drop_test(hits, n, float(baseline), baseline_n, margin, confidence=1 - 2 * alpha)
+    out.update(value=t["rate"], p_value=t["p_value"], ci=t["ci"], confidence=t["confidence"], z=t["z"],
+               difference=t["difference"], test=t["test"])
+    return _verdict(out, t["p_value"], alpha)
+
+
+def divergence(student_labels: Sequence, teacher_labels: Sequence, baseline_agreement: float | None,
+               baseline_n: int | None, margin: float, alpha: float, min_samples: int = 100,
+               kl: float | None = None) -> dict:
+    """Fires when student-teacher agreement on recent traffic is significantly below the baseline.
 
     Args:
-        baseline_acc: holdout accuracy recorded at promotion.
-        current_acc: holdout accuracy of the same model now.
-        threshold: largest tolerated drop, e.g. 0.05 for 5 points.
+        student_labels, teacher_labels: the champion's and the teacher's labels on the same
+            requests (a random sample of recent traffic; None entries are skipped).
+        baseline_agreement: agreement at evaluation (registry metric `agreement`).
+        baseline_n: holdout rows behind it (`n_holdout`); None treats the baseline as exact.
+        margin: drop in agreement tolerated before it counts (the effect size that matters).
+        alpha: significance level of the one-sided test.
+        min_samples: fewer teacher-labelled requests than this report "not enough data".
+        kl: mean KL(teacher || student) on the pairs, reported alongside when known.
+    Returns also "disagreement" (1 - agreement) and the interval "ci" of agreement - baseline.
     """
-    out = {"sensor": "accuracy_drop", "baseline": baseline_acc, "current": current_acc, "threshold": threshold}
-    if baseline_acc is None or current_acc is None:
-        return {**out, "fired": False, "value": None, "reason": "no baseline or current accuracy"}
-    drop = float(baseline_acc) - float(current_acc)
-    return {**out, "fired": bool(drop > threshold), "value": drop}
+    pairs = [(s, t) for s, t in zip(student_labels, teacher_labels) if s is not None and t is not None]
+    hits = sum(s == t for s, t in pairs)
+    out = _rate_sensor("divergence", hits, len(pairs), baseline_agreement, baseline_n, margin, alpha, min_samples,
+                       "teacher-labelled requests")
+    out["disagreement"] = None if out["value"] is None else 1 - out["value"]
+    out["kl"] = kl
+    return out
 
 
-def entropy_collapse(entropies: Sequence[float], accuracies: Sequence[float], window: int,
+def accuracy_drop(predicted: Sequence, gold: Sequence, baseline_accuracy: float | None, baseline_n: int | None,
+                  margin: float, alpha: float, min_samples: int = 100) -> dict:
+    """Fires when accuracy on recent requests with late gold labels is significantly below the baseline.
+
+    Args:
+        predicted: the label the champion served; gold: the label that arrived later (None: none yet).
+        baseline_accuracy: accuracy at evaluation (registry metric `student_accuracy`).
+        baseline_n: holdout rows behind it; None treats the baseline as exact.
+        margin, alpha, min_samples: as for divergence().
+    """
+    pairs = [(p, g) for p, g in zip(predicted, gold) if p is not None and g not in (None, "")]
+    hits = sum(p == g for p, g in pairs)
+    return _rate_sensor("accuracy_drop", hits, len(pairs), baseline_accuracy, baseline_n, margin, alpha,
+                        min_samples, "requests with gold feedback")
+
+
+def holdout_regression(baseline_accuracy: float | None, baseline_n: int | None, current_accuracy: float,
+                       n: int, margin: float, alpha: float) -> dict:
+    """Regression check: the same frozen model on the static holdout, against its registry accuracy.
+
+    Reported apart from the drift sensors; it never starts a re-distillation.
+    """
+    out = _rate_sensor("holdout_regression", round(current_accuracy * n), n, baseline_accuracy, baseline_n,
+                       margin, alpha, 1, "holdout rows")
+    out["kind"] = "regression check"
+    out["current"] = current_accuracy
+    return out
+
+
+def entropy_collapse(entropies: Sequence[float], accuracies: Sequence[float], min_cycles: int, alpha: float,
                      min_gain: float = 0.0) -> dict:
-    """Fires when mean prediction entropy decreased at every step of the last `window` cycles
-    while accuracy over the same cycles gained no more than `min_gain`.
+    """Fires when prediction entropy falls over the last cycles (Mann-Kendall, p < alpha) while
+    accuracy over the same cycles does not rise significantly (same test) by more than `min_gain`.
+
+    Re-distilling on its own outputs sharpens a model without making it right; one sharper
+    cycle is noise, a significant trend over several is the signal.
 
     Args:
         entropies: mean prediction entropy (nats) per cycle, oldest first.
         accuracies: accuracy per cycle, aligned with `entropies`.
-        window: number of cycles judged (window - 1 consecutive decreases).
+        min_cycles: fewer cycles than this report "not enough data" (4 is the least that can
+            reach p < 0.05: the exact test's smallest p-value with n cycles is 1/n!).
+        alpha: significance level of the trend test.
         min_gain: accuracy gain over the window that counts as real improvement.
     """
     if len(entropies) != len(accuracies):
         raise ValueError("entropies and accuracies must have the same length")
-    out = {"sensor": "entropy_collapse", "window": window, "entropies": [float(e) for e in entropies[-window:]],
-           "accuracies": [float(a) for a in accuracies[-window:]]}
-    if window < 2 or len(entropies) < window:
-        return {**out, "fired": False, "value": None, "reason": f"{len(entropies)} cycles, {window} needed"}
-    e = np.asarray(entropies[-window:], dtype=float)
-    a = np.asarray(accuracies[-window:], dtype=float)
-    falling = bool(np.all(np.diff(e) < 0))
-    gain = float(a[-1] - a[0])
-    return {**out, "fired": bool(falling and gain <= min_gain), "value": float(e[0] - e[-1]),
-            "monotone": falling, "accuracy_gain": gain}
+    window = max(min_cycles, min(len(entropies), 7))  # the exact test is cheap up to 7 points
+    e = [float(x) for x in entropies[-window:]]
+    a = [float(x) for x in accuracies[-window:]]
+    out = {"sensor": "entropy_collapse", "n": len(entropies), "min_n": min_cycles, "alpha": alpha,
+           "entropies": e, "accuracies": a}
+    if len(entropies) < max(min_cycles, 2):
+        return _too_few({**out, "test": "Mann-Kendall trend test, decreasing (one-sided)"},
+                        f"{len(entropies)} cycles, {min_cycles} needed")
+    t = mann_kendall_decrease(e)
+    gain = a[-1] - a[0]
+    # Improvement is judged by the same test on accuracy: a noisy uptick is not a better model.
+    rising = mann_kendall_decrease([-x for x in a])["p_value"]
+    out.update(value=e[0] - e[-1], p_value=t["p_value"], test=t["test"], kendall_s=t["s"], accuracy_gain=gain,
+               accuracy_rise_p=rising)
+    out = _verdict(out, t["p_value"], alpha)
+    if out["fired"] and rising < alpha and gain > min_gain:
+        out.update(fired=False, status="no drift",
+                   reason=f"entropy fell, but accuracy rose {gain:+.4f} (trend p = {rising:.3g})")
+    return out
 
 
 def _as_probs(x) -> np.ndarray:
@@ -69,34 +157,15 @@ def _as_probs(x) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def divergence(student_probs, teacher_probs, baseline_disagreement: float | None, max_increase: float,
-               min_samples: int = 30) -> dict:
-    """Fires when the student-teacher disagreement rate rose by more than `max_increase`.
-
-    Args:
-        student_probs: [n, k] student label distributions on recent traffic.
-        teacher_probs: [n, k] teacher distributions on the same requests, same label order.
-        baseline_disagreement: disagreement rate at promotion (1 - agreement on the holdout).
-        max_increase: tolerated absolute rise of the disagreement rate.
-        min_samples: fewer paired requests than this are not judged (too noisy).
-    Returns also "kl" (mean KL(teacher || student), nats) and "n".
-    """
+def mean_kl(student_probs, teacher_probs) -> float | None:
+    """Mean KL(teacher || student) in nats over paired [n, k] distributions; None without pairs."""
     s, t = _as_probs(student_probs), _as_probs(teacher_probs)
     if s.shape != t.shape:
         raise ValueError(f"student {s.shape} and teacher {t.shape} probabilities differ in shape")
-    out = {"sensor": "divergence", "baseline": baseline_disagreement, "max_increase": max_increase, "n": len(s)}
     if len(s) == 0:
-        return {**out, "fired": False, "value": None, "kl": None, "reason": "no paired requests"}
-    rate = float(np.mean(s.argmax(1) != t.argmax(1)))
+        return None
     eps = 1e-12
-    kl = float(np.mean(np.sum(t * (np.log(t + eps) - np.log(s + eps)), axis=1)))
-    out.update(value=rate, kl=kl)
-    if len(s) < min_samples:
-        return {**out, "fired": False, "reason": f"{len(s)} paired requests, {min_samples} needed"}
-    if baseline_disagreement is None:
-        return {**out, "fired": False, "reason": "no baseline disagreement"}
-    return {**out, "fired": bool(rate - baseline_disagreement > max_increase),
-            "increase": rate - baseline_disagreement}
+    return float(np.mean(np.sum(t * (np.log(t + eps) - np.log(s + eps)), axis=1)))
 
 
 def text_stats(texts: Sequence[str]) -> np.ndarray:
@@ -129,38 +198,6 @@ def psi(reference: np.ndarray, recent: np.ndarray, bins: int = 10, eps: float = 
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int = 200, seed: int = 0) -> tuple[float, float]:
-    """Squared MMD (RBF kernel, median-distance bandwidth) and its permutation p-value.
-
-    Args:
-        x: [n, d] reference samples; y: [m, d] recent samples.
-        permutations: random relabellings used for the null distribution.
-    """
-    z = np.vstack([x, y]).astype(np.float64)
-    n, total = len(x), len(z)
-    sq = np.sum(z * z, axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0.0)
-    off = d2[np.triu_indices(total, k=1)]
-    med = np.median(off[off > 0]) if np.any(off > 0) else 1.0
-    k = np.exp(-d2 / med)
-    rng = np.random.default_rng(seed)
-
-    def weights(perm_rows: np.ndarray) -> np.ndarray:
-        w = np.full(perm_rows.shape, -1.0 / (total - n))
-        w[perm_rows < n] = 1.0 / n
-        return w
-
-    # w^T K w with w = +1/n on the first sample and -1/m on the second is the (biased) MMD^2.
-    observed_w = weights(np.arange(total)[None, :])
-    perms = np.argsort(rng.random((permutations, total)), axis=1)
-    null_w = weights(perms)
-    w = np.vstack([observed_w, null_w])
-    stats = np.sum((w @ k) * w, axis=1)
-    observed, null = stats[0], stats[1:]
-    p = (1 + np.sum(null >= observed)) / (1 + permutations)
-    return float(observed), float(p)
-
-
 def input_drift(reference_texts: Sequence[str], recent_texts: Sequence[str], p_value: float,
                 embed: Callable[[list[str]], np.ndarray] | None = None, *, min_recent: int = 1,
                 max_samples: int = 500, permutations: int = 200, seed: int = 0) -> dict:
@@ -181,10 +218,10 @@ def input_drift(reference_texts: Sequence[str], recent_texts: Sequence[str], p_v
     if 1.0 / (1 + permutations) > p_value:
         raise ValueError(f"{permutations} permutations cannot reach p < {p_value}; use more permutations")
     out = {"sensor": "input_drift", "alpha": p_value, "n_reference": len(reference_texts),
-           "n_recent": len(recent_texts)}
+           "n_recent": len(recent_texts), "n": len(recent_texts), "min_n": max(min_recent, 2),
+           "test": f"MMD permutation test ({permutations} permutations)"}
     if len(recent_texts) < max(min_recent, 2) or len(reference_texts) < 2:
-        return {**out, "fired": False, "value": None, "p_value": None,
-                "reason": f"{len(recent_texts)} recent inputs, {max(min_recent, 2)} needed"}
+        return _too_few(out, f"{len(recent_texts)} recent inputs, {max(min_recent, 2)} needed")
     rng = np.random.default_rng(seed)
 
     def sample(texts):
@@ -204,8 +241,9 @@ def input_drift(reference_texts: Sequence[str], recent_texts: Sequence[str], p_v
         x, y = (ref_stats - mu) / sd, (new_stats - mu) / sd
         method = "mmd-text-stats"
     mmd2, p = mmd_permutation_test(x, y, permutations=permutations, seed=seed)
-    return {**out, "fired": bool(p < p_value), "value": mmd2, "mmd2": mmd2, "p_value": p, "method": method,
-            "psi": psis, "max_psi": max(psis.values())}
+    return _verdict({**out, "value": mmd2, "mmd2": mmd2, "p_value": p, "method": method, "psi": psis,
+                     "max_psi": max(psis.values()), "test": f"MMD permutation test on {method[4:]} "
+                     f"({permutations} permutations)"}, p, p_value)
 
 
 # --- inputs of the sensors, from the traffic log -------------------------------------------------
@@ -242,26 +280,57 @@ def cycle_series(history: Sequence[dict], current_model: str, current_entropy: f
     return [e for e, _ in latest.values()], [a for _, a in latest.values()]
 
 
-def render_report(results: dict[str, dict], context: dict) -> str:
-    """Markdown report of one drift watch (the flow's artifact)."""
+def evidence(r: dict) -> str:
+    """The number behind a decision: the p-value against alpha, and the interval where there is one."""
+    if r.get("p_value") is None:
+        return r.get("reason", "n/a")
+    text = f"p = {r['p_value']:.4g} (alpha {r['alpha']:g})"
+    if r.get("ci"):
+        lo, hi = r["ci"]
+        text += f"; {r['confidence']:.0%} CI of rate - baseline [{lo:+.4f}, {hi:+.4f}]"
+    return text
+
+
+def _detail(name: str, r: dict) -> str:
+    if r.get("status") == NOT_ENOUGH:
+        return r.get("reason", "")
+    if name in ("divergence", "accuracy_drop", "holdout_regression"):
+        text = f"baseline {r['baseline']:.4f} (n {r['baseline_n'] or 'exact'}), margin {r['margin']:g}"
+        return text + (f", KL {r['kl']:.4f}" if r.get("kl") is not None else "")
+    if name == "entropy_collapse":
+        text = (f"entropies {', '.join(f'{e:.3f}' for e in r['entropies'])}; accuracy gain "
+                f"{r['accuracy_gain']:+.4f}")
+        return text + (f" ({r['reason']})" if r.get("reason") else "")
+    return f"{r.get('method')}, max PSI {r.get('max_psi', 0):.3f}"
+
+
+def _row(name: str, r: dict) -> str:
+    v = r.get("value")
+    value = "n/a" if v is None else f"{v:.4f}"
+    n = f"{r.get('n')} (min {r.get('min_n')})"
+    return (f"| {name} | {'**drift**' if r['fired'] else r.get('status', 'no drift')} | {value} | {n} | "
+            f"{r.get('test', '')} | {evidence(r)} | {_detail(name, r)} |")
+
+
+def render_report(results: dict[str, dict], context: dict, checks: dict[str, dict] | None = None,
+                  plot: str | None = None) -> str:
+    """Markdown report of one drift watch (the flow's artifact).
+
+    Args:
+        results: the drift sensors; checks: regression checks, shown apart (they never fire drift).
+        plot: markdown image (a data URI or a path) of every signal over time.
+    """
     fired = [n for n, r in results.items() if r["fired"]]
     head = f"**Drift detected: {', '.join(fired)}**" if fired else "No drift detected."
     lines = ["# Drift watch", "", head, ""]
     lines += [f"- {k}: `{v}`" for k, v in context.items()]
-    lines += ["", "| sensor | fired | value | detail |", "|---|---|---:|---|"]
-    for name, r in results.items():
-        v = r.get("value")
-        value = "n/a" if v is None else f"{v:.4f}"
-        if "reason" in r:
-            detail = r["reason"]
-        elif name == "accuracy_drop":
-            detail = f"baseline {r['baseline']:.4f}, now {r['current']:.4f}, limit {r['threshold']}"
-        elif name == "entropy_collapse":
-            detail = (f"entropies {', '.join(f'{e:.3f}' for e in r['entropies'])}; accuracy gain "
-                      f"{r['accuracy_gain']:+.4f}")
-        elif name == "divergence":
-            detail = f"baseline {r['baseline']:.4f}, KL {r['kl']:.4f}, n {r['n']}"
-        else:
-            detail = f"p = {r['p_value']:.4f} (alpha {r['alpha']}), {r['method']}, max PSI {r['max_psi']:.3f}"
-        lines.append(f"| {name} | {'**yes**' if r['fired'] else 'no'} | {value} | {detail} |")
+    table = ["| sensor | decision | value | n | test | evidence | detail |", "|---|---|---:|---:|---|---|---|"]
+    lines += ["", "## Drift sensors", ""] + table + [_row(n, r) for n, r in results.items()]
+    if checks:
+        lines += ["", "## Regression checks", "",
+                  "The frozen model on the static holdout: a regression check of the model and its runtime, "
+                  "not a drift measurement (neither the model nor that data changes).", ""]
+        lines += table + [_row(n, r) for n, r in checks.items()]
+    if plot:
+        lines += ["", "## Signals over time", "", f"![signals over time]({plot})"]
     return "\n".join(lines) + "\n"

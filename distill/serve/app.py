@@ -23,7 +23,6 @@ or teacher) and in the extra `distill` field of the body, with the confidence.
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from distill.chat import MIN_LOGPROB, ApiError, token_logprob
 from distill.config import ConfigError, ServeConfig, TeacherConfig
 from distill.serve.batcher import LogWriter, MicroBatcher
 from distill.serve.shadow import ShadowLog
+from distill.teacher.server_guard import bearer_ok, server_key
 from distill.teacher.soft_labels import label_of, soft_labels
 
 logger = logging.getLogger("distill.serve")
@@ -183,7 +183,7 @@ class _Server:
 
     def __init__(self, student_dir, serve: ServeConfig, challenger_dir, teacher: TeacherConfig | None,
                  teacher_api_key: str | None, api_key: str | None, champion_run: str | None,
-                 challenger_run: str | None):
+                 challenger_run: str | None, rng: random.Random | None = None):
         self.serve, self.teacher = serve, teacher
         self.champion = _Student(student_dir, champion_run, serve)
         self.challenger = _Student(challenger_dir, challenger_run, serve) if challenger_dir else None
@@ -196,7 +196,7 @@ class _Server:
         # With a teacher configured the log always exists: a paid answer is never dropped.
         self.log = ShadowLog(serve.log_url) if (self.log_all or teacher is not None) else None
         self.metrics = Metrics()
-        self.rng = random.Random()
+        self.rng = rng or random.Random()  # seeded from os.urandom; a test hands in a seeded one
         self.background = ThreadPoolExecutor(serve.background_workers, thread_name_prefix="distill-shadow")
         self.pending = 0
         self.pending_lock = threading.Lock()
@@ -308,9 +308,7 @@ class _Server:
     def authorized(self, request) -> bool:
         if not self.key:
             return True
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key.encode())
+        return bearer_ok(request.headers.get("authorization"), self.key)
 
     def error(self, e: ApiError):
         from fastapi.responses import JSONResponse
@@ -335,7 +333,8 @@ class _Server:
         """The request object and the text to classify, or the OpenAI-style error that refuses it."""
         try:
             req = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        # ValueError: bad JSON or UTF-8, and integers of more than 4300 digits; RecursionError: deep nesting
+        except (ValueError, RecursionError):
             raise ApiError(400, "request body is not valid JSON (UTF-8)") from None
         if not isinstance(req, dict):
             raise ApiError(400, "request body must be a JSON object")
@@ -544,7 +543,7 @@ def _add_routes(app, server: _Server) -> None:
 def create_app(student_dir: str | Path, serve: ServeConfig, *, challenger_dir: str | Path | None = None,
                teacher: TeacherConfig | None = None, teacher_api_key: str | None = None,
                api_key: str | None = None, champion_run: str | None = None,
-               challenger_run: str | None = None) -> "FastAPI":  # noqa: F821
+               challenger_run: str | None = None, rng: random.Random | None = None) -> "FastAPI":  # noqa: F821
     # No `from __future__ import annotations` in this module: FastAPI must see the real Request class.
     """The student server as a FastAPI app (run it with uvicorn or distill.httpserver.start_in_thread).
 
@@ -555,15 +554,18 @@ def create_app(student_dir: str | Path, serve: ServeConfig, *, challenger_dir: s
         teacher: teacher endpoint for fallback and shadow; None disables both uses.
         teacher_api_key: key for the teacher; os.environ[teacher.api_key_env] when None.
         api_key: key clients must send as a Bearer token; os.environ[serve.api_key_env] when None;
-            when neither is set, authentication is off (with one warning).
+            when neither is set (or it is ""), authentication is off, with one warning. In-process use
+            only: `serve_forever` (the command) refuses that unless asked, and only on loopback.
         champion_run, challenger_run: run ids written to the log (the directory paths when unset).
+        rng: the canary draw for requests without a `user` (one draw per request); a fresh
+            `random.Random()` when None.
     """
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
 
     server = _Server(student_dir, serve, challenger_dir, teacher, teacher_api_key, api_key, champion_run,
-                     challenger_run)
+                     challenger_run, rng)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -586,16 +588,29 @@ def _serve_socket(sock, student_dir, serve: ServeConfig, kwargs: dict) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def serve_forever(student_dir: str | Path, serve: ServeConfig, **kwargs: Any) -> None:
+def serve_forever(student_dir: str | Path, serve: ServeConfig, *, insecure_no_auth: bool = False,
+                  **kwargs: Any) -> None:
     """Run the student server in the foreground (the `distill serve` command).
 
-    With `serve.workers` > 1, forked worker processes share one listening socket (the kernel
-    spreads connections over them); each loads its own models, so each has its own GIL.
+    Closed by default: without `api_key` in kwargs or in the environment variable
+    `serve.api_key_env` it refuses to start (ConfigError), unless `insecure_no_auth`, which is
+    refused with a non-loopback `serve.host`. With `serve.workers` > 1, forked worker processes
+    share one listening socket (the kernel spreads connections over them); each loads its own
+    models, so each has its own GIL.
     """
     import multiprocessing
     import signal
     import socket
 
+    from distill.models.causal import is_causal_lm_dir
+
+    # "" is create_app's word for "no authentication", which only insecure_no_auth can ask for here.
+    kwargs["api_key"] = kwargs.get("api_key") or server_key(serve.api_key_env, insecure_no_auth, serve.host,
+                                                            "distill serve") or ""
+    if is_causal_lm_dir(student_dir):  # a generative student has its own server: distill/serve/generative.py
+        from distill.serve.generative import serve_generative
+
+        return serve_generative(student_dir, serve, run=kwargs.get("champion_run"), api_key=kwargs["api_key"])
     check_safetensors_only(student_dir)  # a bad directory fails here, before any worker starts
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without it
     # every response (headers, then body) waits ~40 ms for the client's delayed ACK.

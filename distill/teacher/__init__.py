@@ -15,4 +15,6 @@ Out: one teacher record per (id, sample), in input order:
 - `reask`: one corrective re-ask for answers that name no label.
 - `soft_labels`: the label distribution a classification answer carries, read over the labels' trie.
 - `server`, `server_batches`: `distill teacher serve`, a local OpenAI-compatible teacher.
+- `server_guard`: what both servers (this one and `distill serve`) put first: the key a command
+  requires (open only on loopback, when asked), the Bearer check, the body-size limits.
 """

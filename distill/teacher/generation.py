@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
-from distill.data import check_unique_ids, prompt_prefix, read_table, render_messages
+from distill.data import check_unique_ids, prompt_prefix, read_table, render_messages, row_id
 from distill.teacher.batch import run_batch
 from distill.teacher.cache import ResponseCache
 from distill.teacher.client import (
@@ -206,7 +206,8 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
     path = Path(path)
     out = []
     prefix = None
-    for row in read_table(path, required=["id"]):
+    options = {} if task is None else {"encoding": task.encoding, "max_field_chars": task.max_field_chars}
+    for row in read_table(path, required=["id"], **options):
         where = f"{path}:{row['_line']}"
         msgs = row.get("messages")
         if msgs is None and task is None:
@@ -219,6 +220,6 @@ def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
               or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                          and isinstance(m.get("content"), str) for m in msgs)):
             raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        out.append({"id": row["id"], "messages": msgs, "_line": row["_line"]})
+        out.append({"id": row_id(row["id"], where), "messages": msgs, "_line": row["_line"]})
     check_unique_ids(path, out)
     return out

@@ -14,12 +14,17 @@ are deterministic: the answer is always the argmax, whatever the temperature.
 Concurrent classifier requests are batched dynamically into one forward pass.
 
 The OpenAI Batch API (`/v1/files`, `/v1/batches`) is served too, from
-distill/teacher_batches.py, so batch clients are tested over real HTTP.
+distill/teacher/server_batches.py, so batch clients are tested over real HTTP.
+
+Closed by default (distill/teacher/server_guard.py): the command requires a key,
+every route but /health checks it, bodies are bounded (`max_request_bytes`,
+`max_upload_bytes` for uploads, which stream to disk), files expire after
+`file_ttl_s`, and a temporary files directory is removed when the server stops.
 """
 
 import asyncio
 import json
-import tempfile
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -32,12 +37,17 @@ from distill.chat import ApiError, token_logprob
 from distill.config import ConfigError
 from distill.models.classifier import ClassifierStudent
 from distill.models.encoders import EmbeddingClassifier
-from distill.teacher.server_batches import BatchStore, add_batch_routes
+from distill.teacher.json_answers import json_answer
+from distill.teacher.server_batches import DAY_S, BatchStore, add_batch_routes
+from distill.teacher.server_guard import Guard, server_key
+
+logger = logging.getLogger("distill.teacher")
 
 # A collected batch is encoded in length-sorted chunks of this size: one padded tensor for 64 texts
 # of mixed lengths wastes most of its FLOPs on padding (MiniLM on CPU: 148 texts/s in chunks of 8,
 # 70 texts/s as one batch of 64, 70 texts/s one at a time).
 ENCODE_CHUNK = 8
+CHARS_PER_TOKEN = 128  # more characters than any one token of a classifier's tokenizer covers
 
 
 # ----------------------------------------------------------------------------- request schema
@@ -63,6 +73,24 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+
+
+def _check_unicode(body: Any) -> None:
+    """A lone surrogate ("\\ud800") parses as JSON but is no text: no model, reply or log can take it."""
+    stack = [body]  # iterative: the body may be nested as deep as the JSON parser allows
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"the request holds invalid Unicode (a lone surrogate at character {e.start} "
+                               "of a string)", code="invalid_value") from None
 
 
 def validation_error(e: ValidationError) -> ApiError:
@@ -101,6 +129,11 @@ class ClassifierTeacher:
 
     def classify(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
         """(label log-probabilities, prompt tokens read) per text."""
+        # Only the first max_length tokens are read, but a tokenizer splits the whole string first:
+        # a 1 MB text took 1.5 s per pass and held up every request queued behind it. A WordPiece
+        # token covers at most 100 characters (longer words become one [UNK]), so past the cut only
+        # a text that is mostly whitespace could still have had tokens the model would have read.
+        texts = [t[: self._max_length * CHARS_PER_TOKEN] for t in texts]
         logprobs = _log_softmax(np.asarray(self._logits(texts), dtype=np.float64))
         lengths = [min(len(ids), self._max_length) for ids in self._tokenizer(texts)["input_ids"]]
         return list(zip(logprobs, lengths))
@@ -287,6 +320,7 @@ class ServerState:
         # own setting, everything else in the process gets the old default back.
         torch.set_num_threads(default)
         self.batcher: MicroBatcher | None = None
+        self.json_field: str | None = None
 
 
 # ----------------------------------------------------------------------------- chat completions
@@ -329,9 +363,12 @@ async def chat_completion(state: ServerState, req: ChatRequest) -> dict:
             k = min(req.top_logprobs or 0, len(teacher.labels))
             tops = [token_logprob(teacher.labels[j], logprobs[j]) for j in order[:k]]
             lp = {"content": [{**token_logprob(label, logprobs[order[0]]), "top_logprobs": tops}], "refusal": None}
-        choices = [{"index": i, "message": {"role": "assistant", "content": label, "refusal": None},
+        content, completion_tokens = label, req.n
+        if state.json_field:  # a generative student's teacher: see distill/teacher/json_answers.py
+            content, lp = json_answer(state.json_field, teacher.labels, logprobs, req.logprobs, req.top_logprobs or 0)
+            completion_tokens = 3 * req.n
+        choices = [{"index": i, "message": {"role": "assistant", "content": content, "refusal": None},
                     "logprobs": lp, "finish_reason": "stop"} for i in range(req.n)]
-        completion_tokens = req.n
     else:
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in req.messages]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -363,6 +400,7 @@ async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
     try:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        _check_unicode(body)
         try:
             req = ChatRequest.model_validate(body)
         except ValidationError as e:
@@ -376,49 +414,42 @@ async def answer(state: ServerState, body: Any) -> tuple[int, dict]:
 
 # ----------------------------------------------------------------------------- the app
 
-def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
-               batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
-               threads: int | None = None) -> "FastAPI":  # long: split into named steps is pending
-    """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
+MAX_REQUEST_BYTES = 1024 * 1024  # a chat body; a long causal-LM prompt fits many times over
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # a batch input file (OpenAI allows 200 MB: split larger batches)
 
-    Args:
-        model_path: teacher directory (embedding classifier, HF sequence classifier or HF causal LM).
-        model_name: the `model` clients must send; defaults to the directory name.
-        max_batch: most classifier requests answered by one forward pass.
-        batch_wait_ms: how long the first request of a batch waits for company.
-        files_dir: where /v1/files and batch results are kept; a fresh temp directory when None.
-        threads: torch threads for model calls (only the model's worker thread is changed);
-            None: all cores but one, which stays free for the event loop and HTTP clients.
-    """
+
+def _lifespan(state: ServerState, store: BatchStore, max_batch: int, batch_wait_ms: float):
+    """Start the batcher and the file sweep; at shutdown stop them, the batches and the model thread,
+    and remove the files directory if the server made it."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
-
-    if max_batch < 1 or batch_wait_ms < 0 or (threads is not None and threads < 1):
-        raise ConfigError("max_batch and threads must be >= 1, batch_wait_ms >= 0")
-    teacher = load_teacher(model_path)
-    name = model_name or Path(model_path).resolve().name
-    store = BatchStore(Path(files_dir) if files_dir else Path(tempfile.mkdtemp(prefix="distill-teacher-files-")))
-    state = ServerState(teacher, name, threads)
+    async def sweep_files() -> None:
+        while True:
+            await asyncio.sleep(min(max(store.file_ttl_s / 4, 1.0), 300.0))
+            store.sweep()
 
     @asynccontextmanager
     async def lifespan(app):
-        runner = None
-        if isinstance(teacher, ClassifierTeacher):
-            state.batcher = MicroBatcher(teacher.classify, state.executor, max_batch, batch_wait_ms / 1000)
-            runner = asyncio.create_task(state.batcher.run())
-        yield
-        for task in [runner, *store.tasks.values()]:
-            if task:
+        tasks = [asyncio.create_task(sweep_files())]
+        if isinstance(state.teacher, ClassifierTeacher):
+            state.batcher = MicroBatcher(state.teacher.classify, state.executor, max_batch, batch_wait_ms / 1000)
+            tasks.append(asyncio.create_task(state.batcher.run()))
+        try:
+            yield
+        finally:
+            for task in [*tasks, *store.tasks.values()]:
                 task.cancel()
-        state.executor.shutdown(wait=False, cancel_futures=True)
+            state.executor.shutdown(wait=False, cancel_futures=True)
+            store.close()
 
-    app = FastAPI(title="distill teacher", lifespan=lifespan)
-    app.state.teacher = state
-    app.state.batch_store = store
+    return lifespan
+
+
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's JSON; a client that leaves mid-body is no error of the server's."""
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -431,11 +462,23 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
     async def _http(request, e: HTTPException):
         return error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, e: ClientDisconnect):
+        logger.debug("client disconnected before its request body was read (%s)", request.url.path)
+        return Response(status_code=499)
+
+
+def _add_model_routes(app, state: ServerState) -> None:
+    """/health (no key: for probes), /v1/models and /v1/chat/completions."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    name, teacher = state.model_name, state.teacher
+
     @app.get("/health")
     async def health():
-        labels = getattr(teacher, "labels", None)
-        return {"status": "ok", "model": name, "kind": teacher.kind, "labels": labels, "threads": state.threads,
-                "batches": state.batcher.batches if state.batcher else 0,
+        return {"status": "ok", "model": name, "kind": teacher.kind, "labels": getattr(teacher, "labels", None),
+                "threads": state.threads, "batches": state.batcher.batches if state.batcher else 0,
                 "batched_requests": state.batcher.items if state.batcher else 0}
 
     @app.get("/v1/models")
@@ -450,23 +493,73 @@ def create_app(model_path: str | Path, model_name: str | None = None, *, max_bat
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        # The Guard has already bounded the body's size; what reaches here is parsed in one go.
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ApiError(400, "the request body is not valid JSON") from None
         status, out = await answer(state, body)
         return JSONResponse(out, status_code=status)
 
+
+def create_app(model_path: str | Path, model_name: str | None = None, *, max_batch: int = 64,
+               batch_wait_ms: float = 2.0, files_dir: str | Path | None = None, threads: int | None = None,
+               api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, file_ttl_s: float = DAY_S,
+               json_field: str | None = None) -> "FastAPI":  # noqa: F821
+    """The FastAPI app serving `model_path` (loaded now, so a bad directory fails here).
+
+    Args:
+        model_path: teacher directory (embedding classifier, HF sequence classifier or HF causal LM).
+        model_name: the `model` clients must send; defaults to the directory name.
+        max_batch: most classifier requests answered by one forward pass.
+        batch_wait_ms: how long the first request of a batch waits for company.
+        files_dir: where /v1/files and batch results are kept; a fresh temporary directory when None,
+            removed when the server stops.
+        threads: torch threads for model calls (only the model's worker thread is changed);
+            None: all cores but one, which stays free for the event loop and HTTP clients.
+        api_key: the Bearer token every route but /health requires; None: no authentication (the
+            `distill teacher serve` command allows that only on loopback, when asked to).
+        max_request_bytes: the most a request body may hold (413 past it).
+        max_upload_bytes: the most a /v1/files upload may hold (413 past it).
+        file_ttl_s: seconds an uploaded or result file is kept.
+        json_field: a classifier answers {json_field: label} instead of the bare label.
+    """
+    from fastapi import FastAPI
+
+    if max_batch < 1 or batch_wait_ms < 0 or (threads is not None and threads < 1):
+        raise ConfigError("max_batch and threads must be >= 1, batch_wait_ms >= 0")
+    if min(max_request_bytes, max_upload_bytes) < 1 or file_ttl_s <= 0:
+        raise ConfigError("max_request_bytes, max_upload_bytes and file_ttl_s must be > 0")
+    teacher = load_teacher(model_path)
+    state = ServerState(teacher, model_name or Path(model_path).resolve().name, threads)
+    state.json_field = json_field
+    store = BatchStore(Path(files_dir) if files_dir else None, file_ttl_s)
+    app = FastAPI(title="distill teacher", lifespan=_lifespan(state, store, max_batch, batch_wait_ms))
+    app.state.teacher = state
+    app.state.batch_store = store
+    _add_error_handlers(app)
+    _add_model_routes(app, state)
     add_batch_routes(app, store, lambda body: answer(state, body), concurrency=2 * max_batch)
+    app.add_middleware(Guard, api_key=api_key, max_request_bytes=max_request_bytes,
+                       max_upload_bytes=max_upload_bytes)
     return app
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8765, model_name: str | None = None,
           max_batch: int = 64, batch_wait_ms: float = 2.0, files_dir: str | Path | None = None,
-          threads: int | None = None) -> None:
-    """Run the server in the foreground until interrupted (what `distill teacher serve` does)."""
+          threads: int | None = None, api_key_env: str = "DISTILL_TEACHER_API_KEY", insecure_no_auth: bool = False,
+          max_request_bytes: int = MAX_REQUEST_BYTES, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+          file_ttl_s: float = DAY_S, json_field: str | None = None) -> None:
+    """Run the server in the foreground until interrupted (what `distill teacher serve` does).
+
+    The key comes from the environment variable `api_key_env`; without one the server refuses to
+    start unless `insecure_no_auth`, which is refused with a non-loopback `host` (see server_guard).
+    """
     import uvicorn
 
+    key = server_key(api_key_env, insecure_no_auth, host, "distill teacher serve")
     app = create_app(model_path, model_name, max_batch=max_batch, batch_wait_ms=batch_wait_ms, files_dir=files_dir,
-                     threads=threads)
+                     threads=threads, api_key=key, max_request_bytes=max_request_bytes,
+                     max_upload_bytes=max_upload_bytes, file_ttl_s=file_ttl_s, json_field=json_field)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import ConfigError, TrainConfig
+from distill.models.encoders import MINILM
 from distill.train.losses import token_kd_loss
 from distill.train.trainer import (
     resolve_device,
@@ -56,13 +57,26 @@ def check_lm_rows(rows: list[dict[str, Any]]) -> None:
         raise ConfigError("train: no rows with split 'train'")
 
 
+def resolve_student(config: TrainConfig, out_dir: Path, rows: list[dict] | None = None) -> Path | None:
+    """The student's model directory; the packaged MiniLM's name builds its first student_layers
+    layers as a causal LM into out_dir/base (distill.models.decoder), once per run directory, with
+    the vocabulary trimmed to the word pieces of `rows` (prompts and targets) when given."""
+    if str(config.student_model) == MINILM:
+        from distill.models.decoder import minilm_decoder
+
+        corpus = [m["content"] for r in rows or [] for m in r["messages"]] + [r["target"] for r in rows or []]
+        return minilm_decoder(out_dir / "base", config.student_layers, corpus or None)
+    return config.student_model
+
+
 def load_causal_lm(path: Path | None, field: str, device: str, bf16: bool):
     """(model, tokenizer) from a local directory; a missing pad token falls back to EOS."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None or not (Path(path) / "config.json").exists():
-        raise ConfigError(f"train.{field}: {path} is not a local model directory (no config.json)")
+        raise ConfigError(f"train.{field}: {path} is not a local model directory (no config.json); a Hub id "
+                          "must be downloaded first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`")
     dtype = torch.bfloat16 if bf16 and device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -166,7 +180,7 @@ def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progre
     out_dir = Path(out_dir)
     device = resolve_device(config)
     set_seed(config.seed)
-    model, tokenizer = load_causal_lm(config.student_model, "student_model", device, config.bf16)
+    model, tokenizer = load_causal_lm(resolve_student(config, out_dir, rows), "student_model", device, config.bf16)
     train_ds, val_ds = _split(rows, _prompt_completion)
     args = SFTConfig(**_common_kwargs(config, out_dir, device, val_ds is not None, progress),
                      packing=config.packing, completion_only_loss=True, eval_packing=False)
@@ -225,7 +239,7 @@ def train_logit_kd(rows: list[dict], config: TrainConfig, out_dir: str | Path, p
     out_dir = Path(out_dir)
     device = resolve_device(config)
     set_seed(config.seed)
-    model, tokenizer = load_causal_lm(config.student_model, "student_model", device, config.bf16)
+    model, tokenizer = load_causal_lm(resolve_student(config, out_dir), "student_model", device, config.bf16)
     teacher, teacher_tok = load_causal_lm(config.teacher_model, "teacher_model", device, config.bf16)
     if teacher_tok.get_vocab() != tokenizer.get_vocab():
         raise ConfigError("train.teacher_model: the teacher's tokenizer differs from the student's; "

@@ -32,40 +32,61 @@ def off_topic(n: int, seed: int = 0) -> list[str]:
     return [f"{rng.choice(starts)} {rng.choice(ends)}" for _ in range(n)]
 
 
-def test_accuracy_drop():
-    assert drift.accuracy_drop(0.90, 0.80, 0.05)["fired"] is True
-    quiet = drift.accuracy_drop(0.90, 0.87, 0.05)
-    assert quiet["fired"] is False and quiet["value"] == pytest.approx(0.03)
-    assert drift.accuracy_drop(0.90, 0.95, 0.05)["fired"] is False  # an improvement is not drift
-    assert drift.accuracy_drop(None, 0.5, 0.05)["fired"] is False
+def labels_agreeing(n: int, rate: float, seed: int) -> tuple[list[str], list[str]]:
+    """Teacher labels and student labels that agree with them with probability `rate`."""
+    rng = random.Random(seed)
+    teacher = [rng.choice("abcdefgh") for _ in range(n)]
+    student = [t if rng.random() < rate else "z" for t in teacher]
+    return student, teacher
 
 
-def test_entropy_collapse():
-    fired = drift.entropy_collapse([1.2, 1.0, 0.8, 0.5], [0.80, 0.81, 0.80, 0.79], window=3)
-    assert fired["fired"] is True and fired["value"] == pytest.approx(0.5)
+def test_divergence_fires_on_a_significant_fall_in_agreement_only():
+    quiet = drift.divergence(*labels_agreeing(400, 0.90, 0), baseline_agreement=0.90, baseline_n=1000,
+                             margin=0.02, alpha=0.01)
+    assert quiet["fired"] is False and quiet["status"] == "no drift" and quiet["p_value"] > 0.01
+    assert quiet["ci"][0] < 0 < quiet["ci"][1] and abs(quiet["value"] - 0.90) < 0.04
+    loud = drift.divergence(*labels_agreeing(400, 0.75, 1), 0.90, 1000, 0.02, 0.01)
+    assert loud["fired"] is True and loud["status"] == "drift" and loud["p_value"] < 1e-4
+    assert loud["ci"][1] < -0.05 and loud["disagreement"] == pytest.approx(1 - loud["value"])
+    assert "two-proportion" in loud["test"]
+    # the same fall on too few requests is reported as such, never fired
+    few = drift.divergence(*labels_agreeing(60, 0.75, 1), 0.90, 1000, 0.02, 0.01, min_samples=100)
+    assert few["fired"] is False and few["status"] == "not enough data" and "60" in few["reason"]
+    # an improvement is not drift; None labels (no teacher answer) are not counted
+    better = drift.divergence(["a"] * 200 + [None] * 50, ["a"] * 250, 0.90, 1000, 0.02, 0.01)
+    assert better["fired"] is False and better["n"] == 200
+    assert drift.divergence(["a"] * 200, ["a"] * 200, None, None, 0.02, 0.01)["status"] == "not enough data"
+
+
+def test_accuracy_drop_on_late_gold_labels():
+    pred, gold = labels_agreeing(300, 0.70, 2)
+    gold = gold[:250] + [None] * 50  # gold has not arrived for the newest requests yet
+    loud = drift.accuracy_drop(pred, gold, baseline_accuracy=0.90, baseline_n=500, margin=0.02, alpha=0.01)
+    assert loud["fired"] is True and loud["n"] == 250
+    quiet = drift.accuracy_drop(*labels_agreeing(300, 0.89, 3), 0.90, 500, 0.02, 0.01)
+    assert quiet["fired"] is False
+    assert drift.accuracy_drop(pred[:20], gold[:20], 0.9, 500, 0.02, 0.01)["status"] == "not enough data"
+
+
+def test_holdout_regression_is_a_check_not_a_sensor():
+    r = drift.holdout_regression(0.90, 500, 0.80, 500, 0.02, 0.01)
+    assert r["fired"] is True and r["kind"] == "regression check"
+    assert drift.holdout_regression(0.90, 500, 0.895, 500, 0.02, 0.01)["fired"] is False
+
+
+def test_entropy_collapse_is_a_trend_test_with_a_minimum_of_cycles():
+    fired = drift.entropy_collapse([1.2, 1.0, 0.8, 0.5], [0.80, 0.81, 0.80, 0.79], min_cycles=4, alpha=0.05)
+    assert fired["fired"] is True and fired["value"] == pytest.approx(0.7)
+    assert fired["p_value"] == pytest.approx(1 / 24) and "Mann-Kendall" in fired["test"]
+    # three monotone cycles can never be significant at 0.05 (the exact p is 1/6): not enough data
+    few = drift.entropy_collapse([1.2, 1.0, 0.8], [0.8, 0.8, 0.8], min_cycles=4, alpha=0.05)
+    assert few["fired"] is False and few["status"] == "not enough data"
     # falling entropy with a real accuracy gain is a model getting better, not collapsing
-    assert drift.entropy_collapse([1.2, 1.0, 0.8], [0.70, 0.75, 0.82], window=3)["fired"] is False
-    # not monotone: noise
-    assert drift.entropy_collapse([1.0, 0.8, 0.9, 0.7], [0.8, 0.8, 0.8, 0.8], window=3)["fired"] is False
-    assert drift.entropy_collapse([1.0, 0.8], [0.8, 0.8], window=3)["fired"] is False  # too few cycles
-
-
-def test_divergence():
-    rng = np.random.default_rng(0)
-    n, k = 400, 5
-    teacher = rng.dirichlet(np.ones(k) * 0.3, size=n)
-    # an undrifted student agrees with the teacher's argmax 90 % of the time, as at promotion
-    agree = rng.random(n) < 0.9
-    student = np.where(agree[:, None], teacher, np.roll(teacher, 1, axis=1))
-    quiet = drift.divergence(student, teacher, baseline_disagreement=0.10, max_increase=0.05)
-    assert quiet["fired"] is False and abs(quiet["value"] - 0.10) < 0.04
-    drifted_agree = rng.random(n) < 0.7
-    drifted = np.where(drifted_agree[:, None], teacher, np.roll(teacher, 1, axis=1))
-    loud = drift.divergence(drifted, teacher, baseline_disagreement=0.10, max_increase=0.05)
-    assert loud["fired"] is True and loud["kl"] > quiet["kl"]
-    assert drift.divergence(drifted[:10], teacher[:10], 0.10, 0.05)["fired"] is False  # too few to judge
-    with pytest.raises(ValueError):
-        drift.divergence(student[:, :3], teacher, 0.1, 0.05)
+    better = drift.entropy_collapse([1.2, 1.0, 0.8, 0.6], [0.70, 0.75, 0.82, 0.85], min_cycles=4, alpha=0.05)
+    assert better["fired"] is False and "accuracy rose" in better["reason"]
+    # not a trend: noise
+    noise = drift.entropy_collapse([1.0, 0.8, 0.9, 0.7, 0.95], [0.8] * 5, min_cycles=4, alpha=0.05)
+    assert noise["fired"] is False and noise["p_value"] > 0.05
 
 
 def test_input_drift_text_statistics(banking_texts):
@@ -78,7 +99,7 @@ def test_input_drift_text_statistics(banking_texts):
     loud = drift.input_drift(ref, shouted, p_value=0.01)
     assert loud["fired"] is True and loud["p_value"] < 0.01
     assert loud["psi"]["digit_share"] > 0.25 > quiet["max_psi"]
-    assert drift.input_drift(ref, same[:5], p_value=0.01, min_recent=200)["fired"] is False
+    assert drift.input_drift(ref, same[:5], p_value=0.01, min_recent=200)["status"] == "not enough data"
     with pytest.raises(ValueError, match="permutations"):
         drift.input_drift(ref, same, p_value=0.001, permutations=100)
 
@@ -102,3 +123,20 @@ def test_psi_is_zero_for_identical_samples_and_grows_with_shift():
     x = np.random.default_rng(0).normal(size=2000)
     assert drift.psi(x, x) == pytest.approx(0.0, abs=1e-9)
     assert drift.psi(x, x + 0.2) < drift.psi(x, x + 1.0)
+
+
+def test_report_shows_the_evidence_behind_each_decision(tmp_path):
+    from distill.drift.history import plot_signals
+
+    results = {"divergence": drift.divergence(*labels_agreeing(400, 0.75, 1), 0.90, 1000, 0.02, 0.01),
+               "entropy_collapse": drift.entropy_collapse([1.0], [0.8], 4, 0.05)}
+    checks = {"holdout_regression": drift.holdout_regression(0.9, 500, 0.9, 500, 0.02, 0.01)}
+    md = drift.render_report(results, {"task": "t"}, checks=checks, plot="signals.png")
+    assert "Drift detected: divergence" in md and "p = " in md and "CI of rate - baseline" in md
+    assert "not enough data" in md and "## Regression checks" in md and "![signals over time](signals.png)" in md
+    series = {"divergence": [{"value": 0.9, "p_value": 0.5, "ci_lo": -0.02, "ci_hi": 0.02, "baseline": 0.9,
+                              "status": "no drift"},
+                             {"value": 0.75, "p_value": 1e-6, "ci_lo": -0.2, "ci_hi": -0.1, "baseline": 0.9,
+                              "status": "drift"}]}
+    png = plot_signals(series, tmp_path / "s.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
-"""`distill serve` as its own process, over real HTTP: load, auth, limits, bad bodies, slow bodies,
-client disconnects, unknown models and what /health gives away."""
+"""`distill serve` as its own process, over real HTTP: closed by default, load, auth, limits, bad
+bodies, slow bodies, client disconnects, unknown models and what /health gives away."""
 
 from __future__ import annotations
 
@@ -115,3 +115,60 @@ def test_worker_processes_share_the_port(tiny_classifier, tmp_path):
                                       api_key=KEY)
     assert len(procs) == 3, procs
     assert res["ok"] == 40
+
+
+def _serve_cmd(student: Path, *args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "distill.cli", "serve", "--student", str(student), *args]
+
+
+def _no_key_env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "DISTILL_SERVE_API_KEY"}
+
+
+def test_refuses_to_start_without_a_key_or_open_beyond_loopback(tiny_classifier, tmp_path):
+    import subprocess
+
+    from distill.httpserver import free_port
+
+    log = [f"--set=serve.log_url=sqlite:///{tmp_path}/log.sqlite"]
+    no_key = subprocess.run(_serve_cmd(tiny_classifier, "--port", str(free_port()), *log), env=_no_key_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert no_key.returncode == 2
+    assert "DISTILL_SERVE_API_KEY" in no_key.stderr and "--insecure-no-auth" in no_key.stderr
+    for host in ("0.0.0.0", "::"):
+        exposed = subprocess.run(_serve_cmd(tiny_classifier, "--insecure-no-auth", "--host", host, "--port",
+                                            str(free_port()), *log), env=_no_key_env(),
+                                 capture_output=True, text=True, timeout=120)
+        assert exposed.returncode == 2 and "refused" in exposed.stderr and host in exposed.stderr, exposed.stderr
+    # serve.api_key_env names the variable: a key in the default one does not count.
+    other = subprocess.run(_serve_cmd(tiny_classifier, "--set", "serve.api_key_env=MY_SERVE_KEY", *log),
+                           env={**_no_key_env(), "DISTILL_SERVE_API_KEY": KEY}, capture_output=True,
+                           text=True, timeout=120)
+    assert other.returncode == 2 and "MY_SERVE_KEY" in other.stderr
+    assert not (tmp_path / "log.sqlite").exists()  # refused before anything was opened
+
+
+@pytest.mark.slow
+def test_insecure_no_auth_serves_open_on_loopback_only_when_asked(tiny_classifier, tmp_path):
+    import subprocess
+
+    from distill.httpserver import free_port, stop_process, wait_for_health
+
+    port = free_port()
+    stderr = tmp_path / "stderr.log"
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(_serve_cmd(tiny_classifier, "--insecure-no-auth", "--host", "127.0.0.1", "--port",
+                                           str(port), f"--set=serve.log_url=sqlite:///{tmp_path}/log.sqlite"),
+                                env=_no_key_env(), stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, proc, 180, "distill serve", exit_detail=lambda: stderr.read_text()[-2000:])
+        r = httpx.post(url + "/v1/chat/completions", json=body(), timeout=20)  # no Authorization header
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    finally:
+        stop_process(proc)
+    assert "unauthenticated" in stderr.read_text()

@@ -271,35 +271,31 @@ def test_minilm_embedding_teacher_serves_banking77(tmp_path):
         assert sum(math.exp(t.logprob) for t in first.top_logprobs) <= 1 + 1e-6
 
 
-def test_cli_serves_a_student_directory(tiny_classifier, port):
-    """`distill teacher serve` as a real process, queried over HTTP, then stopped."""
-    import subprocess
-    import sys
+def test_demo_teacher_process_requires_a_key_and_hands_it_to_the_client(tiny_classifier, port, monkeypatch):
+    """`distill teacher serve` as the demo starts it: a real process with a key of its own, which the
+    demo's config points the teacher client at, through the environment only."""
+    import os
 
     import httpx
+    import openai
 
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "teacher", "serve", str(tiny_classifier),
-                             "--port", str(port), "--model-name", "cli-clf"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+    from distill.config import BUNDLED_DATA
+    from distill.demo import TEACHER_KEY_ENV, demo_config, teacher_process
+    from distill.teacher.client import resolve_api_key
+
+    monkeypatch.setenv(TEACHER_KEY_ENV, "the-user's-own")
+    with teacher_process(Path(tiny_classifier), port, "cli-clf") as url:
+        cfg = demo_config(url, BUNDLED_DATA / "banking77" / "train.csv", True, [])
+        key = resolve_api_key(cfg.teacher)
+        assert key and key != "the-user's-own" and cfg.teacher.api_key_env == TEACHER_KEY_ENV
+        assert key not in json.dumps(cfg.model_dump(mode="json"))  # the config names the variable only
+        health = httpx.get(url + "/health", timeout=10).json()
         assert health["model"] == "cli-clf" and health["labels"] == LABELS
-        r = client_for(f"http://127.0.0.1:{port}").chat.completions.create(
-            model="cli-clf", messages=[{"role": "user", "content": "great app"}])
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        c = openai.OpenAI(base_url=cfg.teacher.base_url, api_key=key, max_retries=0)
+        r = c.chat.completions.create(model="cli-clf", messages=[{"role": "user", "content": "great app"}])
         assert r.choices[0].message.content in LABELS
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    # uvicorn shuts down gracefully, then re-raises the signal it caught.
-    assert proc.returncode in (0, -15)
+    assert os.environ[TEACHER_KEY_ENV] == "the-user's-own"  # put back after the block
 
 
 def test_thread_setting_stays_inside_the_model_worker(tiny_classifier):
@@ -317,3 +313,91 @@ def test_thread_setting_stays_inside_the_model_worker(tiny_classifier):
     assert torch.get_num_threads() == before and seen == [before]
     assert app.state.teacher.executor.submit(torch.get_num_threads).result() == 1
     app.state.teacher.executor.shutdown()
+
+
+def _multipart(boundary: str, purpose: bytes, filename: str, content: bytes) -> bytes:
+    return (f"preamble\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n".encode()
+            + purpose + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/jsonl\r\n\r\n".encode()
+            + content + f"\r\n--{boundary}--\r\nepilogue".encode())
+
+
+def test_multipart_upload_parser_is_exact_whatever_the_chunking():
+    import random
+
+    from distill.chat import ApiError
+    from distill.teacher.server_batches import MultipartUpload
+
+    boundary = "----b0undary"
+    # Content that holds almost-delimiters: CRLF, dashes, the boundary without its leading CRLF--.
+    content = bytes(random.Random(0).randrange(256) for _ in range(3000)) + b"\r\n--" + b"----b0undar" + b"\r\n-"
+    body = _multipart(boundary, b"batch", "in.jsonl", content)
+    for size in (1, 2, 7, 13, 64, 4096, len(body)):
+        sink = io.BytesIO()
+        upload = MultipartUpload(f"multipart/form-data; boundary={boundary}", sink)
+        for i in range(0, len(body), size):
+            upload.feed(body[i:i + size])
+        upload.finish()
+        assert sink.getvalue() == content and upload.file_bytes == len(content), size
+        assert upload.fields == {"purpose": b"batch"} and upload.filename == "in.jsonl"
+        assert len(upload.buf) < len(boundary) + 8  # never more than a delimiter's worth held back
+    for bad_type in ("application/json", "multipart/form-data", "multipart/mixed; boundary=x"):
+        with pytest.raises(ApiError, match="multipart/form-data"):
+            MultipartUpload(bad_type, io.BytesIO())
+    cut = MultipartUpload(f"multipart/form-data; boundary={boundary}", io.BytesIO())
+    cut.feed(body[: len(body) // 2])
+    with pytest.raises(ApiError, match="closing boundary"):
+        cut.finish()
+    twice = MultipartUpload(f"multipart/form-data; boundary={boundary}", io.BytesIO())
+    with pytest.raises(ApiError, match="more than one"):
+        twice.feed(body.replace(b'name="purpose"', b'name="file"; filename="a"'))
+
+
+def test_long_texts_are_cut_without_changing_the_answer(tiny_classifier):
+    from distill.teacher.server import CHARS_PER_TOKEN, ClassifierTeacher
+
+    teacher = ClassifierTeacher(Path(tiny_classifier))
+    long = "my card was declined at the shop again " * 2000  # ~80,000 characters, far past max_length
+    assert len(long) > teacher._max_length * CHARS_PER_TOKEN
+    (cut, tokens), = teacher.classify([long])
+    import numpy as np
+
+    uncut = teacher._logits([long])[0]  # the whole text through the tokenizer, truncated there
+    assert np.allclose(cut, uncut - np.log(np.exp(uncut - uncut.max()).sum()) - uncut.max(), atol=1e-5)
+    assert tokens == teacher._max_length
+
+
+def test_a_temporary_files_directory_is_removed_with_its_store(tmp_path):
+    import gc
+
+    from distill.teacher.server_batches import BatchStore
+
+    store = BatchStore(None)
+    made = store.directory
+    store.save_file(b"x", "a.jsonl", "batch")
+    assert made.name.startswith("distill-teacher-files-") and made.exists()
+    store.close()
+    assert not made.exists()
+    forgotten = BatchStore(None).directory  # created, never served, dropped
+    gc.collect()
+    assert not forgotten.exists()
+    given = BatchStore(tmp_path / "files")
+    given.close()
+    assert (tmp_path / "files").exists()  # a directory the operator named is theirs
+
+
+def test_only_loopback_may_be_open_and_a_set_key_always_counts(monkeypatch):
+    from distill.teacher.server_guard import is_loopback, server_key
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LocalHost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.1", "192.168.1.2", "example.org",
+                                            "127.0.0.1.nip.io"))
+    monkeypatch.delenv("SOME_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"no API key in \$SOME_KEY"):
+        server_key("SOME_KEY", False, "127.0.0.1", "cmd")
+    assert server_key("SOME_KEY", True, "127.0.0.1", "cmd") is None
+    monkeypatch.setenv("SOME_KEY", "k")
+    assert server_key("SOME_KEY", False, "0.0.0.0", "cmd") == "k"
+    assert server_key("SOME_KEY", True, "::1", "cmd") == "k"  # a key that is set is required, flag or not
+    with pytest.raises(ConfigError, match="refused with --host 0.0.0.0"):
+        server_key("SOME_KEY", True, "0.0.0.0", "cmd")

@@ -54,26 +54,48 @@ def greedy(model_dir, text: str, tokenizer_dir=None) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def keep_weights_callback():
+    """A TrainerCallback (the documented hook) copying the trained model's weights when training ends,
+    before the export merges the adapter into them in place."""
+    from transformers import TrainerCallback
+
+    class KeepWeights(TrainerCallback):
+        model, weights = None, None
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.model = model
+            self.weights = {n: (p.detach().cpu().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+    return KeepWeights()
+
+
 def test_lora_sft_learns_completions_and_leaves_base_untouched(tmp_path, student_lm):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    # Snapshot before training; compared with the weights of the model that was actually trained.
     base_before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(student_lm).state_dict().items()}
     cfg = SFTTrain(student_model=student_lm, lora={"enabled": True, "r": 8, "alpha": 16,
                       "dropout": 0.0}, merge_adapter=True, packing=True, learning_rate=3e-2, batch_size=4,
                       max_steps=80, max_length=64, eval_steps=40, checkpoint_steps=40, logging_steps=10)
-    result = train_sft(lm_rows(8, validation=True), cfg, tmp_path / "sft", progress=False)
+    keep = keep_weights_callback()
+    result = train_sft(lm_rows(8, validation=True), cfg, tmp_path / "sft", progress=False, callbacks=[keep])
 
     assert result["steps"] == 80
+    assert isinstance(keep.model, PeftModel)
+    trained = keep.weights
+    bases = {n: w for n, w in trained.items() if "lora_" not in n}
+    assert len(bases) == len(base_before)
+    for name, (weight, requires_grad) in bases.items():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(weight, base_before[key]), name
+        assert not requires_grad, name
+    assert any("lora_B" in n and w.abs().sum() > 0 for n, (w, _) in trained.items())  # lora_B starts at zero
     adapter = load_file(f"{result['adapter_dir']}/adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_lm),
-                                           result["adapter_dir"])
-    for name, param in peft_model.named_parameters():
-        if ".base_layer." in name:
-            key = name.replace("base_model.model.", "").replace(".base_layer", "")
-            assert torch.equal(param, base_before[key]), name
+    merged = AutoModelForCausalLM.from_pretrained(result["merged_dir"]).state_dict()
+    assert any(not torch.equal(merged[k], v) for k, v in base_before.items())  # the adapter is in the merge
     # The merged export answers like the teacher did; the random base model does not.
     answers = [greedy(result["merged_dir"], text) for text, _ in PAIRS]
     assert all(got.startswith(want) for got, (_, want) in zip(answers, PAIRS)), answers
@@ -82,25 +104,49 @@ def test_lora_sft_learns_completions_and_leaves_base_untouched(tmp_path, student
     assert any("eval_loss" in h for h in result["history"])
 
 
-def test_sft_trains_on_completion_tokens_only(tiny_causal_lm):
-    """The prompt is in the input but never in the loss: labels are -100 over it."""
+def _sft_trainer(model_dir, rows, packing: bool):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from distill.train.lm import _prompt_completion
 
-    tok = AutoTokenizer.from_pretrained(tiny_causal_lm)
-    row = lm_rows(1)[0]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # The arguments train_sft passes that shape the batches: completion-only loss, packing, max_length.
     args = SFTConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none", completion_only_loss=True,
-                     activation_checkpointing=False, max_length=64)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_causal_lm), args=args,
-                         train_dataset=Dataset.from_list([_prompt_completion(row)]), processing_class=tok)
+                     activation_checkpointing=False, max_length=64, packing=packing, eval_packing=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                         train_dataset=Dataset.from_list([_prompt_completion(r) for r in rows]), processing_class=tok)
+    return trainer, tok
+
+
+def test_sft_trains_on_completion_tokens_only(tiny_causal_lm):
+    """The prompt is in the input but never in the loss: labels are -100 over it."""
+    trainer, tok = _sft_trainer(tiny_causal_lm, lm_rows(1)[:1], packing=False)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     trained = tok.decode(ids[labels != -100], skip_special_tokens=False)
     assert trained.split() == ["lost", "card", "<|end|>"] or trained.strip().startswith("lost card")
     assert "my card is lost" in tok.decode(ids[labels == -100])
+
+
+def test_packed_sft_trains_on_every_completion_and_no_prompt(tiny_causal_lm):
+    """train_sft packs by default: several examples share one row, each keeps its own completion mask."""
+    rows = lm_rows(1)
+    trainer, tok = _sft_trainer(tiny_causal_lm, rows, packing=True)
+    assert len(trainer.train_dataset) < len(rows)  # packed: fewer sequences than examples
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    ids, labels = batch["input_ids"].flatten(), batch["labels"].flatten()
+    # Position ids restart at every packed example, so the examples never attend to each other.
+    starts = int((batch["position_ids"].flatten() == 0).sum())
+    assert starts == len(rows)
+    trained = tok.decode(ids[labels != -100], skip_special_tokens=False).split()
+    want = [w for _, answer in PAIRS for w in answer.split() + ["<|end|>"]]
+    assert sorted(trained) == sorted(want), trained
+    prompts = tok.decode(ids[labels == -100], skip_special_tokens=False)
+    for text, _ in PAIRS:
+        assert text in prompts
+    assert "classify" not in trained and "<|user|>" not in trained
 
 
 def _kd_gap(student_dir, teacher_dir, rows) -> float:
