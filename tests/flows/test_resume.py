@@ -63,6 +63,7 @@ task:
 teacher:
   base_url: {base_url}
   model: teacher-model
+  api_key_env: DISTILL_TEACHER_API_KEY
 generation:
   cache_path: cache.sqlite
   concurrency: 8
@@ -92,6 +93,7 @@ registry: registry
 def cli_env(tmp_path: Path, prefect_home: Path | None = None) -> dict:
     return {**os.environ, "PREFECT_HOME": str(prefect_home or tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",  # a loaded machine starts it slowly
+            "DISTILL_TEACHER_API_KEY": "test-teacher-key-not-a-secret",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
