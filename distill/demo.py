@@ -129,6 +129,27 @@ DEMO_PORT = 8765
 TEACHER_KEY_ENV = "DISTILL_TEACHER_API_KEY"
 
 
+def demo_port(workdir: Path, wait_s: float = 10.0) -> int:
+    """The teacher's port: the one this working directory's last demo used, else DEMO_PORT, else a free one.
+
+    A stable port keeps the teacher's URL, and so the request-cache keys and the config digest, the
+    same across demo runs: a second run pays for nothing, and a run after a crash picks up the crashed
+    one. The port is recorded in `workdir/port` because DEMO_PORT may be taken by another program; the
+    teacher of a demo that was just killed takes a few seconds to let go of it, hence the wait.
+    """
+    record = workdir / "port"
+    try:
+        wanted = int(record.read_text().strip())
+    except (OSError, ValueError):
+        wanted = DEMO_PORT
+    deadline = time.monotonic() + wait_s
+    while not port_is_free(wanted) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    port = wanted if port_is_free(wanted) else DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
+    write_text(record, f"{port}\n")
+    return port
+
+
 @contextmanager
 def teacher_process(teacher_dir: Path, port: int, model_name: str, startup_timeout: float = 180.0,
                     json_field: str | None = None):
@@ -178,14 +199,7 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     prep = prepare_demo(workdir, quick=quick, task=load_config(PRESET, teacher_overrides).task)
     print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows of the train split "
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
-    # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
-    # a second run is served from the cache and pays for nothing.
-    # The teacher of a demo that was just killed takes a few seconds to stop; waiting for its port keeps
-    # the URL, and so the config digest that picks up the crashed run, the same.
-    deadline = time.monotonic() + 10
-    while not port_is_free(DEMO_PORT) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
+    port = demo_port(workdir)
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
     # The model name carries the teacher's hash: the request cache never serves one teacher's answers
