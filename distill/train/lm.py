@@ -158,6 +158,26 @@ def _finish(trainer, tokenizer, config, out_dir, train_s: float, title) -> dict:
             "best_metric": trainer.state.best_metric, "curves_png": str(curves), "train_s": train_s}
 
 
+def _causal_lm_loss(outputs, labels, num_items_in_batch=None):
+    """Next-token cross entropy over the completion tokens (labels -100 elsewhere), from the model's logits."""
+    import torch.nn.functional as F
+
+    logits, target = outputs.logits[:, :-1].float(), labels[:, 1:].to(outputs.logits.device)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch else (target != -100).sum().clamp(min=1))
+
+
+def _loss_func(model):
+    """The loss from the model's own logits where trl's fused LM head would skip part of the head.
+
+    trl scores tokens by multiplying the backbone's last hidden states with the output layer's
+    weight directly; BERT's LM head has a transform (dense, activation, LayerNorm) before that
+    layer, which the fused path never trains while generation uses it (the MiniLM decoder student).
+    """
+    return _causal_lm_loss if model.config.model_type == "bert" else None
+
+
 def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progress: bool = True,
               callbacks: list | None = None) -> dict:
     """Supervised fine-tuning of config.student_model on (production prompt, teacher completion) pairs.
@@ -186,7 +206,8 @@ def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progre
                      packing=config.packing, completion_only_loss=True, eval_packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, callbacks=_callbacks(config, val_ds is not None, callbacks),
-                         peft_config=lora_config(config) if config.lora.enabled else None)
+                         peft_config=lora_config(config) if config.lora.enabled else None,
+                         compute_loss_func=_loss_func(model))
     train_s = run_trainer(trainer, out_dir, config)
     return _finish(trainer, tokenizer, config, out_dir, train_s, f"SFT student ({len(train_ds)} rows)")
 

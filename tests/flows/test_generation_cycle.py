@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from distill.demo import teacher_process
+from distill.demo import TEACHER_KEY_ENV, teacher_process
 from distill.httpserver import free_port
 
 TEXTS = ["my card is lost", "refund pending please", "exchange rate fee", "top up declined", "new card order",
@@ -50,12 +50,13 @@ train:
 evaluate: {{latency_requests: 10, latency_concurrency: 2, tail_size: 4, robustness_rows: 2}}
 gate: {{auto_promote: true}}
 """)
-    # A loaded CI machine can take long to start the ephemeral Prefect API: allow it.
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     with teacher_process(tiny_causal_lm, free_port(), "tiny-teacher") as url:
+        # Inside the block: the teacher's key is in this process's environment only while it runs.
+        # A loaded CI machine can take long to start the ephemeral Prefect API: allow it.
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
         cmd = [sys.executable, "-m", "distill_flows.cli", "run", "cfg.yaml", "--set", f"teacher.base_url={url}/v1",
-               "--set", "teacher.model=tiny-teacher"]
+               "--set", "teacher.model=tiny-teacher", "--set", f"teacher.api_key_env={TEACHER_KEY_ENV}"]
         done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / done.stdout.split("run directory:")[-1].strip()

