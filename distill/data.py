@@ -117,7 +117,8 @@ def _decode_error(path: Path, data: bytes, codec: str, e: UnicodeDecodeError) ->
              f"of the line) is not valid {codec} ({e.reason})")
     for bom, bom_codec in _BOMS:
         if data.startswith(bom) and bom_codec != "utf-8-sig":
-            return f"{where}; the file starts with a {bom_codec.upper()} byte-order mark: set task.encoding: {bom_codec}"
+            return (f"{where}; the file starts with a {bom_codec.upper()} byte-order mark: "
+                    f"set task.encoding: {bom_codec}")
     return f"{where}; set task.encoding to the file's encoding (e.g. cp1252 or latin-1), or to auto"
 
 

@@ -111,8 +111,9 @@ def prepare_demo(workdir: Path, teacher_fraction: float = 0.4, quick: bool = Fal
 
 
 def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list[str],
-                preset: Path = PRESET) -> DistillConfig:
-    """The demo preset, pointed at the demo teacher (and its key's variable) and the student split."""
+                preset: Path = PRESET, model_name: str | None = None) -> DistillConfig:
+    """The demo preset, pointed at the demo teacher (serving `model_name`, with its key's variable) and the
+    student split."""
     base = [f"teacher.base_url={teacher_url}/v1", f"teacher.api_key_env={TEACHER_KEY_ENV}"]
     if quick:
         base += ["task.max_test_rows=300", "train.epochs=1", "evaluate.latency_requests=40",
@@ -120,11 +121,33 @@ def demo_config(teacher_url: str, train_path: Path, quick: bool, overrides: list
         if preset == GENERATIVE_PRESET:
             base += ["task.max_rows=600", "task.max_test_rows=100", "evaluate.robustness_rows=20"]
     # The student split comes last: a task.train_path override names the data the teacher was fit on.
-    return load_config(preset, base + list(overrides) + [f"task.train_path={train_path}"])
+    last = [f"task.train_path={train_path}"] + ([f"teacher.model={model_name}"] if model_name else [])
+    return load_config(preset, base + list(overrides) + last)
 
 
 DEMO_PORT = 8765
 TEACHER_KEY_ENV = "DISTILL_TEACHER_API_KEY"
+
+
+def demo_port(workdir: Path, wait_s: float = 10.0) -> int:
+    """The teacher's port: the one this working directory's last demo used, else DEMO_PORT, else a free one.
+
+    A stable port keeps the teacher's URL, and so the request-cache keys and the config digest, the
+    same across demo runs: a second run pays for nothing, and a run after a crash picks up the crashed
+    one. The port is recorded in `workdir/port` because DEMO_PORT may be taken by another program; the
+    teacher of a demo that was just killed takes a few seconds to let go of it, hence the wait.
+    """
+    record = workdir / "port"
+    try:
+        wanted = int(record.read_text().strip())
+    except (OSError, ValueError):
+        wanted = DEMO_PORT
+    deadline = time.monotonic() + wait_s
+    while not port_is_free(wanted) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    port = wanted if port_is_free(wanted) else DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
+    write_text(record, f"{port}\n")
+    return port
 
 
 @contextmanager
@@ -176,21 +199,16 @@ def run_demo(run_cycle: Callable[..., dict], overrides: list[str] | None = None,
     prep = prepare_demo(workdir, quick=quick, task=load_config(PRESET, teacher_overrides).task)
     print(f"demo teacher: MiniLM-L6 + softmax head fit on {prep['teacher_fit_rows']} gold rows of the train split "
           f"({prep['fit_s']} s); student inputs: {prep['student_rows']} rows, {prep['gold_rows']} with gold labels")
-    # A fixed port keeps the teacher's URL, and so the request-cache keys, stable across demo runs:
-    # a second run is served from the cache and pays for nothing.
-    # The teacher of a demo that was just killed takes a few seconds to stop; waiting for its port keeps
-    # the URL, and so the config digest that picks up the crashed run, the same.
-    deadline = time.monotonic() + 10
-    while not port_is_free(DEMO_PORT) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    port = DEMO_PORT if port_is_free(DEMO_PORT) else free_port()
+    port = demo_port(workdir)
     # Its own process, like the student's `distill serve`: the teacher's latency is measured the way
     # the student's is, never through a GIL shared with the flow.
-    with teacher_process(prep["teacher_dir"], port, "banking77-teacher",
-                         json_field=JSON_FIELD if generative else None) as url:
+    # The model name carries the teacher's hash: the request cache never serves one teacher's answers
+    # (BANKING77's, say) to a demo whose teacher was fit on other data.
+    name = f"demo-{prep['teacher_dir'].name}"
+    with teacher_process(prep["teacher_dir"], port, name, json_field=JSON_FIELD if generative else None) as url:
         print(f"demo teacher serving at {url}/v1" + (f" (answers as JSON {{\"{JSON_FIELD}\": ...}})"
                                                     if generative else ""))
-        cfg = demo_config(url, prep["train_path"], quick, overrides or [], preset)
+        cfg = demo_config(url, prep["train_path"], quick, overrides or [], preset, model_name=name)
         result = run_cycle(config=cfg)
     result["metrics"]["demo_wall_s"] = round(time.perf_counter() - started, 1)
     return result

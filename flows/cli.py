@@ -37,9 +37,11 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
     if resume and fresh:
         fail("--resume and --fresh contradict each other; pick one")
     cfg = load_or_fail(config, set_)
-    check_inputs(cfg)
+    rows, holdout = check_inputs(cfg)
+    from distill_flows.distillation_cycle import split_real_rows
+
     from distill.config import ConfigError
-    from distill.preflight import check_outputs
+    from distill.preflight import budget_estimate, check_outputs, estimate_text, over_budget
     from distill.runs import check_resumable, runs_root
 
     # Both again in the flow (which deployments call directly); here they fail before Prefect starts.
@@ -47,6 +49,11 @@ def run(config: Path = typer.Argument(..., help="YAML config file (see deploymen
         check_outputs(cfg)
         if resume and resume != "last":
             check_resumable(runs_root(str(cfg.store)), resume, cfg.digest())
+        # The dry-run estimate on the console; over the budget, the run stops here, before any call.
+        estimate = budget_estimate(cfg, split_real_rows(rows, cfg.filter.mix.real_fraction, cfg.seed)[0], holdout)
+        typer.echo(estimate_text(cfg, estimate))
+        if over_budget(cfg, estimate, cfg.generation.budget_usd):
+            fail(over_budget(cfg, estimate, cfg.generation.budget_usd))
     except ConfigError as e:
         fail(str(e))
     _run_cycle(lambda cycle: cycle(config=cfg, resume=resume, fresh=fresh))

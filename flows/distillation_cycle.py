@@ -22,7 +22,7 @@ from typing import Any
 
 from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from distill_tasks.filter import filter_rows, report_markdown
-from distill_tasks.generate import generate_completions, reask_unmapped_answers, summary_line
+from distill_tasks.generate import generate_completions, reask_unmapped_answers, score_label_answers, summary_line
 from distill_tasks.preflight import preflight_run
 from distill_tasks.runs import mark_crashed_flow_runs
 from distill_tasks.train import train_where_configured
@@ -154,11 +154,18 @@ def ask_teacher(cfg: DistillConfig, inputs: dict[str, Any], run_dir: Path) -> di
     records, summary = generate_completions(inputs["teacher_rows"], cfg.teacher, generation, out)
     check_answered(summary, cfg.teacher.base_url)
     records = reask_unmapped_answers(records, inputs["labels"], cfg.teacher, generation, out)
+    records = score_label_answers(records, inputs["labels"], cfg.teacher, generation, out)
     holdout_records, holdout_summary = [], {}
     if inputs["holdout"]:
         # The teacher's own answers on the holdout: its accuracy is what retention is measured against.
+        held = str(run_dir / "teacher_holdout.jsonl")
         holdout_records, holdout_summary = generate_completions.with_options(name="generate-holdout")(
-            inputs["holdout"], cfg.teacher, generation, str(run_dir / "teacher_holdout.jsonl"), purpose="holdout")
+            inputs["holdout"], cfg.teacher, generation, held, purpose="holdout")
+        # The same corrective re-ask and label scoring as the training answers: the teacher is measured as it teaches.
+        holdout_records = reask_unmapped_answers.with_options(name="reask-holdout")(
+            holdout_records, inputs["labels"], cfg.teacher, generation, held, purpose="holdout-reask")
+        holdout_records = score_label_answers.with_options(name="score-holdout")(
+            holdout_records, inputs["labels"], cfg.teacher, generation, held, purpose="holdout-score")
     return {"generation": generation, "preflight": preflight, "records": records, "summary": summary,
             "holdout_records": holdout_records, "holdout_summary": holdout_summary}
 

@@ -105,20 +105,41 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
 
 @task(name="reask-unmapped", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def reask_unmapped_answers(records: list[dict], labels: list[str] | None, teacher: TeacherConfig,
-                           generation: GenerationConfig, out_path: str) -> list[dict]:
+                           generation: GenerationConfig, out_path: str, purpose: str = "reask") -> list[dict]:
     """Records with unmapped classification answers re-asked once (generation.reask), rewritten to `out_path`.
 
     A no-op returning `records` unchanged when re-asking is off, the task is not classification, or
-    every answer already names a label.
+    every answer already names a label. `purpose` is what the ledger charges ("reask", "holdout-reask").
     """
     if not generation.reask or not labels:
         return records
     from distill.teacher.reask import reask_unmapped
 
-    out, summary = reask_unmapped(records, labels, teacher, generation, api_key=resolve_key(teacher))
+    out, summary = reask_unmapped(records, labels, teacher, generation, api_key=resolve_key(teacher),
+                                  purpose=purpose)
     if summary:
         write_jsonl(out_path, out)
         fixed = sum(1 for r in out if r.get("reasked"))
         get_run_logger().info("re-ask: %d of %d unmapped answers now name a label; %s", fixed,
                               summary["requested"], summary_line(summary))
+    return out
+
+
+@task(name="score-labels", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def score_label_answers(records: list[dict], labels: list[str] | None, teacher: TeacherConfig,
+                        generation: GenerationConfig, out_path: str, purpose: str = "score") -> list[dict]:
+    """Records with their exact label distributions (generation.soft_labels score), rewritten to `out_path`.
+
+    A no-op returning `records` unchanged in the other soft-label modes or when the task is not
+    classification. Every scoring response is cached before use and charged to the ledger as `purpose`.
+    """
+    if generation.soft_labels != "score" or not labels:
+        return records
+    from distill.teacher.scoring import score_labels
+
+    out, summary = score_labels(records, labels, teacher, generation, api_key=resolve_key(teacher), purpose=purpose)
+    if summary:
+        write_jsonl(out_path, out)
+        get_run_logger().info("scoring: %d answers scored over %d labels; %s", summary["scored"], len(labels),
+                              summary_line(summary))
     return out

@@ -15,6 +15,17 @@
 - Every 37th request is answered 429 with Retry-After (seconds) and retry-after-ms.
 - `--reject-structured` answers 400 to `response_format`, like an endpoint without
   structured outputs.
+- `--free-text-share F` makes it sloppier: that share of inputs is answered in its own
+  words even when the prompt lists the labels; a corrective follow-up turn (the
+  input is no longer the last user turn) is answered with a label.
+- It scores given text as vLLM does, consistently with the same distribution: chat
+  completions with `prompt_logprobs` and `continue_final_message` return the prompt's
+  tokens (its own chat template, then the assistant turn cut into the same pieces)
+  with their logprobs; `/v1/completions` with `echo` and `logprobs` does the same for
+  each prompt of a list, with `text_offset`, reading the text after the last
+  "Assistant: " as the answer and the last "User: " turn as the input. Inside an
+  answer, the frame around a label is certain and the label's pieces carry their
+  conditional probabilities, so a label's pieces multiply to its true probability.
 
 Run as its own process: `python tests/chat_standin.py --port P --data a.csv b.csv --labels labels.json`,
 or `start()` from a test or benchmark.
@@ -30,6 +41,7 @@ import math
 import random
 import re
 import sys
+import zlib
 from pathlib import Path
 
 MODE_SHARE_GOLD = 0.9  # the stand-in's true accuracy is about this on any split
@@ -113,7 +125,8 @@ def lists_labels(messages: list[dict], labels: list[str]) -> bool:
     return sum(1 for l in labels if l in prompt) >= len(labels) // 2
 
 
-def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dict[str, float]):
+def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dict[str, float],
+                 free_text_share: float = 0.0):
     """(frame, surface function, hedge text or None) for one request, by what the request asks for."""
     fmt = body.get("response_format") or {}
     schema = ((fmt.get("json_schema") or {}).get("schema") or {}) if fmt.get("type") == "json_schema" else {}
@@ -129,7 +142,9 @@ def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dic
     if body.get("guided_choice") or (body.get("structured_outputs") or {}).get("choice"):
         return ("", ""), (lambda l: l), None
     rng = _rng("shape", text)
-    if lists_labels(body.get("messages") or [], labels):
+    users = [m.get("content") for m in body.get("messages") or [] if m.get("role") == "user"]
+    sloppy = bool(users) and users[-1] == text and _rng("sloppy", text).random() < free_text_share
+    if lists_labels(body.get("messages") or [], labels) and not sloppy:
         if rng.random() < 0.01:
             return None, None, "I'm not sure; it could be several things. Could you tell me more?"
         style = rng.randrange(3)
@@ -142,7 +157,94 @@ def answer_shape(body: dict, labels: list[str], text: str, label: str, dist: dic
     return ("", ""), (lambda l: " ".join(reversed(l.split("_")))), None
 
 
-def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool = False):
+def _find_label(answer: str, labels: list[str]) -> tuple[int, str] | None:
+    """(offset, label) of the longest label spelled verbatim in `answer` as a whole word, or None."""
+    for label in sorted(labels, key=len, reverse=True):
+        for m in re.finditer(re.escape(label), answer):
+            a, b = m.start(), m.end()
+            if (a == 0 or not (answer[a - 1].isalnum() or answer[a - 1] == "_")) and \
+                    (b == len(answer) or not (answer[b].isalnum() or answer[b] == "_")):
+                return a, label
+    return None
+
+
+def answer_logprobs(answer: str, dist: dict[str, float]) -> list[tuple[str, float]]:
+    """(piece, logprob) of an answer under the stand-in's model: frame certain, label pieces conditional."""
+    found = _find_label(answer, list(dist))
+    if found is None:  # not an answer it would give: every piece unlikely
+        return [(p, math.log(1e-6)) for p in pieces(answer)]
+    at, label = found
+    seqs = {l: pieces(l) for l in dist}
+    chosen = seqs[label]
+    out = [(p, 0.0) for p in pieces(answer[:at])]
+    for i, piece in enumerate(chosen):
+        cond = _next_piece_dist(seqs, dist, chosen[:i])
+        out.append((piece, max(math.log(cond[piece]), -9999.0)))
+    return out + [(p, 0.0) for p in pieces(answer[at + len(label):])]
+
+
+def _context_pieces(text: str) -> list[tuple[str, float]]:
+    return [(p, -1.0) for p in pieces(text)]  # the prompt's own tokens: some fixed, finite logprob
+
+
+def _input_text(users: list[str], golds: dict[str, str]) -> str:
+    return next((u for u in reversed(users) if u in golds), users[-1] if users else "")
+
+
+def score_chat(body: dict, golds: dict[str, str], labels: list[str], n: int) -> dict:
+    """vLLM's chat completion with prompt_logprobs: the templated prompt's tokens and their logprobs."""
+    messages = body.get("messages") or []
+    *context, last = messages
+    text = _input_text([m["content"] for m in context if m.get("role") == "user"], golds)
+    dist = true_distribution(text, golds.get(text), labels)
+    toks: list[tuple[str, float]] = []
+    for m in context:
+        toks += _context_pieces(f"<|{m['role']}|>\n{m.get('content') or ''}\n")
+    toks += _context_pieces(f"<|{last['role']}|>\n") + answer_logprobs(str(last.get("content") or ""), dist)
+    entries = [None] + [{str(zlib.crc32(t.encode()) % 100000): {"logprob": lp, "rank": 1, "decoded_token": t}}
+                        for t, lp in toks[1:]]
+    choice = {"index": 0, "message": {"role": "assistant", "content": "."}, "finish_reason": "length",
+              "logprobs": None}
+    return {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body.get("model"),
+            "choices": [choice], "prompt_logprobs": entries,
+            "usage": {"prompt_tokens": len(toks), "completion_tokens": 1, "total_tokens": len(toks) + 1}}
+
+
+def score_completions(body: dict, golds: dict[str, str], labels: list[str], n: int) -> dict:
+    """The completions API with echo: each prompt's tokens, logprobs and offsets, then one generated token."""
+    prompts = body.get("prompt")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    gen = int(body.get("max_tokens") if body.get("max_tokens") is not None else 16) > 0
+    choices, used = [], 0
+    seen: dict[str, tuple[list, dict]] = {}  # the labels of one row share their context: cut it once
+    for i, prompt in enumerate(prompts):
+        cut = prompt.rfind("Assistant: ")
+        context, answer = (prompt[:cut + len("Assistant: ")], prompt[cut + len("Assistant: "):]) if cut >= 0 \
+            else (prompt, "")
+        if context not in seen:
+            user_at = context.rfind("User: ")
+            text = context[user_at + len("User: "):cut].rstrip("\n") if user_at >= 0 and cut >= 0 else ""
+            seen[context] = _context_pieces(context), true_distribution(text, golds.get(text), labels)
+        context_toks, dist = seen[context]
+        toks = context_toks + (answer_logprobs(answer, dist) if answer else [])
+        toks += [("\n", -0.05)] if gen else []
+        offsets, at = [], 0
+        for t, _ in toks:
+            offsets.append(at)
+            at += len(t)
+        lps: list[float | None] = [None] + [lp for _, lp in toks[1:]]
+        logprobs = {"tokens": [t for t, _ in toks], "token_logprobs": lps, "text_offset": offsets,
+                    "top_logprobs": [None] + [{t: lp} for t, lp in toks[1:]]}
+        choices.append({"index": i, "text": prompt + ("\n" if gen else ""), "logprobs": logprobs,
+                        "finish_reason": "length"})
+        used += len(toks)
+    return {"id": f"cmpl-{n}", "object": "text_completion", "created": 0, "model": body.get("model"),
+            "choices": choices, "usage": {"prompt_tokens": used - len(prompts) * gen,
+                                          "completion_tokens": len(prompts) * gen, "total_tokens": used}}
+
+
+def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool = False,
+              free_text_share: float = 0.0):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -160,7 +262,21 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
         if reject_structured and body.get("response_format"):
             return JSONResponse({"error": {"message": "response_format is not supported", "type":
                                            "invalid_request_error", "param": "response_format"}}, status_code=400)
-        return completion(body, golds, labels, app.state.requests)
+        if body.get("prompt_logprobs") is not None and body.get("continue_final_message"):
+            return JSONResponse(score_chat(body, golds, labels, app.state.requests))
+        return completion(body, golds, labels, app.state.requests, free_text_share)
+
+    @app.post("/v1/completions")
+    async def completions(body: dict):
+        app.state.requests += 1
+        app.state.bodies.append(body)
+        if app.state.requests % 37 == 0:
+            return JSONResponse({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit"}},
+                                status_code=429, headers={"Retry-After": "1", "retry-after-ms": "20"})
+        if not body.get("echo"):
+            return JSONResponse({"error": {"message": "this stand-in only scores (echo)"}}, status_code=400)
+        # A megabyte of nested lists: rendered straight to JSON, not through FastAPI's encoder (seconds).
+        return JSONResponse(score_completions(body, golds, labels, app.state.requests))
 
     @app.get("/standin/stats")
     async def stats():
@@ -169,7 +285,7 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
     return app
 
 
-def completion(body: dict, golds: dict[str, str], labels: list[str], n: int) -> dict:
+def completion(body: dict, golds: dict[str, str], labels: list[str], n: int, free_text_share: float = 0.0) -> dict:
     messages = body.get("messages") or []
     users = [m["content"] for m in messages if m.get("role") == "user"]
     # The input is the last user turn that is a known text (a corrective follow-up is not the input).
@@ -179,7 +295,7 @@ def completion(body: dict, golds: dict[str, str], labels: list[str], n: int) -> 
         label = _rng("sample", text, n).choices(list(dist), weights=list(dist.values()))[0]
     else:
         label = max(dist, key=dist.get)
-    frame, surface, hedge = answer_shape(body, labels, text, label, dist)
+    frame, surface, hedge = answer_shape(body, labels, text, label, dist, free_text_share)
     top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
     if hedge is not None:
         content = hedge
@@ -241,9 +357,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--reject-structured", action="store_true")
+    ap.add_argument("--free-text-share", type=float, default=0.0)
     args = ap.parse_args(argv)
     labels = list(json.loads(Path(args.labels).read_text()))
-    app = build_app(load_golds(args.data), labels, args.reject_structured)
+    app = build_app(load_golds(args.data), labels, args.reject_structured, args.free_text_share)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

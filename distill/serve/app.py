@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from distill.chat import MIN_LOGPROB, ApiError, token_logprob
+from distill.chat import ApiError, safe_log, token_logprob
 from distill.config import ConfigError, ServeConfig, TeacherConfig
 from distill.serve.batcher import LogWriter, MicroBatcher
 from distill.serve.shadow import ShadowLog
@@ -92,12 +92,10 @@ def route_to_challenger(fraction: float, user: str | None, rng: random.Random) -
 
 def label_logprobs(probs: dict[str, float], top_k: int) -> dict:
     """OpenAI `logprobs` for a one-token label answer, like `distill teacher serve` emits."""
-    import math
-
     ranked = sorted(probs.items(), key=lambda kv: -kv[1])
-    lp = lambda p: math.log(p) if p > 0 else MIN_LOGPROB  # noqa: E731
-    tops = [token_logprob(l, lp(p)) for l, p in ranked[:top_k]]
-    return {"content": [{**token_logprob(ranked[0][0], lp(ranked[0][1])), "top_logprobs": tops}], "refusal": None}
+    tops = [token_logprob(l, safe_log(p)) for l, p in ranked[:top_k]]
+    return {"content": [{**token_logprob(ranked[0][0], safe_log(ranked[0][1])), "top_logprobs": tops}],
+            "refusal": None}
 
 
 class Metrics:

@@ -42,7 +42,7 @@ def resolve_api_key(teacher: TeacherConfig) -> str | None:
 def sampling_params(generation: GenerationConfig) -> dict[str, Any]:
     """Sampling parameters sent with every request (and part of the cache key)."""
     params: dict[str, Any] = {"temperature": generation.temperature, "max_tokens": generation.max_tokens}
-    if generation.logprobs and generation.soft_labels != "hard":
+    if generation.logprobs and generation.soft_labels == "trie":  # score mode reads its own requests
         params["logprobs"] = True
         if generation.top_logprobs:
             params["top_logprobs"] = generation.top_logprobs
@@ -163,6 +163,9 @@ class Job:
     body: bytes
     est_tokens: int
     slots: list[int] = field(default_factory=list)
+    path: str = "/chat/completions"  # a scoring request goes to /completions
+    parse: Callable[[bytes], tuple[dict | None, str | None, bool]] = parse_completion
+    max_out: int | None = None  # completion tokens it can cost; None: generation.max_tokens
 
 
 def make_record(row_id: Any, sample: int, messages: list[dict], params: dict, model: str, **fields: Any) -> dict:
@@ -181,7 +184,6 @@ class Client:
     def __init__(self, teacher: TeacherConfig, generation: GenerationConfig, api_key: str | None,
                  cache: ResponseCache, budget: Budget, finish: Callable[[Job, dict], None]):
         self.t, self.g, self.key, self.cache, self.budget, self.finish = teacher, generation, api_key, cache, budget, finish
-        self.url = teacher.base_url + "/chat/completions"
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -204,8 +206,11 @@ class Client:
                     await self.one(session, queue.pop())
             await asyncio.gather(*(worker() for _ in range(min(self.g.concurrency, len(jobs)))))
 
+    def max_out(self, job: Job) -> int:
+        return self.g.max_tokens if job.max_out is None else job.max_out
+
     async def one(self, session: Any, job: Job) -> None:
-        est_cost = price(self.t, job.est_tokens, self.g.max_tokens)
+        est_cost = price(self.t, job.est_tokens, self.max_out(job))
         if not self.budget.reserve(est_cost):
             self.finish(job, {"status": "failed", "error": self.budget.reason()})
             return
@@ -251,7 +256,7 @@ class Client:
                 await asyncio.sleep(wait)
             if self.rpm:
                 await self.rpm.acquire(1)
-            reserved_tokens = job.est_tokens + self.g.max_tokens
+            reserved_tokens = job.est_tokens + self.max_out(job)
             if self.tpm:
                 await self.tpm.acquire(reserved_tokens)
             attempts += 1
@@ -259,7 +264,7 @@ class Client:
             t0 = time.monotonic()
             status, body, retry_after = None, b"", None
             try:
-                async with session.post(self.url, data=job.body, headers=self.headers) as resp:
+                async with session.post(self.t.base_url + job.path, data=job.body, headers=self.headers) as resp:
                     status = resp.status
                     body = await resp.read()
                     retry_after = retry_after_s(resp.headers)
@@ -269,7 +274,7 @@ class Client:
                 error, retryable = f"connection: {type(e).__name__}: {redact(str(e), self.key)[:200]}", True
             latency = time.monotonic() - t0
             if status is not None and 200 <= status < 300:
-                fields, error, retryable = parse_completion(body)
+                fields, error, retryable = job.parse(body)
                 if fields is not None:
                     usage = fields["usage"]
                     if not usage["prompt_tokens"] and not usage["completion_tokens"]:

@@ -123,8 +123,19 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
     """
     if api_key is None:
         api_key = resolve_api_key(teacher)
-    t0 = time.monotonic()
     records, jobs = plan(rows, teacher, generation)
+    return run_jobs(records, jobs, teacher, generation, api_key, progress, purpose)
+
+
+def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, generation: GenerationConfig,
+             api_key: str | None, progress: Callable[[int, int], None] | None = None,
+             purpose: str = "generation") -> GenerationResult:
+    """Fill `records` from the request cache, buy the jobs it lacks, charge the ledger; see generate().
+
+    Shared by answer requests (plan) and scoring requests (distill.teacher.scoring): both are
+    persisted before use, capped by what the run's budget has left, and charged as `purpose`.
+    """
+    t0 = time.monotonic()
     total = len(records)
     finished = 0
     ledger = client = None

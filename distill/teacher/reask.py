@@ -24,7 +24,7 @@ def reask_messages(record: dict[str, Any], labels: list[str]) -> list[dict[str, 
 
 
 def reask_unmapped(records: list[dict], labels: list[str], teacher: TeacherConfig, generation: GenerationConfig,
-                   api_key: str | None = None) -> tuple[list[dict], dict]:
+                   api_key: str | None = None, purpose: str = "reask") -> tuple[list[dict], dict]:
     """(records, summary): unmapped done answers re-asked once; a mapped re-ask answer replaces the original.
 
     Args:
@@ -32,6 +32,7 @@ def reask_unmapped(records: list[dict], labels: list[str], teacher: TeacherConfi
         labels: the label set.
         teacher, generation: as for generate(); sampling is the same, one sample per re-ask.
         api_key: the teacher's key.
+        purpose: what the spend is charged as in the run's ledger ("reask", "holdout-reask").
 
     A replaced record keeps the first answer in "first_response" and gets "reasked": True; its cost
     and usage include the re-ask. Records whose re-ask still names no label are left as they were.
@@ -42,7 +43,7 @@ def reask_unmapped(records: list[dict], labels: list[str], teacher: TeacherConfi
         return records, {}
     asks = [{"id": f"{r['id']}#{r.get('sample', 0)}#reask", "messages": reask_messages(r, labels)} for _, r in todo]
     settings = generation.model_copy(update={"samples_per_prompt": 1})
-    result = generate(asks, teacher, settings, api_key=api_key, purpose="reask")
+    result = generate(asks, teacher, settings, api_key=api_key, purpose=purpose)
     out = list(records)
     for (i, rec), new in zip(todo, result.records):
         if new["status"] != "done" or map_answer(new.get("response"), labels) is None:

@@ -3,13 +3,13 @@
 Three kinds of model directory are served, detected from the directory:
 
 - an embedding-classifier teacher (`teacher.json` kind "embedding-classifier",
-  `distill.encoders.EmbeddingClassifier`): the demo teacher;
+  `distill.models.encoders.EmbeddingClassifier`): the demo teacher;
 - any Hugging Face sequence-classification directory (e.g. a distill student);
 - any Hugging Face causal LM: real generation through its chat template.
 
 A classifier answers a chat completion with the label of the LAST user message
 as content; with logprobs, `content[0]` holds the label and `top_logprobs` the
-top-k labels, each label one "token" (see distill/soft_labels.py). Classifiers
+top-k labels, each label one "token" (see distill/teacher/soft_labels.py). Classifiers
 are deterministic: the answer is always the argmax, whatever the temperature.
 Concurrent classifier requests are batched dynamically into one forward pass.
 

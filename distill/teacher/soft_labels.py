@@ -15,17 +15,24 @@ label and reads the labels' trie off those positions:
 3. labels that received nothing share the mass never seen (1 - total seen),
    each floored at `floor`; the result is renormalised over the label set, so a
    label missing from the top-k is unlikely but never impossible (finite KL);
-4. with no logprobs at all (`generation.soft_labels: hard`), the distribution is
+4. a record scored label by label (`generation.soft_labels: score`, see
+   distill.teacher.scoring) carries its exact distribution in "label_scores", which
+   is used as it is (floored and renormalised);
+5. with no logprobs at all (`generation.soft_labels: hard`), the distribution is
    the answer's label with probability 1 - smoothing and the rest spread evenly,
    or None when the answer is not a label.
 
 Spellings are compared with case folded and spaces/hyphens read as underscores,
 as `distill.teacher.labels.map_answer` reads answers.
 
-What each mode costs per row (`generation.soft_labels`): `trie` asks for
-`top_logprobs` on the one answer request (no extra call, a few more completion
-bytes); `hard` asks for none (cheapest, but no uncertainty for KD or the entropy
-filter).
+What each mode costs per row (`generation.soft_labels`; L labels):
+- `trie` asks for `top_logprobs` on the one answer request (no extra request, a few
+  more completion bytes); exact for the labels the top-k reached, floored for the rest.
+- `score` asks the answer without logprobs, then scores every label: L requests of
+  about (prompt + answer) prompt tokens and 1 completion token each (score_api
+  `prompt_logprobs`), or one request of L x (prompt + answer) prompt tokens and L
+  completion tokens (score_api `echo`). Exact; about L times the prompt tokens.
+- `hard` asks for none (cheapest, but no uncertainty for KD or the entropy filter).
 """
 
 from __future__ import annotations
@@ -107,6 +114,11 @@ def soft_labels(record: dict[str, Any], labels: list[str], floor: float = 1e-6,
                 smoothing: float = 0.05, label_key: str = "label") -> dict[str, float] | None:
     """The teacher's distribution over `labels` for one teacher record (see module doc)."""
     answer = label_of(record.get("response"), labels, label_key)
+    scored = record.get("label_scores")
+    if isinstance(scored, dict) and answer and all(l in scored for l in labels):
+        full = {l: max(float(scored[l]), floor) for l in labels}
+        total = sum(full.values())
+        return {l: m / total for l, m in full.items()}
     content = record.get("logprobs") or []
     mass = trie_mass(content, labels, answer, label_key) if answer and content else None
     if mass is None:

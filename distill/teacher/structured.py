@@ -4,7 +4,9 @@
 
 - `json_schema`: OpenAI-style `response_format` with a strict JSON schema whose
   `label` property is an `enum` of the labels (OpenAI, vLLM, Ollama's /v1, llama.cpp
-  all accept it); with `teacher.rationale`, a short `rationale` string comes first,
+  all accept it; Ollama's /v1 hands `json_schema.schema` on as its native `format`,
+  so an Ollama user gets `format` with the label enum, and `auto` picks json_schema
+  there: Ollama ignores the vLLM choice fields); with `teacher.rationale`, a short `rationale` string comes first,
   so the consistency filter can check that it argues for the label it gives.
 - `choice`: vLLM's guided choice (`guided_choice`, and `structured_outputs.choice`
   of newer vLLM): the answer is one label verbatim.
@@ -53,13 +55,13 @@ def structured_params(mode: str, labels: list[str], rationale: bool = False) -> 
     return {}
 
 
-def post_chat(teacher: TeacherConfig, body: dict, api_key: str | None,
-              timeout_s: float = PROBE_TIMEOUT_S) -> tuple[int | None, bytes, str | None]:
-    """One blocking chat completion: (status, body, transport error or None)."""
+def post_chat(teacher: TeacherConfig, body: dict, api_key: str | None, timeout_s: float = PROBE_TIMEOUT_S,
+              path: str = "/chat/completions") -> tuple[int | None, bytes, str | None]:
+    """One blocking chat completion (or another POST under base_url): (status, body, transport error or None)."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(teacher.base_url + "/chat/completions", data=json.dumps(body).encode(),
+    req = urllib.request.Request(teacher.base_url + path, data=json.dumps(body).encode(),
                                  headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=min(timeout_s, teacher.timeout_s)) as resp:

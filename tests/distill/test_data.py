@@ -189,7 +189,8 @@ def test_a_directory_where_a_file_is_expected(tmp_path):
 
 
 @pytest.mark.parametrize("name,data,what", [
-    ("train.csv", b'text,category\nhello,refund\n"I lost my card,card_lost\nbye,refund\n', "train.csv:3: unclosed quote"),
+    ("train.csv", b'text,category\nhello,refund\n"I lost my card,card_lost\nbye,refund\n',
+     "train.csv:3: unclosed quote"),
     ("train.csv", "text,category\ncafé,refund\n".encode("latin-1"), "train.csv:2: byte 0xe9 at byte offset 17"),
     ("train.csv", b"text,category\n" + b"a" * 1_000_001 + b",refund\n", "train.csv:2: field 'text' has 1000001"),
     ("train.jsonl", b'{"id": "a", "text": "hi"}\n{"id": null, "text": "yo"}\n', "train.jsonl:2: id must be"),
@@ -248,8 +249,8 @@ def test_distill_generate_checks_its_output_before_the_teacher_is_called(tmp_pat
     (tmp_path / "out").mkdir()
     (tmp_path / "notes.txt").write_text("not a folder\n")
     (tmp_path / "prompts.jsonl").write_text('{"id": "a", "text": "my card is lost"}\n')
-    (tmp_path / "cfg.yaml").write_text("task:\n  name: cards\n  train_path: prompts.jsonl\n  labels: [card_lost, refund]\n"
-                                       "  system_prompt: Classify the message.\n")
+    (tmp_path / "cfg.yaml").write_text("task:\n  name: cards\n  train_path: prompts.jsonl\n"
+                                       "  labels: [card_lost, refund]\n  system_prompt: Classify the message.\n")
     with start_in_thread(teacher) as server:
         result = CliRunner().invoke(app, ["generate", "cfg.yaml", "--input", "prompts.jsonl", "--output", output,
                                           "--no-progress", "--set", f"teacher.base_url={server.url}/v1"])

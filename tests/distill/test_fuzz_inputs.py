@@ -216,7 +216,8 @@ def student_url(tiny_classifier, tmp_path_factory):
 def teacher_url(tiny_classifier, tmp_path_factory):
     from distill.teacher.server import create_app
 
-    app = create_app(tiny_classifier, "tiny-clf", files_dir=tmp_path_factory.mktemp("fuzz-teacher"), batch_wait_ms=0)
+    app = create_app(tiny_classifier, "tiny-clf", files_dir=tmp_path_factory.mktemp("fuzz-teacher"), batch_wait_ms=0,
+                     api_key=KEY)  # through the same key check a started server has
     with start_in_thread(app) as srv:
         yield srv.url
 

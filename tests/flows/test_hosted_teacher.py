@@ -104,3 +104,48 @@ def test_a_run_whose_estimate_exceeds_the_budget_stops_before_the_first_call(tmp
     output = result.stdout + result.stderr
     assert "generation.budget_usd" in output and "nothing was sent" in output, output[-2000:]
     assert app.state.requests == 0
+    # The estimate is printed as a line of its own, not only logged, and the run never reached Prefect
+    # (one of the two rows is kept back as a real example: one request).
+    line = next(l for l in result.stdout.splitlines() if l.startswith("teacher estimate: up to $"))
+    assert "for 1 request " in line and "budget $0.0000" in line and "generation $" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_score_mode_and_holdout_reask_in_the_cycle(tmp_path):
+    """A sloppier teacher (a fifth of inputs answered in its own words) with generation.reask and exact scoring:
+    holdout answers are re-asked like training answers, every answer is scored, and the ledger shows each part."""
+    proc, url = standin.start("--free-text-share", "0.2")
+    try:
+        done = run_cli(tmp_path, f"teacher.base_url={url}", "teacher.model=standin-chat",
+                       "teacher.structured_output=off", "generation.reask=true", "generation.soft_labels=score",
+                       "generation.score_api=echo", "task.max_rows=150", "task.max_test_rows=40",
+                       "generation.concurrency=4", "teacher.timeout_s=300",  # one stand-in process scores
+                       "filter.spotcheck.auto_approve=true", "evaluate.robustness=false",
+                       "evaluate.latency_requests=20", "evaluate.tail_size=20")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("teacher estimate: up to $") and "score $" in done.stdout.splitlines()[0]
+    run_dir = next((tmp_path / "runs").rglob("metrics.json")).parent
+    labels = json.loads((DATA / "categories.json").read_text())
+    golds = standin.load_golds([str(DATA / "test.csv")])
+    holdout = [json.loads(l) for l in (run_dir / "teacher_holdout.jsonl").read_text().splitlines()]
+    reasked = [r for r in holdout if r.get("reasked")]
+    assert reasked and all(standin.true_distribution(r["messages"][-1]["content"], None, labels) for r in reasked)
+    from distill.teacher.labels import map_answer
+
+    assert sum(map_answer(r["response"], labels) is not None for r in holdout) >= 0.97 * len(holdout)
+    worst = max(0.5 * sum(abs(r["label_scores"][l] - true[l]) for l in labels) for r in holdout
+                for true in [standin.true_distribution(r["messages"][-1]["content"],
+                                                       golds[r["messages"][-1]["content"]], labels)])
+    assert worst < 1e-4, worst  # the holdout's distributions are exact, re-asked answers included
+    spend = json.loads((run_dir / "manifest.json").read_text())["spend"]["by_purpose"]
+    assert {"generation", "reask", "score", "holdout", "holdout-reask", "holdout-score"} <= set(spend), spend
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    true_acc = sum(max(d, key=d.get) == golds[t] for r in holdout for t in [r["messages"][-1]["content"]]
+                   for d in [standin.true_distribution(t, golds[t], labels)]) / len(holdout)
+    print(f"\nholdout reasked={len(reasked)}/{len(holdout)} teacher_accuracy={metrics['teacher_accuracy']:.4f} "
+          f"true_accuracy={true_acc:.4f} spend={spend}")
+    assert abs(metrics["teacher_accuracy"] - true_acc) <= 0.03

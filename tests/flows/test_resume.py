@@ -63,6 +63,7 @@ task:
 teacher:
   base_url: {base_url}
   model: teacher-model
+  api_key_env: DISTILL_TEACHER_API_KEY
 generation:
   cache_path: cache.sqlite
   concurrency: 8
@@ -92,6 +93,7 @@ registry: registry
 def cli_env(tmp_path: Path, prefect_home: Path | None = None) -> dict:
     return {**os.environ, "PREFECT_HOME": str(prefect_home or tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",  # a loaded machine starts it slowly
+            "DISTILL_TEACHER_API_KEY": "test-teacher-key-not-a-secret",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -252,3 +254,18 @@ def test_a_dead_teacher_stops_the_run_in_seconds_before_the_holdout(tmp_path, sh
     assert asked and not any(text in asked for text in holdout), "a holdout prompt reached the teacher"
     # Nothing half-written: the run directory of a run the teacher never answered is gone.
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_the_demo_teacher_keeps_its_port_across_runs_of_a_working_directory(tmp_path):
+    import socket
+
+    from distill.demo import demo_port
+
+    first = demo_port(tmp_path, wait_s=0)
+    assert demo_port(tmp_path, wait_s=0) == first == int((tmp_path / "port").read_text())
+    # Taken by another program: a free port, recorded so the next run finds the same URL again.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", first))
+        other.listen()
+        moved = demo_port(tmp_path, wait_s=0)
+    assert moved != first and demo_port(tmp_path, wait_s=0) == moved

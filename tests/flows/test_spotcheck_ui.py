@@ -39,15 +39,16 @@ def review_stage(run_dir: str) -> dict:
     from distill_tasks.filter import filter_rows
     from prefect import flow
 
-    from distill.config import FilterConfig, TaskConfig
+    from distill.config import FilterConfig
     from distill.data import load_task_rows
+    from distill.demo import demo_task
 
     @flow(name=FLOW)
     def review(run_dir: str) -> dict:
         from prefect.runtime import flow_run
 
         (Path(run_dir) / "flow_run_id").write_text(str(flow_run.id))
-        task = TaskConfig(max_rows=300)
+        task = demo_task(max_rows=300)
         rows = load_task_rows(task, "train")
         records = [{"id": r["id"], "sample": 0, "status": "done", "error": None, "response": r["gold"],
                     "finish_reason": "stop", "truncated": False,

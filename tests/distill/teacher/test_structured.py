@@ -119,3 +119,67 @@ def test_an_unreachable_endpoint_is_named_at_once():
     teacher = TeacherConfig(base_url=url, model="m", structured_output="off")
     with pytest.raises(ConfigError, match=url.replace(".", r"\.")):
         choose_structured(teacher, GenerationConfig(), LABELS, MESSAGES, None, None)
+
+
+def ollama_v1_app(golds: dict[str, str]):
+    """Ollama's OpenAI-compatible /v1 as its openai.go documents it: `response_format` json_schema becomes the
+    native `format` (the schema itself), json_object becomes format "json"; unknown fields (vLLM's guided_choice,
+    structured_outputs) are dropped; the reply obeys `format` or is free text when there is none."""
+    from fastapi import FastAPI
+
+    api = FastAPI()
+    api.state.formats = []
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: dict):
+        fmt = body.get("response_format") or {}
+        native = fmt.get("json_schema", {}).get("schema") if fmt.get("type") == "json_schema" else \
+            ("json" if fmt.get("type") == "json_object" else None)
+        api.state.formats.append(native)
+        text = body["messages"][-1]["content"]
+        gold = golds.get(text, LABELS[0])
+        if isinstance(native, dict):  # the grammar-constrained decoder keeps to the schema's enum
+            enum = native["properties"]["label"]["enum"]
+            content = json.dumps({"label": gold if gold in enum else enum[0]})
+        else:
+            content = f"I think this is about {gold.replace('_', ' ')}."
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "system_fingerprint": "fp_ollama",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28}}
+
+    return api
+
+
+def test_ollama_gets_its_format_through_v1_and_auto_picks_json_schema(tmp_path):
+    app = ollama_v1_app(GOLDS)
+    with start_in_thread(app) as server:
+        teacher = TeacherConfig(base_url=f"{server.url}/v1", model="llama3.1", structured_output="auto")
+        mode, extra = choose_structured(teacher, GenerationConfig(cache_path=tmp_path / "c.sqlite"), LABELS,
+                                        MESSAGES, None, None)
+        assert mode == "json_schema"
+        gen = GenerationConfig(cache_path=tmp_path / "c.sqlite", extra_params=extra)
+        rows = [{"id": "a", "messages": MESSAGES}]
+        record = generate(rows, teacher, gen, api_key=None).records[0]
+    fmt = app.state.formats[-1]
+    # What Ollama documents for `format`: a JSON schema object; here the label enum, nothing else allowed.
+    assert fmt == {"type": "object", "properties": {"label": {"type": "string", "enum": LABELS}},
+                   "required": ["label"], "additionalProperties": False}
+    assert json.loads(record["response"]) == {"label": GOLDS[TEXT]}
+
+
+def test_ollamas_native_api_url_names_its_v1_endpoint():
+    for url in ("http://localhost:11434", "http://localhost:11434/api", "http://127.0.0.1:11434/api/chat"):
+        with pytest.raises(ValueError, match=r"Ollama's native API; use .*:11434/v1"):
+            TeacherConfig(base_url=url)
+    assert TeacherConfig(base_url="http://localhost:11434/v1/").base_url == "http://localhost:11434/v1"
+
+
+def test_a_bare_off_in_yaml_means_off(tmp_path):
+    from distill.config import load_config
+
+    data = ROOT / "distill/data/banking77"
+    (tmp_path / "c.yaml").write_text(f"task:\n  name: t\n  train_path: {data / 'train.csv'}\n  labels_path: "
+                                     f"{data / 'categories.json'}\n  system_prompt: Classify.\nteacher:\n  structured_output: off\n")
+    assert load_config(tmp_path / "c.yaml").teacher.structured_output == "off"
+    assert load_config(tmp_path / "c.yaml", ["teacher.structured_output=off"]).teacher.structured_output == "off"
