@@ -32,7 +32,8 @@ task:
   labels_path: null
   label_field: answer
   system_prompt: answer in two words
-generation: {{max_tokens: 4, concurrency: 4, top_logprobs: 2}}
+# A random teacher never writes its EOS: a stop string ends its answers (finish_reason stop, not truncated).
+generation: {{max_tokens: 4, concurrency: 4, top_logprobs: 2, extra_params: {{stop: [" "]}}}}
 filter:
   heuristics: {{check_balance: false, refusal_patterns: []}}
   entropy: {{enabled: false}}
