@@ -38,7 +38,7 @@ from distill.chat import ApiError, safe_log, token_logprob
 from distill.config import ConfigError, ServeConfig, TeacherConfig
 from distill.serve.batcher import LogWriter, MicroBatcher
 from distill.serve.shadow import ShadowLog
-from distill.teacher.server_guard import bearer_ok, server_key
+from distill.teacher.server_guard import UNAUTHORIZED, bearer_ok, server_key
 from distill.teacher.soft_labels import label_of, soft_labels
 
 logger = logging.getLogger("distill.serve")
@@ -363,7 +363,7 @@ class _Server:
 
         started = time.perf_counter()
         if not self.authorized(request):
-            return self.error(ApiError(401, "missing or invalid API key", "authentication_error", "invalid_api_key"))
+            return self.error(UNAUTHORIZED)
         timeout = self.serve.timeout_s
         try:
             try:
@@ -516,7 +516,7 @@ def _add_routes(app, server: _Server) -> None:
     @app.get("/metrics")
     async def prometheus(request: Request):
         if not server.authorized(request):
-            return server.error(ApiError(401, "missing or invalid API key", "authentication_error", "invalid_api_key"))
+            return server.error(UNAUTHORIZED)
         with server.pending_lock:
             queued = server.pending
         b = server.champion.batcher
@@ -527,7 +527,7 @@ def _add_routes(app, server: _Server) -> None:
     @app.get("/v1/models")
     async def models(request: Request):
         if not server.authorized(request):
-            return server.error(ApiError(401, "missing or invalid API key", "authentication_error", "invalid_api_key"))
+            return server.error(UNAUTHORIZED)
         return {"object": "list", "data": [{"id": serve.model_name, "object": "model", "created": 0,
                                             "owned_by": "distill"}]}
 

@@ -14,7 +14,6 @@ and entropy sensors read.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request class of the routes.
-import hmac
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from typing import Any, Iterator
 from distill.chat import ApiError, token_logprob
 from distill.config import ServeConfig
 from distill.models.causal import GenerativeStudent
+from distill.teacher.server_guard import UNAUTHORIZED, bearer_ok
 
 
 def _stop_cut(text: str, stop: list[str]) -> int | None:
@@ -105,9 +105,7 @@ class _Server:
             self.log = ShadowLog(serve.log_url)
 
     def authorized(self, request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return not self.key or (scheme.lower() == "bearer"
-                                and hmac.compare_digest(token.strip().encode(), self.key.encode()))
+        return not self.key or bearer_ok(request.headers.get("authorization"), self.key)
 
     def record(self, req: dict, request_id: str, text: str, logprobs: list[float], ms: float) -> None:
         if self.log is None:
@@ -163,8 +161,6 @@ def _add_routes(app, server: _Server) -> None:
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    unauthorized = ApiError(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
-
     @app.get("/health")
     def health():
         return {"status": "ok", "model": server.name, "kind": "generative", "device": server.student.device}
@@ -172,14 +168,14 @@ def _add_routes(app, server: _Server) -> None:
     @app.get("/v1/models")
     def models(request: Request):
         if not server.authorized(request):
-            return error(unauthorized)
+            return error(UNAUTHORIZED)
         return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
                                             "owned_by": "distill"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         if not server.authorized(request):
-            return error(unauthorized)
+            return error(UNAUTHORIZED)
         body = await request.body()
         limit = server.serve.max_request_bytes
         if len(body) > limit:
