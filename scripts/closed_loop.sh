@@ -128,7 +128,7 @@ curl -fsS "http://127.0.0.1:$SERVE_PORT/health"; echo
 # Send texts through the real openai client, then wait until every shadow answer is logged.
 send_traffic() {  # kind (in-domain | shifted), count
     SERVE_PORT=$SERVE_PORT LOG_URL=$LOG_URL KIND=$1 COUNT=$2 python - <<'PY'
-import csv, os, random, sqlite3, time
+import csv, os, random, sqlite3, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,15 +144,10 @@ else:
     # Questions a banking assistant should never see: the bundled out-of-domain list, then more
     # built from everyday topics.
     texts = [l.strip() for l in (data / "ood.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
-    asks = ["How do I {} {}?", "What is the best way to {} {}?", "Can you explain how to {} {}?",
-            "Is it hard to {} {} at home?", "Any tips to {} {} quickly?"]
-    things = [("bake", "sourdough bread"), ("grow", "tomatoes on a balcony"), ("train", "a puppy to sit"),
-              ("fix", "a squeaky door hinge"), ("learn", "the guitar chords of a pop song"),
-              ("plan", "a hiking trip in the Alps"), ("repot", "an orchid"), ("tune", "a bicycle gear"),
-              ("paint", "a watercolour sunset"), ("brew", "cold brew coffee"), ("knit", "a wool scarf"),
-              ("clean", "an oven without chemicals"), ("memorise", "a chess opening"),
-              ("photograph", "the night sky"), ("stretch", "after a long run"), ("cook", "a vegetable curry")]
-    texts += [a.format(*t) for t in things for a in asks]
+    sys.path.insert(0, str(data.parent.parent / "bench"))  # the drift benchmark's everyday questions
+    from drift import extra_ood
+
+    texts += extra_ood()
     rng.shuffle(texts)
     texts = (texts * (count // len(texts) + 1))[:count]
 
