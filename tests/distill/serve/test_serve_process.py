@@ -114,9 +114,15 @@ def test_worker_processes_share_the_port(tiny_classifier, tmp_path):
 
     overrides = [f"serve.log_url=sqlite:///{tmp_path}/log.sqlite", "serve.workers=2", "serve.runtime=torch"]
     with latency.serve_process(tiny_classifier, overrides, api_key=KEY) as url:
-        # forked workers carry the supervisor's command line: supervisor + 2 workers
-        procs = subprocess.run(["pgrep", "-f", "--", f"--port {urlparse(url).port}"], capture_output=True,
-                               text=True).stdout.split()
+        # forked workers carry the supervisor's command line: supervisor + 2 workers. The first worker
+        # may answer /health before the second is forked, so count until both are there (or 20 s).
+        deadline = time.monotonic() + 20
+        while True:
+            procs = subprocess.run(["pgrep", "-f", "--", f"--port {urlparse(url).port}"], capture_output=True,
+                                   text=True).stdout.split()
+            if len(procs) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         res = latency.measure_process(url + "/v1/chat/completions", [body(f"q {i}") for i in range(8)], 40, 8,
                                       api_key=KEY)
     assert len(procs) == 3, procs
