@@ -391,6 +391,19 @@ class MixConfig(Section):
     tail_quantile: float = Field(
         0.1, ge=0, le=1, description="Longest inputs and least confident rows in this top share count as tail."
     )
+    traffic_log_url: str | None = Field(
+        None, description="Traffic/shadow log whose recent requests join the training mix (provenance `traffic`, "
+        "labelled by the teacher like any prompt); set by a drift-triggered cycle to the log the sensors read. "
+        "None: no traffic rows.",
+    )
+    traffic_requests: int = Field(
+        1000, ge=1, description="Most recent logged requests read from traffic_log_url (the window the drift "
+        "sensors judge: drift.recent_requests).",
+    )
+    traffic_max_rows: int = Field(
+        2000, ge=0, description="Cap on traffic rows added to the mix: distinct texts not already among the "
+        "training inputs, newest first; each is one teacher request unless the request cache holds it.",
+    )
 
 
 class FilterConfig(Section):
@@ -720,6 +733,29 @@ class DriftConfig(Section):
     emit_events: bool = Field(True, description="Emit distill.drift.detected when a sensor fires.")
 
 
+class CanaryConfig(Section):
+    """The canary judge (flow canary-watch): the challenger's served answers against the champion's over a
+    window of recent traffic; a significant drop stops the canary in the registry."""
+
+    window_requests: int = Field(
+        2000, ge=10, description="Most recent logged requests judged (both arms, from the traffic/shadow log).",
+    )
+    min_requests: int = Field(
+        100, ge=1, description="Judged requests each arm needs in the window (teacher-answered for agreement, "
+        "gold for the error rate) before its test is run; fewer report \"not enough data\".",
+    )
+    alpha: float = Field(
+        0.01, gt=0, lt=1, description="Significance level of each one-sided two-proportion test (agreement with "
+        "the teacher, and accuracy on gold feedback).",
+    )
+    margin: float = Field(
+        0.0, ge=0, le=1, description="Drop below the champion's rate tolerated before it counts.",
+    )
+    log_url: str | None = Field(None, description="Traffic/shadow log to read; serve.log_url when unset.")
+    stop: bool = Field(True, description="Stop the canary in the registry when it is significantly worse "
+                                         "(False: report and emit only).")
+
+
 class ServeConfig(Section):
     """The student's OpenAI-compatible server and its production modes."""
 
@@ -730,6 +766,10 @@ class ServeConfig(Section):
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
     shadow: bool = Field(False, description="Also ask the challenger/teacher and log both answers.")
     canary_fraction: float = Field(0.0, ge=0, le=1, description="Share of traffic served by the challenger.")
+    canary_poll_s: float = Field(
+        1.0, gt=0, description="How often the server re-reads the registry entry of a registry challenger: once "
+        "the canary judge has stopped it, no request is routed to it any more.",
+    )
     fallback_confidence: float | None = Field(None, ge=0, le=1, description="Below this, answer with the teacher.")
     log_url: str = Field("sqlite:///.distill/shadow.sqlite", description="Shadow/traffic log database URL.")
     student_dir: Path | None = Field(
@@ -816,6 +856,7 @@ class DistillConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     store: str = Field(
         "runs",

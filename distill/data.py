@@ -11,9 +11,10 @@ Row shapes passed between stages (plain dicts, JSON-serialisable):
   "params" (sampling params sent)}
 - candidate row (`distill.filter.rows.build_candidates`): a task row joined with one teacher record: {"id", "sample",
   "text", "gold", "messages", "response", "finish_reason", "truncated", "logprobs", "label" (the
-  answer's label for classification, else None), "soft_labels" ({label: prob} or None), "entropy"}
+  answer's label for classification, else None), "soft_labels" ({label: prob} or None), "entropy",
+  "source": "teacher"|"traffic" (the task row's provenance)}
 - training row (`distill.filter.mix.mix_dataset`): {"id", "text", "messages", "target" (label or
-  completion), "soft_labels" ({label: prob} or None), "source": "teacher"|"real", "weight" (float),
+  completion), "soft_labels" ({label: prob} or None), "source": "teacher"|"traffic"|"real", "weight" (float),
   "split": "train"|"validation"}
 """
 

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from distill_tasks.drift import read_traffic_rows
 from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from distill_tasks.filter import filter_rows, report_markdown
 from distill_tasks.generate import generate_completions, reask_unmapped_answers, score_label_answers, summary_line
@@ -108,12 +109,21 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
 
 
 def load_inputs(cfg: DistillConfig) -> dict[str, Any]:
-    """The task's rows: {labels, train_rows, holdout, teacher_rows, real_rows}; ConfigError on bad input."""
+    """The task's rows: {labels, train_rows, holdout, teacher_rows, real_rows, traffic_rows}; ConfigError on
+    bad input.
+
+    With filter.mix.traffic_log_url set (a drift-triggered cycle), recent traffic from that log joins the
+    teacher's prompts with provenance `traffic`; the training prompts are the same as a full cycle's, so
+    the request cache answers them and only new texts are paid for.
+    """
     train_rows = load_task_rows(cfg.task, "train")
     teacher_rows, real_rows = split_real_rows(train_rows, cfg.filter.mix.real_fraction, cfg.seed)
+    mix = cfg.filter.mix
+    traffic = read_traffic_rows(mix.traffic_log_url, cfg.task, mix.traffic_requests, mix.traffic_max_rows,
+                                [r["text"] for r in train_rows]) if mix.traffic_log_url else []
     return {"labels": cfg.task.label_set() if cfg.task.kind == "classification" else None,
             "train_rows": train_rows, "holdout": load_task_rows(cfg.task, "test") if cfg.task.test_path else [],
-            "teacher_rows": teacher_rows, "real_rows": real_rows}
+            "teacher_rows": teacher_rows + traffic, "real_rows": real_rows, "traffic_rows": traffic}
 
 
 def choose_run(cfg: DistillConfig, run_id: str | None, resume: str | None, fresh: bool
@@ -212,7 +222,9 @@ def finish_run(cfg: DistillConfig, inputs: dict[str, Any], answers: dict[str, An
     spend = {"generation": _spend(gen), "holdout": _spend(hold),
              "cost_usd": round(gen.get("cost_usd", 0.0) + hold.get("cost_usd", 0.0), 6)}
     spend.update(run_spend(answers["generation"].ledger_path, answers["preflight"]))  # grader and probes too
+    spend["reuse"] = reuse(cfg, answers)
     metrics["teacher_cost_usd"] = spend["cost_usd"]
+    outcome["reuse"] = spend["reuse"]
     write_text(run_dir / "metrics.json", json.dumps({"run_id": run_id, **metrics, "gate": decision}, indent=1,
                                                     default=str))
     write_report(cfg, inputs, answers, outcome, run_dir, run_id)
@@ -228,6 +240,9 @@ def finish_run(cfg: DistillConfig, inputs: dict[str, Any], answers: dict[str, An
                               finished_at=datetime.now(timezone.utc).isoformat(),
                               extra={"gate": decision, "registry": registry, "metrics": _scalars(metrics),
                                      "preflight": answers["preflight"],
+                                     "sources": {k: outcome["filter_report"]["final"].get(k, 0)
+                                                 for k in ("teacher", "traffic", "real")},
+                                     "traffic_log_url": cfg.filter.mix.traffic_log_url,
                                      "resumed_from_step": trained.get("resumed_from_step")})
     manifest = publish_run(run_dir, store, run_id, manifest)
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "decision": decision,
@@ -237,15 +252,17 @@ def finish_run(cfg: DistillConfig, inputs: dict[str, Any], answers: dict[str, An
 def write_report(cfg: DistillConfig, inputs: dict[str, Any], answers: dict[str, Any], outcome: dict[str, Any],
                  run_dir: Path, run_id: str) -> None:
     """report.md in the run directory, and the same markdown as the run's Prefect artifact."""
-    from distill.evaluate.report import render_report
+    from distill.evaluate.report import render_report, reuse_section
 
     metrics, trained = outcome["metrics"], outcome["trained"]
     step = trained.get("resumed_from_step")
     report = render_report(metrics, outcome["decision"], extra_sections={
         "Run": f"run id `{run_id}`, config `{cfg.digest()[:12]}`, task `{cfg.task.name}`, "
                f"{len(inputs['train_rows'])} training inputs ({len(inputs['teacher_rows'])} to the teacher, "
-               f"{len(inputs['real_rows'])} real), {len(inputs['holdout'])} holdout rows, wall {metrics['wall_s']} s",
+               f"{len(inputs['real_rows'])} real) and {len(inputs['traffic_rows'])} recent traffic rows, "
+               f"{len(inputs['holdout'])} holdout rows, wall {metrics['wall_s']} s",
         "Generation": summary_line(answers["summary"]) if answers["summary"] else "no teacher calls",
+        "Teacher cost against a full cycle": reuse_section(outcome["reuse"], len(inputs["traffic_rows"])),
         "Filtering": report_markdown(outcome["filter_report"], heading=None),
         "Training": f"{trained.get('steps')} steps in {trained.get('train_s', 0):.0f} s"
                     f"{f' (resumed from the checkpoint at step {step})' if step else ''}; best validation "
@@ -272,6 +289,13 @@ def drop_if_empty(run_dir: Path, resumed: str | None) -> None:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     get_run_logger().info("removed %s: the run stopped before the teacher answered", run_dir)
+
+
+def reuse(cfg: DistillConfig, answers: dict[str, Any]) -> dict[str, dict]:
+    """This cycle's paid and reused teacher requests against a full cycle's (report and manifest)."""
+    from distill.teacher.generation import reuse_costs
+
+    return reuse_costs({"training": answers["records"], "holdout": answers["holdout_records"]}, cfg.teacher)
 
 
 def _scalars(metrics: dict) -> dict:

@@ -70,7 +70,8 @@ def drift_watch(config_path: str | None = None, overrides: list[str] | None = No
     create_markdown_artifact(key="drift-report", markdown=report, description=f"drift watch of {cfg.task.name}")
     event_id = None
     if fired and cfg.drift.emit_events:
-        event_id = emit_drift_event(cfg.task.name, model, results, config_path, overrides, run_id or None)
+        event_id = emit_drift_event(cfg.task.name, model, results, config_path, overrides, run_id or None,
+                                    traffic_log_url=log_url)
     regressed = [n for n, r in checks.items() if r["fired"]]
     if regressed:
         logger.warning("regression check failed (%s): the model or its runtime changed; not a drift event",

@@ -92,6 +92,23 @@ def read_traffic(log_url: str, limit: int, champion_keys: list[str] | None = Non
         log.close()
 
 
+@task(name="read-traffic-rows", cache_policy=NO_CACHE)
+def read_traffic_rows(log_url: str, task_cfg: TaskConfig, limit: int, cap: int,
+                      known_texts: list[str]) -> list[dict]:
+    """The most recent `limit` logged requests as training rows with provenance `traffic` (at most `cap`
+    distinct texts not among `known_texts`); see distill.drift.reference.traffic_rows."""
+    from distill.drift.reference import traffic_rows
+    from distill.serve.shadow import ShadowLog
+
+    log = ShadowLog(log_url)
+    try:
+        rows = traffic_rows(log.recent(limit=limit), task_cfg, set(known_texts), cap)
+    finally:
+        log.close()
+    get_run_logger().info("%d recent traffic rows from the log join the training mix", len(rows))
+    return rows
+
+
 @task(name="label-recent-traffic", cache_policy=NO_CACHE)
 def label_recent(rows: list[dict], task_cfg: TaskConfig, drift: DriftConfig, teacher: TeacherConfig,
                  generation: GenerationConfig, log_url: str, seed: int) -> dict[str, Any]:
@@ -209,12 +226,14 @@ def record_watch(log_url: str, model_run: str, holdout: dict[str, Any], results:
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)
 def emit_drift_event(task_name: str, model: dict[str, Any], results: dict[str, dict], config_path: str | None,
-                     overrides: list[str] | None, flow_run_id: str | None) -> str | None:
+                     overrides: list[str] | None, flow_run_id: str | None,
+                     traffic_log_url: str | None = None) -> str | None:
     """Emit `distill.drift.detected` for the fired sensors; returns the event id (None if not emitted).
 
     The payload carries what a re-distillation run needs: the config and overrides the watch
-    ran with, plus `parent_run=<champion run id>` (cycle_overrides), so the deployment trigger
-    can start `distillation-cycle` with exactly that lineage.
+    ran with, plus `parent_run=<champion run id>` and, with traffic_log_url (the log the sensors
+    read), `filter.mix.traffic_log_url=<it>` (cycle_overrides), so the deployment trigger starts
+    `distillation-cycle` with that lineage and the drifted traffic in its training mix.
     """
     from prefect.events import emit_event
 
@@ -223,6 +242,8 @@ def emit_drift_event(task_name: str, model: dict[str, Any], results: dict[str, d
         return None
     run_id = model.get("run_id")
     cycle_overrides = list(overrides or []) + ([f"parent_run={run_id}"] if run_id else [])
+    if traffic_log_url:
+        cycle_overrides.append(f"filter.mix.traffic_log_url={json.dumps(traffic_log_url)}")
     # JSON round trip: the payload must be plain JSON (no numpy scalars).
     compact = json.loads(json.dumps({n: {k: v for k, v in results[n].items() if k != "examples"} for n in fired},
                                     default=float))

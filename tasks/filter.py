@@ -127,7 +127,7 @@ def report_markdown(report: dict[str, Any], heading: str | None = "# Filter repo
         lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {s['dropped']} | {reasons or '-'} |")
     lines += answers_markdown(report.get("answers"))
     f = report["final"]
-    lines += ["", f"Final dataset: {f['rows']} rows ({f['teacher']} teacher, {f['real']} real; "
+    lines += ["", f"Final dataset: {f['rows']} rows ({f['teacher']} teacher, {f.get('traffic', 0)} traffic, {f['real']} real; "
                   f"real share {f['real_share']:.2f}); {f['train']} train / {f['validation']} validation.",
               "", "Examples of rejections:", ""]
     for s in report["stages"]:
@@ -292,7 +292,9 @@ def _grader_key(filter: FilterConfig, teacher: TeacherConfig, grader_api_key: st
 
 def _final_counts(training: list[dict], labels: list[str] | None) -> dict[str, Any]:
     n_real = sum(1 for r in training if r["source"] == "real")
-    return {"rows": len(training), "teacher": len(training) - n_real, "real": n_real,
+    n_traffic = sum(1 for r in training if r["source"] == "traffic")
+    return {"rows": len(training), "teacher": len(training) - n_real - n_traffic, "traffic": n_traffic,
+            "real": n_real,
             "real_share": n_real / len(training) if training else 0.0,
             "train": sum(1 for r in training if r["split"] == "train"),
             "validation": sum(1 for r in training if r["split"] == "validation"),

@@ -57,3 +57,34 @@ def relabel(rows: Sequence[dict], task: TaskConfig, teacher: TeacherConfig, gene
     for rec in result.records:
         out[str(rec["id"])] = label_of(rec.get("response"), labels) if rec["status"] == "done" else None
     return {"labels": out, "summary": result.summary}
+
+
+def traffic_rows(log_rows: Sequence[dict], task: TaskConfig, known_texts: set[str], cap: int) -> list[dict]:
+    """Recent traffic as task rows for the training mix, with provenance `traffic`.
+
+    Args:
+        log_rows: traffic/shadow log rows, oldest first (ShadowLog.recent()).
+        task: the task section; each text is rendered with the task's own prompt, so a text the
+            drift watch already re-labelled (or an earlier cycle asked about) is a request-cache hit.
+        known_texts: the training inputs; traffic repeating one adds nothing and is skipped.
+        cap: at most this many rows, newest first.
+    Returns rows shaped like distill.data.load_task_rows's ("id" = "traffic-<request id>", "gold" None:
+    the teacher labels them) plus "source": "traffic" and "request_id".
+    """
+    from distill.data import prompt_prefix, render_messages
+
+    prefix = prompt_prefix(task) if log_rows and cap else []
+    seen = set(known_texts)
+    out: list[dict] = []
+    for r in reversed(log_rows):
+        text = r.get("text")
+        if len(out) >= cap:
+            break
+        if not text or not text.strip() or text in seen:
+            continue
+        seen.add(text)
+        fields = {task.text_field: text}
+        out.append({"id": f"traffic-{r.get('request_id') or r.get('id')}", "text": text, "gold": None,
+                    "input": fields, "messages": render_messages(task, fields, prefix=prefix),
+                    "source": "traffic", "request_id": r.get("request_id")})
+    return out[::-1]

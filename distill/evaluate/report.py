@@ -160,3 +160,21 @@ def _per_label_section(m: dict, plots: dict) -> list[str]:
 def _scalars_section(m: dict) -> list[str]:
     scalars = [[k, format_value(v, "num")] for k, v in sorted(m.items()) if isinstance(v, (int, float)) or v is None]
     return ["", "## All scalar measures", "", _table(["key", "value"], scalars), ""]
+
+
+def reuse_section(costs: dict[str, dict], traffic_rows: int = 0) -> str:
+    """Markdown: this cycle's teacher requests, tokens and dollars against a full cycle's (see
+    distill.teacher.generation.reuse_costs), per part and in total."""
+    rows = [[name, str(c["paid_requests"]), str(c["paid_tokens"]), f"${c['paid_usd']:.4f}",
+             str(c["reused_requests"]), str(c["full_requests"]), str(c["full_tokens"]), f"${c['full_usd']:.4f}",
+             f"${c['saved_usd']:.4f}"] for name, c in costs.items()]
+    t = costs["total"]
+    share = t["saved_usd"] / t["full_usd"] if t["full_usd"] else 0.0
+    head = (f"This cycle paid for {t['paid_requests']} of {t['full_requests']} teacher requests "
+            f"(${t['paid_usd']:.4f}); a full cycle, with nothing in the request cache, would pay "
+            f"${t['full_usd']:.4f} (saved ${t['saved_usd']:.4f}, {share:.0%}). Cache hits are priced at "
+            f"the teacher's rates.")
+    if traffic_rows:
+        head += f" {traffic_rows} recent traffic rows joined the mix (provenance `traffic`)."
+    return head + "\n\n" + _table(["part", "paid requests", "paid tokens", "paid $", "reused requests",
+                                     "full-cycle requests", "full-cycle tokens", "full-cycle $", "saved $"], rows)

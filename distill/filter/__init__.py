@@ -6,5 +6,5 @@ rows `{"id", "sample", "text", "gold", "messages", "response", "finish_reason",
 Each stage is `(rows, config, task) -> (kept, rejected)`, in this order:
 `heuristics`, `consistency`, `entropy`, `dedup`, `grader`, `spotcheck`.
 Out (`mix.mix_dataset`): training rows `{"id", "text", "messages", "target",
-"soft_labels", "source": "teacher"|"real", "weight", "split": "train"|"validation"}`.
+"soft_labels", "source": "teacher"|"traffic"|"real", "weight", "split": "train"|"validation"}`.
 """

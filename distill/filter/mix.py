@@ -32,7 +32,7 @@ def _tail_reasons(rows: Rows, labels: list[str] | None, config: MixConfig) -> li
             why.add("long_input")
         if r["_entropy"] is not None and r["_entropy"] >= unsure_cut and r["_entropy"] > 0:
             why.add("low_confidence")
-        if r["source"] == "teacher" and (r.get("_agreement") or 1.0) < 1.0:
+        if r["source"] != "real" and (r.get("_agreement") or 1.0) < 1.0:
             why.add("low_confidence")
         out.append(why)
     return out
@@ -52,7 +52,9 @@ def mix_dataset(kept: Rows, real_rows: Rows, labels: list[str] | None, config: M
             confident teacher rows) get their weight multiplied by `tail_oversample`.
         seed: seed for sampling, the split and the output order.
 
-    Returns training rows: {"id","text","messages","target","soft_labels","source","weight","split"}.
+    Returns training rows: {"id","text","messages","target","soft_labels","source","weight","split"}; source
+    is "teacher" (a training input the teacher labelled), "traffic" (recent production traffic the teacher
+    labelled, kept with that provenance) or "real" (gold).
     The validation split is stratified by target label (classification) or by source (generation).
     """
     rng = random.Random(seed)
@@ -64,7 +66,7 @@ def mix_dataset(kept: Rows, real_rows: Rows, labels: list[str] | None, config: M
             continue
         teacher_ids.add(r["id"])
         rows.append({"id": r["id"], "text": r.get("text"), "messages": r.get("messages"), "target": target,
-                     "soft_labels": r.get("soft_labels"), "source": "teacher",
+                     "soft_labels": r.get("soft_labels"), "source": r.get("source") or "teacher",
                      "weight": float(r.get("weight", 1.0)), "_entropy": r.get("entropy"),
                      "_agreement": r.get("agreement")})
     pool = [r for r in real_rows if r.get("gold") is not None and r["id"] not in teacher_ids]

@@ -86,6 +86,8 @@ def build_candidates(task_rows: Rows, records: Rows, task: TaskConfig,
             "response": rec.get("response"), "finish_reason": rec.get("finish_reason"),
             "truncated": bool(rec.get("truncated")), "logprobs": rec.get("logprobs"),
             "label": None, "soft_labels": None, "entropy": None, "weight": 1.0, "near_threshold": [],
+            # Provenance: a teacher-labelled training input, or recent production traffic (distill.drift).
+            "source": (row.get("source") if row else None) or "teacher",
         }
         if row is None:
             rejected.append(reject_row(base, "generation", f"unknown id: {rec.get('id')!r} is not a task row"))

@@ -207,6 +207,42 @@ def summarize(records: list[dict], wall_s: float, budget_exhausted: bool, http_r
     }
 
 
+def reuse_costs(parts: dict[str, list[dict]], teacher: TeacherConfig) -> dict[str, dict]:
+    """What a cycle paid against what a full cycle (an empty request cache) would pay for the same requests.
+
+    Args:
+        parts: {name: teacher records} (e.g. training, holdout); a record served from the request
+            cache carries the usage it was bought with.
+        teacher: the endpoint's prices: a cache hit is priced at today's rates (the ledger's), a
+            bought request at what it was charged.
+    Returns {name and "total": {"paid_requests", "paid_tokens", "paid_usd", "reused_requests",
+    "reused_tokens", "full_requests", "full_tokens", "full_usd", "saved_usd"}}.
+    """
+    out: dict[str, dict] = {}
+    total = dict.fromkeys(("paid_requests", "paid_tokens", "paid_usd", "reused_requests", "reused_tokens",
+                           "full_requests", "full_tokens", "full_usd", "saved_usd"), 0)
+    for name, records in parts.items():
+        row = dict.fromkeys(total, 0)
+        for r in records:
+            if r.get("status") != "done":
+                continue
+            usage = r.get("usage") or {}
+            pt, ct = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            kind = "reused" if r.get("cached") else "paid"
+            usd = price(teacher, pt, ct) if kind == "reused" else float(r.get("cost_usd") or 0.0)
+            row[f"{kind}_requests"] += 1
+            row[f"{kind}_tokens"] += pt + ct
+            row["full_requests"] += 1
+            row["full_tokens"] += pt + ct
+            row["full_usd"] += usd
+            row["paid_usd"] += usd if kind == "paid" else 0.0
+        row["saved_usd"] = row["full_usd"] - row["paid_usd"]
+        out[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+        total = {k: total[k] + row[k] for k in total}
+    out["total"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in total.items()}
+    return out
+
+
 def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
     """Prompt rows from CSV/JSONL: each needs `id` and either `messages` or the task's input fields.
 

@@ -194,7 +194,11 @@ def test_drift_fires_event_and_trigger_starts_distillation_cycle(prefect_harness
     assert len(runs) == 1, "the drift event did not create a distillation-cycle flow run"
     params = runs[0].parameters
     assert params["config_path"] == setup["config"]
-    assert params["overrides"] == ["drift.baseline_accuracy=0.95", "parent_run=run-1"]
+    log_url = cfg.serve.log_url
+    assert params["overrides"] == ["drift.baseline_accuracy=0.95", "parent_run=run-1",
+                                   f'filter.mix.traffic_log_url="{log_url}"']
+    # the cycle the trigger starts reads its traffic from the log the sensors judged
+    assert load_config(setup["config"], params["overrides"]).filter.mix.traffic_log_url == log_url
 
     async def artifacts():
         async with get_client() as client:
