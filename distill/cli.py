@@ -466,8 +466,11 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
     typer.echo(f"serving {champ_run or champ_dir} on http://{s.host}:{s.port}/v1"
                + (f" (challenger {chall_run or chall_dir})" if chall_dir else ""))
     try:
+        # A registry challenger is watched in the registry: once the canary judge stops it, no traffic.
+        watch = (str(cfg.registry), cfg.task.name) if chall_run and cfg.task is not None else None
         serve_forever(champ_dir, s, challenger_dir=chall_dir, teacher=cfg.teacher if uses_teacher else None,
-                      champion_run=champ_run, challenger_run=chall_run, insecure_no_auth=insecure_no_auth)
+                      champion_run=champ_run, challenger_run=chall_run, insecure_no_auth=insecure_no_auth,
+                      canary_registry=watch)
     except (ConfigError, FileNotFoundError) as e:
         fail(str(e))
 

@@ -9,7 +9,8 @@ the label as content (and, with `logprobs`, the label distribution as
 Production modes, all configured by `ServeConfig`:
 
 - canary: `canary_fraction` of requests is answered by the challenger (sticky
-  per `user` field when the client sends one, random otherwise);
+  per `user` field when the client sends one, random otherwise), until the
+  registry says the canary judge stopped it (flows/canary_watch.py);
 - teacher fallback: below `fallback_confidence` the teacher answers instead;
   when the teacher fails or runs out of time the student's answer stands;
 - shadow: the models that did not serve (challenger and/or teacher) are asked
@@ -181,8 +182,13 @@ class _Server:
 
     def __init__(self, student_dir, serve: ServeConfig, challenger_dir, teacher: TeacherConfig | None,
                  teacher_api_key: str | None, api_key: str | None, champion_run: str | None,
-                 challenger_run: str | None, rng: random.Random | None = None):
+                 challenger_run: str | None, rng: random.Random | None = None,
+                 canary_registry: tuple[str, str] | None = None):
         self.serve, self.teacher = serve, teacher
+        # (registry dir, task) of a registry challenger: its entry is re-read so a stopped canary gets no traffic.
+        self.canary_registry = canary_registry if challenger_run else None
+        self.canary_stopped = False
+        self._canary_seen: tuple[float, float] = (0.0, -1.0)  # (next check on the monotonic clock, index mtime)
         self.champion = _Student(student_dir, champion_run, serve)
         self.challenger = _Student(challenger_dir, challenger_run, serve) if challenger_dir else None
         self.labels = self.champion.labels
@@ -302,6 +308,30 @@ class _Server:
         if self.writer is not None:
             self.writer.close()
 
+    def canary_share(self) -> float:
+        """The share of requests routed to the challenger now: serve.canary_fraction until the registry
+        says the challenger is no longer one (the canary judge stopped it), then 0 for good."""
+        if self.canary_stopped or self.canary_registry is None or self.serve.canary_fraction <= 0:
+            return 0.0 if self.canary_stopped else self.serve.canary_fraction
+        now = time.monotonic()
+        if now >= self._canary_seen[0]:
+            root, task = self.canary_registry
+            index = Path(root) / "index.json"
+            try:
+                mtime = index.stat().st_mtime
+            except OSError:
+                mtime = -1.0
+            if mtime != self._canary_seen[1]:
+                from distill.serve.registry import Registry
+
+                status = Registry(root).status(task, self.challenger.run)
+                if status != "challenger":
+                    self.canary_stopped = True
+                    logger.warning("challenger %s is %s in the registry: no more canary traffic",
+                                   self.challenger.run, status)
+            self._canary_seen = (now + self.serve.canary_poll_s, mtime)
+        return 0.0 if self.canary_stopped else self.serve.canary_fraction
+
     # --- request steps -----------------------------------------------------------------------
     def authorized(self, request) -> bool:
         if not self.key:
@@ -410,7 +440,7 @@ class _Server:
 
     async def answer(self, req: dict, text: str, started: float) -> dict:
         serve = self.serve
-        canary = route_to_challenger(serve.canary_fraction, req.get("user"), self.rng)
+        canary = route_to_challenger(self.canary_share(), req.get("user"), self.rng)
         served_name = "challenger" if canary else "champion"
         model = self.challenger if canary else self.champion
         ans = await model.classify(text)
@@ -511,7 +541,7 @@ def _add_routes(app, server: _Server) -> None:
                 "champion": server.champion.run if server.champion.run != str(server.champion.path) else None,
                 "challenger": (server.challenger.run if server.challenger.run != str(server.challenger.path)
                                else None) if server.challenger else None,
-                "labels": len(server.labels)}
+                "canary_fraction": server.canary_share(), "labels": len(server.labels)}
 
     @app.get("/metrics")
     async def prometheus(request: Request):
@@ -541,7 +571,8 @@ def _add_routes(app, server: _Server) -> None:
 def create_app(student_dir: str | Path, serve: ServeConfig, *, challenger_dir: str | Path | None = None,
                teacher: TeacherConfig | None = None, teacher_api_key: str | None = None,
                api_key: str | None = None, champion_run: str | None = None,
-               challenger_run: str | None = None, rng: random.Random | None = None) -> "FastAPI":  # noqa: F821
+               challenger_run: str | None = None, rng: random.Random | None = None,
+               canary_registry: tuple[str, str] | None = None) -> "FastAPI":  # noqa: F821
     # No `from __future__ import annotations` in this module: FastAPI must see the real Request class.
     """The student server as a FastAPI app (run it with uvicorn or distill.httpserver.start_in_thread).
 
@@ -557,13 +588,15 @@ def create_app(student_dir: str | Path, serve: ServeConfig, *, challenger_dir: s
         champion_run, challenger_run: run ids written to the log (the directory paths when unset).
         rng: the canary draw for requests without a `user` (one draw per request); a fresh
             `random.Random()` when None.
+        canary_registry: (registry dir, task) the challenger `challenger_run` is registered in; its
+            entry is re-read every serve.canary_poll_s and a stopped canary gets no more traffic.
     """
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
 
     server = _Server(student_dir, serve, challenger_dir, teacher, teacher_api_key, api_key, champion_run,
-                     challenger_run, rng)
+                     challenger_run, rng, canary_registry)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -155,6 +155,31 @@ class Registry:
             self._event(index, "rollback", task, previous, f"rolled back from {rolled}")
             return dict(entry)
 
+    def stop_canary(self, task: str, run_id: str, reason: str) -> dict:
+        """Take challenger `run_id` out of the canary: status "stopped", with the reason in the event log.
+
+        A server routing canary traffic to it re-reads this entry (serve.canary_poll_s) and stops
+        routing; `challenger()` no longer returns it, so a restarted server does not pick it up.
+        Stopping a model that is not a challenger (already stopped, promoted, retired) changes nothing.
+        """
+        if not reason or not reason.strip():
+            raise ConfigError("stop_canary: a reason is required")
+        with self._locked() as index:
+            t = self._task(index, task)
+            if run_id not in t["models"]:
+                raise ConfigError(f"registry {self.root}: task {task!r} has no model {run_id!r}")
+            entry = t["models"][run_id]
+            if entry["status"] != "challenger":
+                return dict(entry)
+            entry.update(status="stopped", stopped_at=_now(), stop_reason=reason.strip())
+            self._event(index, "stop_canary", task, run_id, reason.strip())
+            return dict(entry)
+
+    def status(self, task: str, run_id: str) -> str | None:
+        """The status of one model ("champion", "challenger", "stopped", ...), None when it is not registered."""
+        entry = (self._read()["tasks"].get(task) or {}).get("models", {}).get(run_id)
+        return entry["status"] if entry else None
+
     def champion(self, task: str) -> dict | None:
         """The current champion's entry, or None."""
         t = self._read()["tasks"].get(task)
@@ -175,5 +200,5 @@ class Registry:
         return sorted(out, key=lambda e: e["seq"])
 
     def events(self, task: str | None = None) -> list[dict]:
-        """The audit log: every register, promote and rollback, in order."""
+        """The audit log: every register, promote, rollback and canary stop, in order."""
         return [e for e in self._read()["events"] if task is None or e["task"] == task]

@@ -52,6 +52,10 @@ def test_schedules_and_trigger_are_valid_prefect_objects():
     assert t.posture.value == "Reactive"
     assert re.search(r"event\.payload\.cycle_overrides", trig["parameters"]["overrides"])
     assert "triggers" not in watch  # the watch runs on its clock only
+    canary = DEPLOYMENTS["canary-watch"]
+    for s in canary["schedules"]:
+        CronSchedule(cron=s["cron"], timezone=s["timezone"])
+    assert "triggers" not in canary and canary["work_pool"]["name"] == "distill-cpu"
 
 
 def test_work_pools_cpu_and_gpu():

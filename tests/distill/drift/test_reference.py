@@ -72,3 +72,20 @@ def test_relabel_buys_each_label_once_and_charges_the_ledger(standin, tmp_path):
     assert again["labels"] == first["labels"] and again["summary"]["cached"] == len(rows)
     assert Ledger(drift.ledger_path, None).spent() == spent  # nothing paid twice
     assert "sk-standin" not in drift.ledger_path.read_text()
+
+
+def test_traffic_rows_are_new_distinct_texts_newest_first_with_provenance():
+    from distill.config import TaskConfig
+    from distill.drift.reference import traffic_rows
+
+    task = TaskConfig(name="t", train_path="unused.csv", labels=["a", "b"], system_prompt="Classify.")
+    log = [{"request_id": f"r{i}", "text": t} for i, t in
+           enumerate(["known text", "new one", "new two", "new one", "", "new three"])]
+    out = traffic_rows(log, task, {"known text"}, cap=2)
+    # the two newest distinct new texts (a repeat counts at its latest request), in log order
+    assert [r["text"] for r in out] == ["new one", "new three"]
+    assert all(r["source"] == "traffic" and r["gold"] is None for r in out)
+    assert out[0]["id"] == "traffic-r3" and out[0]["messages"][-1]["content"].endswith("new one")
+    assert [r["text"] for r in traffic_rows(log, task, {"known text"}, cap=10)] == ["new two", "new one",
+                                                                                     "new three"]
+    assert traffic_rows(log, task, set(), cap=0) == []

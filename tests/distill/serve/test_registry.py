@@ -110,3 +110,20 @@ def test_cli_reads_the_registry_from_a_config(tmp_path, model_dirs):
     (tmp_path / "bad.yaml").write_text("registry: [1\n")
     r = CliRunner().invoke(app, ["models", "list", "--config", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 2 and "bad.yaml" in r.output
+
+
+def test_a_stopped_canary_is_no_challenger_any_more(tmp_path, model_dirs):
+    reg = Registry(tmp_path / "reg")
+    reg.register("t", "run-1", model_dirs[0], {}, {})
+    reg.promote("t", "run-1", "first")
+    reg.register("t", "run-2", model_dirs[1], {}, {})
+    assert reg.status("t", "run-2") == "challenger" and reg.challenger("t")["run_id"] == "run-2"
+    with pytest.raises(ConfigError, match="reason"):
+        reg.stop_canary("t", "run-2", " ")
+    stopped = reg.stop_canary("t", "run-2", "agreement 0.41 vs 0.93, p = 1e-9")
+    assert stopped["status"] == "stopped" and "p = 1e-9" in stopped["stop_reason"]
+    assert reg.status("t", "run-2") == "stopped" and reg.challenger("t") is None
+    assert reg.events("t")[-1]["action"] == "stop_canary"
+    # the champion is not a canary: stopping it changes nothing
+    assert reg.stop_canary("t", "run-1", "no")["status"] == "champion"
+    assert reg.status("t", "run-9") is None
