@@ -181,16 +181,18 @@ def minimal_student_app(student_dir: str | Path):
 
 
 @contextmanager
-def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_key: str | None = None,
-                  startup_timeout: float = 180.0, stderr_path: str | Path | None = None) -> Iterator[str]:
+def serve_process(student_dir: str | Path | None, overrides: Sequence[str] = (), api_key: str | None = None,
+                  startup_timeout: float = 180.0, stderr_path: str | Path | None = None,
+                  config: str | Path | None = None) -> Iterator[str]:
     """Run `distill serve` as its own process on a free loopback port for the duration of the block.
 
     Args:
-        student_dir: the student directory.
+        student_dir: the student directory; None serves the registry champion of `config`'s task.
         overrides: extra `--set` overrides (e.g. "serve.runtime=onnx", "serve.log_url=sqlite:///...").
         api_key: the key clients must send; handed over in the server's environment, never argv.
         startup_timeout: seconds to wait for /health.
         stderr_path: where the server's stderr goes (a temporary file when None).
+        config: YAML config handed to `distill serve` (task, registry, serve and teacher sections).
     Yields:
         the base URL, e.g. http://127.0.0.1:PORT.
     """
@@ -204,8 +206,8 @@ def serve_process(student_dir: str | Path, overrides: Sequence[str] = (), api_ke
     env.pop("DISTILL_SERVE_API_KEY", None)
     if api_key:
         env["DISTILL_SERVE_API_KEY"] = api_key
-    cmd = [sys.executable, "-m", "distill.cli", "serve", "--student", str(student_dir), "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = ([sys.executable, "-m", "distill.cli", "serve"] + ([str(config)] if config else [])
+           + (["--student", str(student_dir)] if student_dir else []) + ["--host", "127.0.0.1", "--port", str(port)])
     for o in overrides:
         cmd += ["--set", o]
     err = open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile()
