@@ -175,6 +175,7 @@ def reuse_section(costs: dict[str, dict], traffic_rows: int = 0) -> str:
             f"${t['full_usd']:.4f} (saved ${t['saved_usd']:.4f}, {share:.0%}). Cache hits are priced at "
             f"the teacher's rates.")
     if traffic_rows:
-        head += f" {traffic_rows} recent traffic rows joined the mix (provenance `traffic`)."
+        head += (f" {traffic_rows} recent traffic texts joined the training prompts (provenance `traffic`; "
+                 "the filter's final counts say how many stayed in the mix).")
     return head + "\n\n" + _table(["part", "paid requests", "paid tokens", "paid $", "reused requests",
                                      "full-cycle requests", "full-cycle tokens", "full-cycle $", "saved $"], rows)

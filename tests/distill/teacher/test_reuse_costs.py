@@ -28,5 +28,5 @@ def test_reused_requests_are_priced_and_counted_apart_from_paid_ones():
     total = out["total"]
     assert total["full_requests"] == 4 and total["paid_requests"] == 1 and total["reused_requests"] == 3
     text = reuse_section(out, traffic_rows=7)
-    assert "paid for 1 of 4 teacher requests" in text and "7 recent traffic rows" in text
+    assert "paid for 1 of 4 teacher requests" in text and "7 recent traffic texts" in text
     assert "| holdout | 0 | 0 | $0.0000 | 1 |" in text
