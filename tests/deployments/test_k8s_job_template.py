@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distill.offline import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = json.loads((ROOT / "deployments" / "k8s" / "gpu-job-template.json").read_text())
 SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
@@ -81,7 +83,7 @@ def test_rendered_job_requests_the_gpu_in_the_cuda_image(rendered):
     assert container["args"] == ["prefect", "flow-run", "execute"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PREFECT__FLOW_RUN_ID"] == str(run.id)
-    assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
+    assert {k: env.get(k) for k in OFFLINE_ENV} == OFFLINE_ENV  # the template's defaults, as in the images
     # Credentials come from a Kubernetes Secret, never from the template or the deployment.
     assert container["envFrom"] == [{"secretRef": {"name": "distill-shared-storage"}}]
     assert not any(re.search(r"SECRET|PASSWORD|API_KEY", k) for k in env)
