@@ -124,31 +124,37 @@ def teacher_serve(
 
 # --- models (distill/serve/registry.py) --------------------------------------------------------
 
-REGISTRY_HELP = "Registry directory; defaults to the config's `registry` (or .distill/registry)."
+REGISTRY_HELP = "Registry directory or s3://bucket/prefix; defaults to the config's `registry` (or .distill/registry)."
 CONFIG_OPT_HELP = "YAML config whose `registry` field names the registry."
 
 
-def _registry(registry: Optional[Path], config: Optional[Path]):
+def _registry(registry: Optional[str], config: Optional[Path]):
+    from distill.config import ConfigError, normalise_store
     from distill.serve.registry import Registry
+    from distill.store import StoreError
 
     if registry is None:
-        registry = load_or_fail(config, None, need_task=False).registry if config else Path(".distill/registry")
-    return Registry(registry)
+        registry = load_or_fail(config, None, need_task=False).registry if config else ".distill/registry"
+    try:
+        return Registry(normalise_store(registry))
+    except (ValueError, StoreError) as e:
+        fail(f"--registry {registry}: {e}")
 
 
 @models_app.command("list")
 def models_list(task: Optional[str] = typer.Option(None, help="Only this task's models."),
-                registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                registry: Optional[str] = typer.Option(None, help=REGISTRY_HELP),
                 config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP),
                 as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON.")):
     """List registered students with their status (champion, challenger, retired) and headline metrics."""
     import json
 
     from distill.config import ConfigError
+    from distill.store import StoreError
 
     try:
         entries = _registry(registry, config).list(task)
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         fail(str(e))
     if as_json:
         typer.echo(json.dumps(entries, indent=1))
@@ -173,28 +179,30 @@ def models_list(task: Optional[str] = typer.Option(None, help="Only this task's 
 def models_promote(task: str = typer.Argument(..., help="Task name."),
                    run_id: str = typer.Argument(..., help="Registered run to make champion."),
                    reason: str = typer.Option(..., "--reason", help="Why (recorded in the registry's event log)."),
-                   registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                   registry: Optional[str] = typer.Option(None, help=REGISTRY_HELP),
                    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP)):
     """Make a registered student the champion of its task; the old champion is kept for rollback."""
     from distill.config import ConfigError
+    from distill.store import StoreError
 
     try:
         entry = _registry(registry, config).promote(task, run_id, reason)
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         fail(str(e))
     typer.echo(f"champion of {task}: {entry['run_id']} ({entry['path']})")
 
 
 @models_app.command("rollback")
 def models_rollback(task: str = typer.Argument(..., help="Task name."),
-                    registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                    registry: Optional[str] = typer.Option(None, help=REGISTRY_HELP),
                     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP)):
     """Bring back the previous champion of a task."""
     from distill.config import ConfigError
+    from distill.store import StoreError
 
     try:
         entry = _registry(registry, config).rollback(task)
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         fail(str(e))
     typer.echo(f"champion of {task}: {entry['run_id']} (rolled back)")
 
@@ -301,7 +309,7 @@ def runs_list(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE
 
 @runs_app.command("gc")
 def runs_gc(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE", help=STORE_HELP),
-            registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+            registry: Optional[str] = typer.Option(None, help=REGISTRY_HELP),
             config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_OPT_HELP),
             yes: bool = typer.Option(False, "--yes", help="Delete them; without it, only list what would go.")):
     """Remove run directories nobody needs: crashed, interrupted, failed or abandoned runs that no live
@@ -310,7 +318,7 @@ def runs_gc(store: str = typer.Option("runs", "--store", envvar="DISTILL_STORE",
     from distill.runs import gc_candidates, remove_run, runs_root
 
     if registry is None:
-        registry = load_or_fail(config, None).registry if config else Path(".distill/registry")
+        registry = load_or_fail(config, None).registry if config else ".distill/registry"
     try:
         found = gc_candidates(runs_root(store), registry, store=store if store.startswith("s3://") else None)
     except ConfigError as e:
@@ -423,21 +431,21 @@ def _serving_models(cfg, student: Optional[Path], challenger: Optional[Path], wa
     """(champion dir, champion run, challenger dir, challenger run): flags, then config, then the registry."""
     from distill.serve.registry import Registry
 
-    reg = Registry(cfg.registry)
     champ_dir, champ_run = student or cfg.serve.student_dir, None
     if champ_dir is None and cfg.task is None:
         fail("no student to serve: pass --student DIR, set serve.student_dir, or give a config whose task "
              "names the registry entry")
+    reg = Registry(cfg.registry) if cfg.task is not None else None
     if champ_dir is None:
         entry = reg.champion(cfg.task.name)
         if entry is None:
             fail(f"registry {cfg.registry}: task {cfg.task.name!r} has no champion; promote one or pass --student DIR")
-        champ_dir, champ_run = entry["path"], entry["run_id"]
+        champ_dir, champ_run = reg.local_dir(entry), entry["run_id"]
     chall_dir, chall_run = challenger or cfg.serve.challenger_dir, None
     if chall_dir is None and want_challenger and cfg.task is not None:
         entry = reg.challenger(cfg.task.name)
         if entry is not None:
-            chall_dir, chall_run = entry["path"], entry["run_id"]
+            chall_dir, chall_run = reg.local_dir(entry), entry["run_id"]
     return champ_dir, champ_run, chall_dir, chall_run
 
 

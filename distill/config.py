@@ -864,11 +864,15 @@ class DistillConfig(Section):
         "s3://bucket/prefix (endpoint, region and credentials from the standard AWS environment, e.g. "
         "AWS_ENDPOINT_URL). Normalised: redundant slashes and a trailing slash are dropped.",
     )
-    registry: Path = Field(Path(".distill/registry"), description="Local model registry (champion/challenger).")
+    registry: str = Field(
+        ".distill/registry",
+        description="Model registry (champion/challenger per task): a directory, or s3://bucket/prefix shared by "
+        "every work pool (same AWS environment as `store`). Normalised like `store`.",
+    )
     parent_run: str | None = Field(None, description="Run this one re-distils (set by drift-triggered runs).")
     seed: int = Field(0, description="Global seed for sampling, splits and shuffles.")
 
-    @field_validator("store")
+    @field_validator("store", "registry")
     @classmethod
     def _store_uri(cls, v: str) -> str:
         return normalise_store(v)

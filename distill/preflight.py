@@ -80,7 +80,8 @@ def check_outputs(cfg: DistillConfig) -> None:
     checked when the run opens it), the registry and the request cache."""
     if not cfg.store.startswith("s3://"):
         check_writable(cfg.store, "store", directory=True)
-    check_writable(cfg.registry, "registry", directory=True)
+    if not cfg.registry.startswith("s3://"):  # an S3 registry is checked when the cycle opens it
+        check_writable(cfg.registry, "registry", directory=True)
     check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
 
 

@@ -253,6 +253,11 @@ class RunClaim:
 
 def registry_references(registry: str | Path) -> set[str]:
     """Run ids and source directories (resolved) that the registry at `registry` points to."""
+    if str(registry).startswith("s3://"):
+        from distill.serve.registry import Registry
+
+        entries = Registry(str(registry)).list()
+        return {e["run_id"] for e in entries} | {str(Path(e["source"]).resolve()) for e in entries if e.get("source")}
     index = Path(registry).expanduser() / "index.json"
     if not index.is_file():
         return set()

@@ -71,25 +71,24 @@ wait_http "$PREFECT_API_URL/health" 240 "$WORK/logs/prefect-server.log"
 echo "healthy: $PREFECT_API_URL"
 
 say "2/6 work pools and deployments from deployments/prefect.yaml"
-# Pools are created from the templates shipped inside prefect itself: `prefect work-pool create
-# --type docker` would ask the collections registry on the internet first.
+# Pools are created from local templates: the process worker's, shipped inside prefect, and the GPU
+# pool's Kubernetes template in deployments/k8s/ (`prefect work-pool create --type kubernetes`
+# without --base-job-template would ask the collections registry on the internet first).
 python - <<'PY' || die "could not create the work pools"
 import asyncio, json
 from pathlib import Path
 
-import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.workers.process import ProcessWorker
 
-bundled = Path(prefect.__file__).parent / "server/api/collections_data/views/aggregate-worker-metadata.json"
-docker = json.loads(bundled.read_text())["prefect-docker"]["docker"]["default_base_job_configuration"]
+gpu = json.loads(Path("deployments/k8s/gpu-job-template.json").read_text())
 
 async def main():
     async with get_client() as client:
         for name, kind, template in (("distill-cpu", "process", ProcessWorker.get_default_base_job_template()),
-                                     ("distill-gpu", "docker", docker)):
+                                     ("distill-gpu", "kubernetes", gpu)):
             try:
                 await client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=template))
                 print(f"work pool {name} ({kind})")

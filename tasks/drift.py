@@ -22,11 +22,14 @@ def watched_model(cfg: DistillConfig) -> dict[str, Any]:
         return {"model_dir": str(cfg.drift.student_dir), "run_id": None, "metrics": {}}
     from distill.serve.registry import Registry
 
-    entry = Registry(cfg.registry).champion(cfg.task.name)
+    registry = Registry(cfg.registry)
+    entry = registry.champion(cfg.task.name)
     if entry is None:
         raise ConfigError(f"registry {cfg.registry}: task {cfg.task.name!r} has no champion to watch; "
                           "promote one (distill models promote) or set drift.student_dir")
-    return {"model_dir": entry["path"], "run_id": entry["run_id"], "metrics": entry.get("metrics") or {}}
+    # An s3:// registry's champion is downloaded (sha256-checked) to this process's cache first.
+    return {"model_dir": str(registry.local_dir(entry)), "run_id": entry["run_id"],
+            "metrics": entry.get("metrics") or {}}
 
 
 @task(name="score-holdout", cache_policy=NO_CACHE)

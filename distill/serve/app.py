@@ -316,9 +316,8 @@ class _Server:
         now = time.monotonic()
         if now >= self._canary_seen[0]:
             root, task = self.canary_registry
-            index = Path(root) / "index.json"
-            try:
-                mtime = index.stat().st_mtime
+            try:  # a local index is re-read only when it changed; an s3:// one at every poll
+                mtime = now if str(root).startswith("s3://") else (Path(root) / "index.json").stat().st_mtime
             except OSError:
                 mtime = -1.0
             if mtime != self._canary_seen[1]:

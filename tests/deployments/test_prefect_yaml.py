@@ -64,10 +64,29 @@ def test_work_pools_cpu_and_gpu():
     gpu = cycle["work_pool"]
     assert gpu["name"] == "distill-gpu"
     jv = gpu["job_variables"]
-    assert jv["image"].startswith("distill-cuda")
-    (req,) = jv["container_create_kwargs"]["device_requests"]
-    assert req["driver"] == "nvidia" and req["capabilities"] == [["gpu"]]
+    assert jv["image"].startswith("distill-cuda") and jv["gpu_count"] >= 1  # the Kubernetes template's variables
+    assert "volumes" not in jv  # no container volume holds state: it all lives in the preset's shared storage
     assert DEPLOYMENTS["distillation-cycle-cpu"]["work_pool"]["name"] == "distill-cpu"
+
+
+def test_scheduled_deployments_read_a_production_preset_on_shared_storage():
+    from distill.config import load_config
+
+    paths = {d["parameters"]["config_path"] for d in DEPLOYMENTS.values() if "config_path" in d.get("parameters", {})}
+    # One preset for every pool: the cycle registers into the registry drift-watch reads.
+    assert paths == {"deployments/configs/production-classification.yaml"}
+    (path,) = paths
+    cfg = load_config(ROOT / path)
+    host = cfg.teacher.base_url.split("://", 1)[1].split("/")[0].split(":")[0]
+    assert cfg.teacher.base_url.startswith("https://") and host not in ("127.0.0.1", "localhost", "0.0.0.0")
+    assert cfg.store.startswith("s3://") and cfg.registry.startswith("s3://")
+    assert cfg.serve.log_url.startswith("postgresql") and cfg.drift.log_url is None
+    assert "@" in cfg.serve.log_url and ":" not in cfg.serve.log_url.split("://", 1)[1].split("@")[0]  # no password
+    assert cfg.teacher.api_key_env and cfg.gate.auto_promote
+    text = (ROOT / path).read_text()
+    assert not re.search(r"sk-[A-Za-z0-9]|AKIA[A-Z0-9]{12}|aws_secret|password:", text, re.I)
+    for name in ("distillation-cycle", "drift-watch"):
+        assert DEPLOYMENTS[name]["schedules"][0]["active"] is True
 
 
 @pytest.mark.parametrize("dockerfile,torch_index", [("Dockerfile.cpu", "whl/cpu"), ("Dockerfile.cuda", "whl/cu")])
