@@ -29,6 +29,36 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 RECIPE = 2
 
 
+def length_groups(lengths: list[int], slack: float = 0.25, overhead_tokens: int = 8) -> list[list[int]]:
+    """Indices grouped by similar length: a group grows while its padding stays within `slack` of
+    its real tokens (plus `overhead_tokens`, what one more forward call costs in tokens)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            group = groups[-1]
+            if lengths[i] * (len(group) + 1) <= (1 + slack) * (real + lengths[i]) + overhead_tokens:
+                group.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
+def _padded(ids: list[list[int]], names: list[str], pad_id: int) -> dict[str, np.ndarray]:
+    """The model's inputs for token id lists right-padded to the longest."""
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        input_ids[row, :len(x)] = x
+        mask[row, :len(x)] = 1
+    feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+    return {name: feeds[name] for name in names}
+
+
 def weights_digest(student_dir: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(student_dir.glob("*.safetensors")):
@@ -127,6 +157,14 @@ class StudentRuntime:
         self.runtime = runtime
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        # The tokenizers library's own batch call, without the transformers wrapper around it
+        # (a third of the tokenizing time at batch 1); a copy, so the wrapper's state is untouched.
+        from tokenizers import Tokenizer
+
+        self._fast = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self._fast.no_padding()
+        self._fast.enable_truncation(max_length)
+        self._pad_id = self.tokenizer.pad_token_id or 0
         config = json.loads((self.path / "config.json").read_text())
         id2label = config["id2label"]
         self.labels = [id2label[str(i)] for i in range(len(id2label))]
@@ -137,6 +175,7 @@ class StudentRuntime:
 
             self._student = ClassifierStudent(self.path, max_length=max_length, threads=threads)
             self._session = None
+            self._inputs = list(self.tokenizer.model_input_names)
         else:
             import onnxruntime as ort  # heavy: only for the ONNX runtimes
 
@@ -151,20 +190,38 @@ class StudentRuntime:
             self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
             self._inputs = [i.name for i in self._session.get_inputs()]
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated to max_length, unpadded (what the HF tokenizer call gives)."""
+        return [e.ids for e in self._fast.encode_batch(texts)]
+
     def logits(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """Raw logits [n, labels] for one padded batch, and the real tokens per text."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        n_tokens = [int(x) for x in enc["attention_mask"].sum(axis=1)]
+        """Raw logits [n, labels] for a batch of texts, and the real tokens per text.
+
+        The forward's cost grows with padded tokens, and one long text padded a batch of short
+        ones to its length (BANKING77 questions run 5 to 64 tokens, 13 at the median). Texts are
+        therefore run in groups of similar length, each padded only to its own longest.
+        """
+        ids = self.encode(texts)
+        n_tokens = [len(x) for x in ids]
+        out = None
+        for group in length_groups(n_tokens):
+            feeds = _padded([ids[i] for i in group], self._inputs, self._pad_id)
+            logits = self._forward(feeds)
+            if out is None:
+                out = np.empty((len(texts), logits.shape[1]), dtype=np.float32)
+            out[group] = logits
+        return out, n_tokens
+
+    def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self._session is not None:
-            feeds = {name: enc[name].astype(np.int64) for name in self._inputs}
-            return self._session.run(["logits"], feeds)[0], n_tokens
+            return self._session.run(["logits"], feeds)[0]
         import torch  # loaded already by the torch runtime
 
         from distill.models.classifier import classifier_logits
 
         with torch.inference_mode():
-            tensors = {k: torch.from_numpy(v) for k, v in enc.items()}
-            return classifier_logits(self._student.model, tensors).float().numpy(), n_tokens
+            tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            return classifier_logits(self._student.model, tensors).float().numpy()
 
     def predict(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """(calibrated probabilities [n, labels], prompt tokens per text) for one batch."""
