@@ -460,7 +460,8 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
     from distill.serve.app import serve_forever
 
     s = cfg.serve
-    uses_teacher = s.fallback_confidence is not None or (s.shadow and s.shadow_teacher)
+    uses_teacher = (s.fallback_confidence is not None or s.fallback_mean_logprob is not None
+                    or (s.shadow and s.shadow_teacher))
     champ_dir, champ_run, chall_dir, chall_run = _serving_models(cfg, student, challenger,
                                                                  s.shadow or s.canary_fraction > 0)
     typer.echo(f"serving {champ_run or champ_dir} on http://{s.host}:{s.port}/v1"

@@ -730,7 +730,13 @@ class ServeConfig(Section):
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout.")
     shadow: bool = Field(False, description="Also ask the challenger/teacher and log both answers.")
     canary_fraction: float = Field(0.0, ge=0, le=1, description="Share of traffic served by the challenger.")
-    fallback_confidence: float | None = Field(None, ge=0, le=1, description="Below this, answer with the teacher.")
+    fallback_confidence: float | None = Field(
+        None, ge=0, le=1, description="Classifier students: below this top-label probability, answer with the teacher."
+    )
+    fallback_mean_logprob: float | None = Field(
+        None, le=0, description="Generative students: when the mean token logprob of the student's answer is below "
+        "this (e.g. -1.0), the teacher answers instead; a streamed answer then starts once the student's is complete.",
+    )
     log_url: str = Field("sqlite:///.distill/shadow.sqlite", description="Shadow/traffic log database URL.")
     student_dir: Path | None = Field(
         None, description="Champion student directory; the registry champion of task.name when unset."
