@@ -128,3 +128,20 @@ def test_draft_export_needs_the_teachers_tokenizer(lora_student, tiny_causal_lm,
     with pytest.raises(ConfigError, match="tokenizer"):
         export_draft(lora_student["merged_dir"], tmp_path / "draft2", teacher_dir=tmp_path / "bert-tok")
     assert not (tmp_path / "draft2").exists()
+
+
+def test_export_commands_print_the_vllm_commands(lora_student, tiny_causal_lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    r = CliRunner().invoke(app, ["export", "lora", lora_student["adapter_dir"], str(tmp_path / "v"),
+                                 "--base-model", "org/base", "--base-dir", str(tiny_causal_lm)])
+    assert r.exit_code == 0, r.output
+    assert f"vllm serve org/base --enable-lora --max-lora-rank 16 --lora-modules student={tmp_path / 'v'}" in r.output
+    again = CliRunner().invoke(app, ["export", "lora", lora_student["adapter_dir"], str(tmp_path / "v")])
+    assert again.exit_code == 2 and "not empty" in again.output
+    d = CliRunner().invoke(app, ["export", "draft", lora_student["merged_dir"], str(tmp_path / "d"),
+                                 "--teacher", str(tiny_causal_lm)])
+    assert d.exit_code == 0, d.output
+    assert "--speculative-config" in d.output and '"num_speculative_tokens": 5' in d.output
