@@ -24,11 +24,14 @@ teacher_app = typer.Typer(help="Local OpenAI-compatible teacher server.", no_arg
 models_app = typer.Typer(help="The local model registry: champion and challenger per task.", no_args_is_help=True)
 runs_app = typer.Typer(help="Inspect and compare runs.", no_args_is_help=True)
 shadow_app = typer.Typer(help="Shadow-mode logs and disagreement review.", no_args_is_help=True)
+export_app = typer.Typer(help="Export a causal-LM student for vLLM: a LoRA adapter or a speculative draft.",
+                         no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 app.add_typer(shadow_app, name="shadow")
+app.add_typer(export_app, name="export")
 
 SET_HELP = "Override a config field, e.g. --set generation.concurrency=64 (repeatable)."
 
@@ -468,7 +471,8 @@ def serve_cmd(config: Optional[Path] = typer.Argument(None, help="YAML config (d
     from distill.serve.app import serve_forever
 
     s = cfg.serve
-    uses_teacher = s.fallback_confidence is not None or (s.shadow and s.shadow_teacher)
+    uses_teacher = (s.fallback_confidence is not None or s.fallback_mean_logprob is not None
+                    or (s.shadow and s.shadow_teacher))
     champ_dir, champ_run, chall_dir, chall_run = _serving_models(cfg, student, challenger,
                                                                  s.shadow or s.canary_fraction > 0)
     typer.echo(f"serving {champ_run or champ_dir} on http://{s.host}:{s.port}/v1"
@@ -560,6 +564,46 @@ def feedback_cmd(input: Path = typer.Argument(..., help="CSV/JSONL with request_
     except ConfigError as e:
         fail(str(e))
     typer.echo(f"{n} gold label(s) recorded from {input}")
+
+
+# --- export (distill/models/export.py) ---------------------------------------------------------
+
+
+@export_app.command("lora")
+def export_lora(adapter: Path = typer.Argument(..., help="LoRA adapter directory (a run's student/adapter)."),
+                output: Path = typer.Argument(..., help="New directory for the vLLM adapter."),
+                base_model: Optional[str] = typer.Option(None, help="The base as `vllm serve` is given it (hub id or "
+                                                         "path), written as base_model_name_or_path."),
+                base_dir: Optional[Path] = typer.Option(None, help="Local copy of the base to check the adapter "
+                                                        "against (default: the adapter's base).")):
+    """Write a LoRA adapter in the layout `vllm serve BASE --enable-lora --lora-modules NAME=DIR` loads."""
+    from distill.config import ConfigError
+    from distill.models.export import export_vllm_lora
+
+    apply_offline_env()
+    try:
+        out = export_vllm_lora(adapter, output, base_model=base_model, base_dir=base_dir)
+    except ConfigError as e:
+        fail(str(e))
+    typer.echo(f"wrote {out['dir']}: r={out['r']}, {out['tensors']} tensors, modules {', '.join(out['target_modules'])}")
+    typer.echo(f"serve it with: {out['command']}")
+
+
+@export_app.command("draft")
+def export_draft_cmd(student: Path = typer.Argument(..., help="Student directory (full, merged or LoRA adapter)."),
+                     output: Path = typer.Argument(..., help="New directory for the draft model."),
+                     teacher: Path = typer.Option(..., help="The open-weights teacher's local model directory.")):
+    """Write the student as a speculative-decoding draft for a teacher that shares its tokenizer."""
+    from distill.config import ConfigError
+    from distill.models.export import export_draft
+
+    apply_offline_env()
+    try:
+        out = export_draft(student, output, teacher_dir=teacher)
+    except ConfigError as e:
+        fail(str(e))
+    typer.echo(f"wrote {out['dir']} ({out['parameters']:,} parameters)")
+    typer.echo(f"serve the teacher with: vllm serve {teacher} --speculative-config '{out['vllm_speculative_config']}'")
 
 
 def main() -> None:  # pragma: no cover

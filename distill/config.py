@@ -583,8 +583,29 @@ def parse_train(data: dict[str, Any]) -> ClassifierKDTrain | SFTTrain | LogitKDT
     return TypeAdapter(TrainConfig).validate_python(data)
 
 
+class JudgeConfig(Section):
+    """An LLM judge for generative students: the student's answer against the teacher's, both orders."""
+
+    endpoint: TeacherConfig | None = Field(
+        None, description="The grader's OpenAI-compatible endpoint, model, key variable and prices; the teacher's "
+        "when unset. Its calls go through the request cache and are charged to the run's ledger as `judge`.",
+    )
+    max_rows: int | None = Field(
+        200, ge=1, description="Holdout rows judged (a fixed, hash-ordered subset); each costs at most two calls "
+        "(one per order), none when the two answers are the same. None: every row.",
+    )
+    max_tokens: int = Field(
+        256, ge=1, description="Length cap of one verdict: the judge may reason before its `Verdict:` line.",
+    )
+
+
 class EvaluateConfig(Section):
     """How the student is measured against gold labels and the teacher."""
+
+    judge: JudgeConfig | None = Field(
+        None, description="Generative tasks: ask an LLM judge whether the student's answer is as good as the "
+        "teacher's (win/tie/loss, position-swapped); None: no judge, nothing spent.",
+    )
 
     ece_bins: int = Field(15, ge=2, le=100, description="Equal-width bins for ECE and the reliability diagram.")
     tail_size: int = Field(300, ge=0, description="Size of the hardest-inputs slice.")
@@ -770,7 +791,13 @@ class ServeConfig(Section):
         1.0, gt=0, description="How often the server re-reads the registry entry of a registry challenger: once "
         "the canary judge has stopped it, no request is routed to it any more.",
     )
-    fallback_confidence: float | None = Field(None, ge=0, le=1, description="Below this, answer with the teacher.")
+    fallback_confidence: float | None = Field(
+        None, ge=0, le=1, description="Classifier students: below this top-label probability, answer with the teacher."
+    )
+    fallback_mean_logprob: float | None = Field(
+        None, le=0, description="Generative students: when the mean token logprob of the student's answer is below "
+        "this (e.g. -1.0), the teacher answers instead; a streamed answer then starts once the student's is complete.",
+    )
     log_url: str = Field("sqlite:///.distill/shadow.sqlite", description="Shadow/traffic log database URL.")
     student_dir: Path | None = Field(
         None, description="Champion student directory; the registry champion of task.name when unset."

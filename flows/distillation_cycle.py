@@ -205,7 +205,8 @@ def train_and_evaluate(cfg: DistillConfig, inputs: dict[str, Any], answers: dict
     validation = [r for r in dataset if r.get("split") == "validation"]
     metrics = evaluate_student(trained["model_dir"], inputs["holdout"], answers["holdout_records"],
                                inputs["labels"], cfg.evaluate, str(run_dir), validation=validation,
-                               teacher=cfg.teacher, train_rows=dataset, max_new_tokens=cfg.generation.max_tokens)
+                               teacher=cfg.teacher, train_rows=dataset, max_new_tokens=cfg.generation.max_tokens,
+                               generation=answers["generation"])
     decision = gate_student(metrics, cfg.gate)
     return {"dataset": dataset, "filter_report": filter_report, "trained": trained, "metrics": metrics,
             "decision": decision}

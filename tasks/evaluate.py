@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from distill.config import EvaluateConfig, GateConfig, TeacherConfig
+from distill.config import EvaluateConfig, GateConfig, GenerationConfig, TeacherConfig
 
 HEADLINE = ("teacher_accuracy", "student_accuracy", "retention", "agreement", "ece_before", "ece", "brier",
             "temperature", "tail_size", "tail_gap", "robustness_drop", "ood_abstain_rate", "output_entropy",
@@ -22,7 +22,7 @@ HEADLINE = ("teacher_accuracy", "student_accuracy", "retention", "agreement", "e
 def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: list[dict], labels: list[str] | None,
                      evaluate: EvaluateConfig, run_dir: str, validation: list[dict] | None = None,
                      teacher: TeacherConfig | None = None, train_rows: list[dict] | None = None,
-                     max_new_tokens: int = 64) -> dict:
+                     max_new_tokens: int = 64, generation: GenerationConfig | None = None) -> dict:
     """Measure the student (see distill.evaluate.classifier.evaluate_classifier); plots land in run_dir.
 
     Args:
@@ -36,6 +36,7 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
         teacher: the teacher endpoint, for its latency and for unanswered user tail rows.
         train_rows: the training rows; their label frequencies define the rare labels of the tail.
         max_new_tokens: generative answers' length cap (the teacher's generation.max_tokens).
+        generation: the run's generation section (request cache, ledger): the LLM judge's calls go through it.
     """
     from distill.evaluate.classifier import evaluate_classifier
     from distill.evaluate.generative import evaluate_generative
@@ -56,9 +57,15 @@ def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: lis
                                       validation=validation, teacher_url=url, teacher_model=model,
                                       teacher_api_key=key, teacher_price=price, train_label_counts=counts)
     else:
+        judge_key = key
+        if evaluate.judge is not None and evaluate.judge.endpoint is not None:
+            from distill_tasks.generate import resolve_key
+
+            judge_key = resolve_key(evaluate.judge.endpoint)
         metrics = evaluate_generative(student_dir, holdout, teacher_records, evaluate, run_dir, teacher_url=url,
                                       teacher_model=model, teacher_api_key=key, teacher_price=price,
-                                      max_new_tokens=max_new_tokens, validation=validation)
+                                      max_new_tokens=max_new_tokens, validation=validation, teacher=teacher,
+                                      generation=generation, judge_api_key=judge_key)
     rows = [{"metric": k, "value": metrics.get(k)} for k in HEADLINE]
     create_table_artifact(rows, key="evaluation-metrics", description="Student evaluation (gold holdout)")
     logger.info("student %s vs teacher %s accuracy (retention %s), ECE %s, P95 %s ms",

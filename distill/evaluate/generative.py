@@ -6,7 +6,9 @@ Answers are compared in one of two ways:
   parses as a JSON object holding that field, and the field's normalised value
   is compared with the gold answer (field accuracy) and with the teacher's field
   (field agreement); `json_valid_rate` is the share of answers that parse;
-- free text: exact match after trimming, lower-casing and collapsing whitespace.
+- free text: exact match after trimming, lower-casing and collapsing whitespace;
+- optionally (`evaluate.judge`), an LLM judge's win/tie/loss of the student's answer
+  against the teacher's, asked in both orders (distill.evaluate.judge).
 
 Confidence is the probability of the generated answer. Its temperature is fitted
 on the validation rows (correct = the answer matches the row's training target),
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.config import ConfigError, EvaluateConfig
+from distill.config import ConfigError, EvaluateConfig, GenerationConfig, TeacherConfig
 from distill.data import write_jsonl
 from distill.evaluate import calibration, latency, metrics, robustness
 from distill.evaluate.records import clean_json, first_records, messages_like
@@ -221,6 +223,21 @@ def _latency(student: GenerativeStudent, holdout: list[dict], teacher_records: l
     return m
 
 
+def _judge(holdout: list[dict], answers: list[dict], teacher_records: list[dict], config: EvaluateConfig,
+           judge_context: dict, out_dir: Path) -> dict:
+    """The LLM judge's win/tie/loss of the student against the teacher (distill.evaluate.judge), when configured."""
+    if config.judge is None:
+        return {}
+    from distill.evaluate.judge import judge_answers
+
+    by_id = first_records(teacher_records)
+    teacher = {r["id"]: by_id[r["id"]].get("response") if by_id.get(r["id"], {}).get("status") == "done" else None
+               for r in holdout}
+    student = {r["id"]: a["text"] for r, a in zip(holdout, answers)}
+    return judge_answers(holdout, student, teacher, config.judge, judge_context.get("teacher"),
+                         judge_context.get("generation"), out_dir, api_key=judge_context.get("api_key"))
+
+
 def score_answers(student_dir: str | Path, rows: list[dict], field: str | None, max_new_tokens: int = 64) -> dict:
     """What drift's holdout sensors read for a generative student: {"accuracy", "entropy" (mean token
     entropy, the entropy-collapse signal), "n", "labels" (the distinct gold answers)}."""
@@ -235,7 +252,9 @@ def evaluate_generative(student_dir: str | Path, holdout: list[dict], teacher_re
                         config: EvaluateConfig, out_dir: str | Path, teacher_url: str | None = None,
                         teacher_model: str | None = None, teacher_api_key: str | None = None,
                         teacher_price: tuple[float, float] = (0.0, 0.0), max_new_tokens: int = 64,
-                        validation: list[dict] | None = None, device: str | None = None) -> dict:
+                        validation: list[dict] | None = None, device: str | None = None,
+                        teacher: TeacherConfig | None = None, generation: GenerationConfig | None = None,
+                        judge_api_key: str | None = None) -> dict:
     """Measure a generative student; same metric names as evaluate_classifier where they apply.
 
     Args:
@@ -249,6 +268,9 @@ def evaluate_generative(student_dir: str | Path, holdout: list[dict], teacher_re
         max_new_tokens: answer length cap (the flow passes generation.max_tokens, the teacher's).
         validation: training rows of split "validation" ("messages", "target"): the temperature is fitted there.
         device: "cpu" or "cuda"; None picks the GPU when one is present.
+        teacher: the teacher endpoint, the judge's when config.judge names none.
+        generation: the run's generation section: the judge's calls use its request cache, ledger and budget.
+        judge_api_key: the judge's key; None reads its endpoint's api_key_env.
     Returns:
         A JSON-safe metrics dict.
     """
@@ -268,6 +290,8 @@ def evaluate_generative(student_dir: str | Path, holdout: list[dict], teacher_re
     m.update(_tail(holdout, scored, config.tail_size, out_dir))
     m.update(_robustness(student, holdout, scored, config, field, out_dir))
     m.update(_ood(student, holdout, config, m["temperature"]))
+    m.update(_judge(holdout, answers, teacher_records, config,
+                    {"teacher": teacher, "generation": generation, "api_key": judge_api_key}, out_dir))
     m.update(_latency(student, holdout, teacher_records, config,
                       {"url": teacher_url, "model": teacher_model, "api_key": teacher_api_key, "price": teacher_price}))
     m["eval_s"] = round(time.perf_counter() - started, 2)

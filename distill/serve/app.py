@@ -23,7 +23,6 @@ or teacher) and in the extra `distill` field of the body, with the confidence.
 """
 
 import asyncio
-import hashlib
 import itertools
 import json
 import logging
@@ -38,6 +37,7 @@ from typing import Any
 from distill.chat import ApiError, safe_log, token_logprob
 from distill.config import ConfigError, ServeConfig, TeacherConfig
 from distill.serve.batcher import LogWriter, MicroBatcher
+from distill.serve.canary import route_to_challenger
 from distill.serve.shadow import ShadowLog
 from distill.teacher.server_guard import UNAUTHORIZED, bearer_ok, server_key
 from distill.teacher.soft_labels import label_of, soft_labels
@@ -79,16 +79,6 @@ def user_text(messages: Any, max_chars: int) -> str:
     if len(content) > max_chars:
         raise ApiError(400, f"the user message has {len(content)} characters; the limit is {max_chars}")
     return content
-
-
-def route_to_challenger(fraction: float, user: str | None, rng: random.Random) -> bool:
-    """Canary routing: sticky per user id (hash) when given, otherwise a fresh draw per request."""
-    if fraction <= 0:
-        return False
-    if user:
-        h = int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") / 2**64
-        return h < fraction
-    return rng.random() < fraction
 
 
 def label_logprobs(probs: dict[str, float], top_k: int) -> dict:
@@ -230,6 +220,9 @@ class _Server:
             raise ConfigError(f"{challenger_dir}: challenger labels differ from the champion's ({student_dir})")
         if serve.canary_fraction > 0 and self.challenger is None:
             raise ConfigError("serve.canary_fraction > 0 needs a challenger (--challenger or the registry challenger)")
+        if serve.fallback_mean_logprob is not None:
+            raise ConfigError("serve.fallback_mean_logprob applies to generative students; a classifier student "
+                              "falls back on its top-label probability: set serve.fallback_confidence")
         if serve.fallback_confidence is not None and self.teacher is None:
             raise ConfigError("serve.fallback_confidence is set but no teacher endpoint is configured")
 
@@ -656,7 +649,9 @@ def serve_forever(student_dir: str | Path, serve: ServeConfig, *, insecure_no_au
     if is_causal_lm_dir(student_dir):  # a generative student has its own server: distill/serve/generative.py
         from distill.serve.generative import serve_generative
 
-        return serve_generative(student_dir, serve, run=kwargs.get("champion_run"), api_key=kwargs["api_key"])
+        return serve_generative(student_dir, serve, run=kwargs.get("champion_run"), api_key=kwargs["api_key"],
+                                challenger_dir=kwargs.get("challenger_dir"), challenger_run=kwargs.get("challenger_run"),
+                                teacher=kwargs.get("teacher"))
     check_safetensors_only(student_dir)  # a bad directory fails here, before any worker starts
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without it
     # every response (headers, then body) waits ~40 ms for the client's delayed ACK.
