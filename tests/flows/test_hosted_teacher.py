@@ -119,7 +119,7 @@ def test_score_mode_and_holdout_reask_in_the_cycle(tmp_path):
     try:
         done = run_cli(tmp_path, f"teacher.base_url={url}", "teacher.model=standin-chat",
                        "teacher.structured_output=off", "generation.reask=true", "generation.soft_labels=score",
-                       "generation.score_api=echo", "task.max_rows=150", "task.max_test_rows=40",
+                       "generation.score_api=echo", "task.max_rows=80", "task.max_test_rows=30",
                        "generation.concurrency=4", "teacher.timeout_s=300",  # one stand-in process scores
                        "filter.spotcheck.auto_approve=true", "evaluate.robustness=false",
                        "evaluate.latency_requests=20", "evaluate.tail_size=20")
