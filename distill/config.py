@@ -250,6 +250,15 @@ class GenerationConfig(Section):
         Path(".distill/teacher-cache.sqlite"),
         description="Request cache shared across runs: a stored response is never requested (or paid) again.",
     )
+    cache_url: str | None = Field(
+        None, description="PostgreSQL URL (postgresql://user@host/db) of a request cache shared by several "
+        "workers or machines; wins over cache_path. Put the password in PGPASSWORD or ~/.pgpass, not here.",
+    )
+    cache_key_endpoint: bool = Field(
+        False, description="Put teacher.base_url in the cache key. Off: the key is the model and the request, so "
+        "the same model moved to another address or port pays nothing again; on: two servers of the same model "
+        "name are told apart (e.g. two fine-tunes both served as 'default').",
+    )
 
 
 class HeuristicsConfig(Section):
