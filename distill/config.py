@@ -246,6 +246,14 @@ class GenerationConfig(Section):
     )
     mode: Literal["online", "batch"] = Field("online", description="online: async requests; batch: provider Batch API.")
     batch_poll_s: float = Field(5.0, gt=0, description="Polling interval for batch mode.")
+    batch_max_requests: int = Field(
+        50_000, ge=1, le=50_000, description="Batch mode: requests per input file (OpenAI's cap is 50,000); more "
+        "requests are split over several batches.",
+    )
+    batch_max_bytes: int = Field(
+        200_000_000, ge=1024, le=200_000_000, description="Batch mode: bytes per input file (OpenAI's cap is "
+        "200 MB); a larger request set is split over several batches.",
+    )
     cache_path: Path = Field(
         Path(".distill/teacher-cache.sqlite"),
         description="Request cache shared across runs: a stored response is never requested (or paid) again.",
