@@ -209,6 +209,11 @@ class GenerationConfig(Section):
     samples_per_prompt: int = Field(1, ge=1, le=16, description="Teacher samples per prompt (self-consistency).")
     logprobs: bool = Field(True, description="Request per-token logprobs.")
     top_logprobs: int = Field(20, ge=0, le=100, description="Alternatives per token (label distribution for classification).")
+    keep_raw_logprobs: bool = Field(
+        False, description="Also keep the provider's raw logprobs list in the cache and the teacher records, for "
+        "audit (about 1.7 KB per token at top_logprobs 20). Off: per-token top-k is kept as compact arrays "
+        "(record field 'topk': token ids and float16 logprobs, well under 200 bytes per token at top-20).",
+    )
     budget_usd: float | None = Field(
         None, ge=0, description="Stop sending new requests once spend reaches this. Within a run it caps "
         "everything the run spends (training prompts, holdout, grader, probes, re-asks, retries), and `distill "

@@ -30,6 +30,7 @@ from distill.teacher.client import (
     redact,
     retry_after_s,
 )
+from distill.teacher.signals import compact_fields
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -89,7 +90,7 @@ def _result_fields(client: Client, line: dict, elapsed: float) -> dict:
                   cost_usd=price(client.t, usage["prompt_tokens"], usage["completion_tokens"],
                                  client.t.batch_price_factor),
                   model=fields["model"] or client.t.model)
-    return fields
+    return compact_fields(fields, client.g.keep_raw_logprobs)
 
 
 async def run_batch(client: Client, jobs: list[Job]) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from distill.config import GenerationConfig, TeacherConfig
 from distill.teacher.cache import ResponseCache
 from distill.teacher.ratelimit import Budget, RateLimiter
+from distill.teacher.signals import compact_fields
 
 
 def resolve_api_key(teacher: TeacherConfig) -> str | None:
@@ -195,7 +196,7 @@ class Job:
 def make_record(row_id: Any, sample: int, messages: list[dict], params: dict, model: str, **fields: Any) -> dict:
     """A teacher record with every contract field present."""
     rec = {"id": row_id, "sample": sample, "status": "failed", "error": None, "response": None,
-           "finish_reason": None, "truncated": False, "logprobs": None,
+           "finish_reason": None, "truncated": False, "logprobs": None, "topk": None,
            "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "cost_usd": 0.0, "latency_s": None,
            "attempts": 0, "cached": False, "model": model, "messages": messages, "params": params}
     rec.update(fields)
@@ -309,7 +310,7 @@ class Client:
                     fields.update(status="done", error=None, attempts=attempts, latency_s=round(latency, 4),
                                   cost_usd=price(self.t, usage["prompt_tokens"], usage["completion_tokens"]),
                                   model=fields["model"] or self.t.model)
-                    return fields
+                    return compact_fields(fields, self.g.keep_raw_logprobs)
                 if retryable:
                     malformed += 1
                     if malformed > self.g.malformed_retries:

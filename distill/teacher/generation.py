@@ -30,6 +30,7 @@ from distill.teacher.client import (
     sampling_params,
 )
 from distill.teacher.ratelimit import Budget, Ledger
+from distill.teacher.soft_labels import with_label_dists
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _run_sync(coro_fn: Callable[[], Any]) -> Any:
 
 def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig, *,
              api_key: str | None = None, progress: Callable[[int, int], None] | None = None,
-             purpose: str = "generation") -> GenerationResult:
+             purpose: str = "generation", labels: list[str] | None = None) -> GenerationResult:
     """Ask the teacher for every row (and sample), resuming from the request cache.
 
     Args:
@@ -120,6 +121,8 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
         api_key: the key; None reads the teacher.api_key_env variable (no header when unset).
         progress: called as progress(finished, total) after every record reaches its final state.
         purpose: what the spend is charged as in the run's ledger (generation.ledger_path), e.g. "holdout".
+        labels: a classification task's label set: each answer also gets "label_dist", the label
+            distribution it carries (distill.teacher.soft_labels).
 
     Returns a GenerationResult whose records follow the teacher-record contract,
     one per (id, sample) in input order, each "done" or "failed" with a reason.
@@ -127,7 +130,10 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
     if api_key is None:
         api_key = resolve_api_key(teacher)
     records, jobs = plan(rows, teacher, generation)
-    return run_jobs(records, jobs, teacher, generation, api_key, progress, purpose)
+    result = run_jobs(records, jobs, teacher, generation, api_key, progress, purpose)
+    if labels:
+        with_label_dists(result.records, labels)
+    return result
 
 
 def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, generation: GenerationConfig,
