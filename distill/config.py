@@ -209,6 +209,11 @@ class GenerationConfig(Section):
     samples_per_prompt: int = Field(1, ge=1, le=16, description="Teacher samples per prompt (self-consistency).")
     logprobs: bool = Field(True, description="Request per-token logprobs.")
     top_logprobs: int = Field(20, ge=0, le=100, description="Alternatives per token (label distribution for classification).")
+    keep_raw_logprobs: bool = Field(
+        False, description="Also keep the provider's raw logprobs list in the cache and the teacher records, for "
+        "audit (about 1.7 KB per token at top_logprobs 20). Off: per-token top-k is kept as compact arrays "
+        "(record field 'topk': token ids and float16 logprobs, well under 200 bytes per token at top-20).",
+    )
     budget_usd: float | None = Field(
         None, ge=0, description="Stop sending new requests once spend reaches this. Within a run it caps "
         "everything the run spends (training prompts, holdout, grader, probes, re-asks, retries), and `distill "
@@ -246,9 +251,26 @@ class GenerationConfig(Section):
     )
     mode: Literal["online", "batch"] = Field("online", description="online: async requests; batch: provider Batch API.")
     batch_poll_s: float = Field(5.0, gt=0, description="Polling interval for batch mode.")
+    batch_max_requests: int = Field(
+        50_000, ge=1, le=50_000, description="Batch mode: requests per input file (OpenAI's cap is 50,000); more "
+        "requests are split over several batches.",
+    )
+    batch_max_bytes: int = Field(
+        200_000_000, ge=1024, le=200_000_000, description="Batch mode: bytes per input file (OpenAI's cap is "
+        "200 MB); a larger request set is split over several batches.",
+    )
     cache_path: Path = Field(
         Path(".distill/teacher-cache.sqlite"),
         description="Request cache shared across runs: a stored response is never requested (or paid) again.",
+    )
+    cache_url: str | None = Field(
+        None, description="PostgreSQL URL (postgresql://user@host/db) of a request cache shared by several "
+        "workers or machines; wins over cache_path. Put the password in PGPASSWORD or ~/.pgpass, not here.",
+    )
+    cache_key_endpoint: bool = Field(
+        False, description="Put teacher.base_url in the cache key. Off: the key is the model and the request, so "
+        "the same model moved to another address or port pays nothing again; on: two servers of the same model "
+        "name are told apart (e.g. two fine-tunes both served as 'default').",
     )
 
 

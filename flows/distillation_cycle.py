@@ -161,7 +161,8 @@ def ask_teacher(cfg: DistillConfig, inputs: dict[str, Any], run_dir: Path) -> di
     # Checks, the estimate against the budget, and the teacher probe; `generation` carries the run's ledger.
     generation, preflight = preflight_run(cfg, inputs["teacher_rows"], inputs["holdout"], str(run_dir))
     out = str(run_dir / "teacher_outputs.jsonl")
-    records, summary = generate_completions(inputs["teacher_rows"], cfg.teacher, generation, out)
+    records, summary = generate_completions(inputs["teacher_rows"], cfg.teacher, generation, out,
+                                            labels=inputs["labels"])
     check_answered(summary, cfg.teacher.base_url)
     records = reask_unmapped_answers(records, inputs["labels"], cfg.teacher, generation, out)
     records = score_label_answers(records, inputs["labels"], cfg.teacher, generation, out)
@@ -170,7 +171,7 @@ def ask_teacher(cfg: DistillConfig, inputs: dict[str, Any], run_dir: Path) -> di
         # The teacher's own answers on the holdout: its accuracy is what retention is measured against.
         held = str(run_dir / "teacher_holdout.jsonl")
         holdout_records, holdout_summary = generate_completions.with_options(name="generate-holdout")(
-            inputs["holdout"], cfg.teacher, generation, held, purpose="holdout")
+            inputs["holdout"], cfg.teacher, generation, held, purpose="holdout", labels=inputs["labels"])
         # The same corrective re-ask and label scoring as the training answers: the teacher is measured as it teaches.
         holdout_records = reask_unmapped_answers.with_options(name="reask-holdout")(
             holdout_records, inputs["labels"], cfg.teacher, generation, held, purpose="holdout-reask")

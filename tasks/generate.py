@@ -70,7 +70,8 @@ class _Progress:
 
 @task(name="generate-completions", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig,
-                         out_path: str, purpose: str = "generation") -> tuple[list[dict], dict]:
+                         out_path: str, purpose: str = "generation",
+                         labels: list[str] | None = None) -> tuple[list[dict], dict]:
     """Teacher records for `rows`, written atomically to `out_path`.
 
     Retrying the task costs nothing already bought: answers live in the request cache.
@@ -81,6 +82,7 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
         generation: generation section of the config.
         out_path: JSONL destination for the records.
         purpose: what the spend is charged as in the run's ledger ("generation", "holdout").
+        labels: a classification task's labels: each record keeps the label distribution it carries.
 
     Returns (records, summary) as produced by `distill.teacher.generate`.
     """
@@ -89,7 +91,8 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
     total = len(rows) * generation.samples_per_prompt
     progress = _Progress(total)
     try:
-        result = generate(rows, teacher, generation, api_key=key, progress=progress, purpose=purpose)
+        result = generate(rows, teacher, generation, api_key=key, progress=progress, purpose=purpose,
+                          labels=labels)
     finally:
         progress.close()
     write_jsonl(out_path, result.records)

@@ -39,6 +39,7 @@ from distill.evaluate.records import clean_json, first_records, messages_like
 from distill.evaluate.tail import select_tail
 from distill.httpserver import start_in_thread
 from distill.models.causal import TEMPERATURE_GRID, GenerativeStudent
+from distill.teacher.signals import token_logprobs
 
 __all__ = ["GenerativeStudent", "answer_key", "evaluate_generative", "normalize", "score_answers"]
 
@@ -86,7 +87,7 @@ def _score(holdout: list[dict], answers: list[dict], teacher_records: list[dict]
         rec = by_id.get(r["id"])
         done = rec is not None and rec.get("status") == "done"
         teacher_text.append(rec.get("response") if done else None)
-        c = calibration.sequence_confidence(rec.get("logprobs")) if done else None
+        c = calibration.sequence_confidence(token_logprobs(rec)) if done else None
         if c is not None:
             teacher_conf[r["id"]] = c
     teacher_pred = [answer_key(t, field) if t is not None else None for t in teacher_text]

@@ -85,6 +85,7 @@ def build_candidates(task_rows: Rows, records: Rows, task: TaskConfig,
             "messages": row["messages"] if row else rec.get("messages"),
             "response": rec.get("response"), "finish_reason": rec.get("finish_reason"),
             "truncated": bool(rec.get("truncated")), "logprobs": rec.get("logprobs"),
+            "topk": rec.get("topk"),
             "label": None, "soft_labels": None, "entropy": None, "weight": 1.0, "near_threshold": [],
             # Provenance: a teacher-labelled training input, or recent production traffic (distill.drift).
             "source": (row.get("source") if row else None) or "teacher",

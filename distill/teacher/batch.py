@@ -3,7 +3,9 @@
 Follows the OpenAI Batch API: upload a JSONL of requests (POST /files, purpose=batch),
 create a batch (POST /batches), poll GET /batches/{id} until it is terminal, then
 download the output (and error) files and map each line back by `custom_id`, which
-is the request's cache key.
+is the request's cache key. Requests are cut into input files of at most
+`generation.batch_max_requests` lines and `generation.batch_max_bytes` bytes (OpenAI caps a
+batch at 50,000 requests and 200 MB), one batch per file.
 
 A batch id is written to the request cache as soon as the provider returns it, so
 a run killed while a batch is in flight collects that batch on the next run
@@ -28,6 +30,7 @@ from distill.teacher.client import (
     redact,
     retry_after_s,
 )
+from distill.teacher.signals import compact_fields
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -87,7 +90,7 @@ def _result_fields(client: Client, line: dict, elapsed: float) -> dict:
                   cost_usd=price(client.t, usage["prompt_tokens"], usage["completion_tokens"],
                                  client.t.batch_price_factor),
                   model=fields["model"] or client.t.model)
-    return fields
+    return compact_fields(fields, client.g.keep_raw_logprobs)
 
 
 async def run_batch(client: Client, jobs: list[Job]) -> None:
@@ -123,26 +126,17 @@ async def run_batch(client: Client, jobs: list[Job]) -> None:
                 accepted.append(job)
             else:
                 finish(job.key, {"status": "failed", "error": client.budget.reason()})
-        if accepted:
-            lines = "".join(json.dumps({"custom_id": j.key, "method": "POST", "url": "/v1/chat/completions",
-                                        "body": json.loads(j.body)}) + "\n" for j in accepted).encode()
-
-            def form() -> Any:
-                f = aiohttp.FormData()
-                f.add_field("purpose", "batch")
-                f.add_field("file", lines, filename="distill-batch.jsonl", content_type="application/jsonl")
-                return f
-
-            try:
-                file_id = json.loads(await _call(client, session, "POST", f"{base}/files", make_data=form))["id"]
-                created = json.loads(await _call(client, session, "POST", f"{base}/batches", json_body={
-                    "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-                keys = [j.key for j in accepted]
-                cache.add_batch(created["id"], base, keys)
-                batches.append((created["id"], keys))
-            except (BatchError, KeyError, ValueError, TypeError) as e:
-                for job in accepted:
-                    finish(job.key, {"status": "failed", "error": f"batch: could not submit ({e})"})
+        parts, too_big = split_batch(accepted, g.batch_max_requests, g.batch_max_bytes)
+        for job in too_big:
+            finish(job.key, {"status": "failed", "error": f"batch: request larger than generation.batch_max_bytes "
+                                                          f"({g.batch_max_bytes} bytes), the most one input file holds"})
+        for part in parts:
+            created = await _submit(client, session, part)
+            if isinstance(created, str):
+                for job in part:
+                    finish(job.key, {"status": "failed", "error": created})
+            else:
+                batches.append(created)
         for batch_id, keys in batches:
             try:
                 await _collect(client, session, batch_id, keys, finish, t0)
@@ -150,6 +144,58 @@ async def run_batch(client: Client, jobs: list[Job]) -> None:
                 # The batch stays open in the cache: the next run collects it instead of re-buying.
                 for key in keys:
                     finish(key, {"status": "failed", "error": f"batch: {batch_id} not collected ({e})"})
+
+
+def _line(job: Job) -> bytes:
+    return (json.dumps({"custom_id": job.key, "method": "POST", "url": "/v1/chat/completions",
+                        "body": json.loads(job.body)}) + "\n").encode()
+
+
+def split_batch(jobs: list[Job], max_requests: int, max_bytes: int) -> tuple[list[list[Job]], list[Job]]:
+    """(input files the provider accepts, requests too large for any file): each file holds at most
+    `max_requests` lines and `max_bytes` bytes (OpenAI: 50,000 requests, 200 MB)."""
+    parts: list[list[Job]] = []
+    too_big: list[Job] = []
+    part: list[Job] = []
+    size = 0
+    for job in jobs:
+        n = len(_line(job))
+        if n > max_bytes:
+            too_big.append(job)
+            continue
+        if part and (len(part) >= max_requests or size + n > max_bytes):
+            parts.append(part)
+            part, size = [], 0
+        part.append(job)
+        size += n
+    if part:
+        parts.append(part)
+    return parts, too_big
+
+
+async def _submit(client: Client, session: Any, jobs: list[Job]) -> tuple[str, list[str]] | str:
+    """Upload one input file and create its batch; (batch id, keys), recorded in the cache before anything
+    else happens, or the reason it could not be submitted."""
+    import aiohttp
+
+    base = client.t.base_url
+    lines = b"".join(_line(j) for j in jobs)
+
+    def form() -> Any:
+        f = aiohttp.FormData()
+        f.add_field("purpose", "batch")
+        f.add_field("file", lines, filename="distill-batch.jsonl", content_type="application/jsonl")
+        return f
+
+    try:
+        file_id = json.loads(await _call(client, session, "POST", f"{base}/files", make_data=form))["id"]
+        created = json.loads(await _call(client, session, "POST", f"{base}/batches", json_body={
+            "input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        keys = [j.key for j in jobs]
+        client.cache.add_batch(created["id"], base, keys)
+    except (BatchError, KeyError, ValueError, TypeError) as e:
+        return f"batch: could not submit ({e})"
+    return created["id"], keys
 
 
 async def _collect(client: Client, session: Any, batch_id: str, keys: list[str], finish: Any, t0: float) -> None:

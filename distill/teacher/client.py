@@ -32,6 +32,7 @@ from typing import Any, Callable
 from distill.config import GenerationConfig, TeacherConfig
 from distill.teacher.cache import ResponseCache
 from distill.teacher.ratelimit import Budget, RateLimiter
+from distill.teacher.signals import compact_fields
 
 
 def resolve_api_key(teacher: TeacherConfig) -> str | None:
@@ -50,11 +51,34 @@ def sampling_params(generation: GenerationConfig) -> dict[str, Any]:
     return params
 
 
-def cache_key(base_url: str, model: str, messages: list[dict], params: dict, sample: int) -> str:
-    """Stable request identity. Deliberately excludes the API key: rotating keys must not re-pay."""
-    blob = json.dumps({"endpoint": base_url, "model": model, "messages": messages, "params": params,
+def cache_key(model: str, messages: list[dict], params: dict, sample: int, route: str = "",
+              endpoint: str | None = None) -> str:
+    """Stable request identity: the teacher model and the request (messages, params, sample, API route).
+
+    Deliberately excludes the API key (rotating keys must not re-pay) and, unless `endpoint` is
+    given (generation.cache_key_endpoint), the address: the same model served elsewhere is the same teacher.
+    """
+    ident: dict[str, Any] = {"model": model, "messages": messages, "params": params, "sample": sample}
+    if route:
+        ident["route"] = route
+    if endpoint is not None:
+        ident["endpoint"] = endpoint
+    blob = json.dumps(ident, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(("v2:" + blob).encode()).hexdigest()
+
+
+def legacy_cache_key(endpoint: str, model: str, messages: list[dict], params: dict, sample: int) -> str:
+    """The key caches written before `cache_key` left the address out used (read for migration only)."""
+    blob = json.dumps({"endpoint": endpoint, "model": model, "messages": messages, "params": params,
                        "sample": sample}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def request_key(teacher: TeacherConfig, generation: GenerationConfig, messages: list[dict], params: dict,
+                sample: int, route: str = "") -> str:
+    """The cache key of one request under this config (see cache_key)."""
+    endpoint = teacher.base_url if generation.cache_key_endpoint else None
+    return cache_key(teacher.model, messages, params, sample, route=route, endpoint=endpoint)
 
 
 def estimate_tokens(messages: list[dict]) -> int:
@@ -166,12 +190,13 @@ class Job:
     path: str = "/chat/completions"  # a scoring request goes to /completions
     parse: Callable[[bytes], tuple[dict | None, str | None, bool]] = parse_completion
     max_out: int | None = None  # completion tokens it can cost; None: generation.max_tokens
+    legacy_key: Callable[[], str] | None = None  # its key in a cache written before keys left out base_url
 
 
 def make_record(row_id: Any, sample: int, messages: list[dict], params: dict, model: str, **fields: Any) -> dict:
     """A teacher record with every contract field present."""
     rec = {"id": row_id, "sample": sample, "status": "failed", "error": None, "response": None,
-           "finish_reason": None, "truncated": False, "logprobs": None,
+           "finish_reason": None, "truncated": False, "logprobs": None, "topk": None,
            "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "cost_usd": 0.0, "latency_s": None,
            "attempts": 0, "cached": False, "model": model, "messages": messages, "params": params}
     rec.update(fields)
@@ -285,7 +310,7 @@ class Client:
                     fields.update(status="done", error=None, attempts=attempts, latency_s=round(latency, 4),
                                   cost_usd=price(self.t, usage["prompt_tokens"], usage["completion_tokens"]),
                                   model=fields["model"] or self.t.model)
-                    return fields
+                    return compact_fields(fields, self.g.keep_raw_logprobs)
                 if retryable:
                     malformed += 1
                     if malformed > self.g.malformed_retries:

@@ -17,18 +17,20 @@ from typing import Any, Callable
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
 from distill.data import check_unique_ids, prompt_prefix, read_table, render_messages, row_id
 from distill.teacher.batch import run_batch
-from distill.teacher.cache import ResponseCache
+from distill.teacher.cache import CHUNK, cache_exists, lookup, open_cache
 from distill.teacher.client import (
     Client,
     Job,
-    cache_key,
     estimate_tokens,
+    legacy_cache_key,
     make_record,
     price,
+    request_key,
     resolve_api_key,
     sampling_params,
 )
 from distill.teacher.ratelimit import Budget, Ledger
+from distill.teacher.soft_labels import with_label_dists
 
 
 @dataclass
@@ -62,11 +64,12 @@ def plan(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig)
         messages = [{k: v for k, v in m.items()} for m in row["messages"]]
         est = estimate_tokens(messages)
         for s in range(generation.samples_per_prompt):
-            key = cache_key(teacher.base_url, teacher.model, messages, params, s)
+            key = request_key(teacher, generation, messages, params, s)
             job = jobs.get(key)
             if job is None:
                 body = json.dumps({"model": teacher.model, "messages": messages, **params}).encode()
-                job = jobs[key] = Job(key, messages, s, body, est)
+                job = jobs[key] = Job(key, messages, s, body, est, legacy_key=(
+                    lambda m=messages, s=s: legacy_cache_key(teacher.base_url, teacher.model, m, params, s)))
             job.slots.append(len(records))
             records.append(make_record(row["id"], s, messages, params, teacher.model, error="not requested"))
     return records, list(jobs.values())
@@ -80,10 +83,11 @@ def estimate_cost(rows: list[dict], teacher: TeacherConfig, generation: Generati
     """
     _, jobs = plan(rows, teacher, generation)
     cached: set[str] = set()
-    if Path(generation.cache_path).exists():
-        cache = ResponseCache(generation.cache_path)
+    if cache_exists(generation):
+        cache = open_cache(generation)
         try:
-            cached = set(cache.get_many([j.key for j in jobs]))
+            for i in range(0, len(jobs), CHUNK):
+                cached.update(lookup(cache, jobs[i:i + CHUNK]))
         finally:
             cache.close()
     todo = [j for j in jobs if j.key not in cached]
@@ -107,7 +111,7 @@ def _run_sync(coro_fn: Callable[[], Any]) -> Any:
 
 def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig, *,
              api_key: str | None = None, progress: Callable[[int, int], None] | None = None,
-             purpose: str = "generation") -> GenerationResult:
+             purpose: str = "generation", labels: list[str] | None = None) -> GenerationResult:
     """Ask the teacher for every row (and sample), resuming from the request cache.
 
     Args:
@@ -117,6 +121,8 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
         api_key: the key; None reads the teacher.api_key_env variable (no header when unset).
         progress: called as progress(finished, total) after every record reaches its final state.
         purpose: what the spend is charged as in the run's ledger (generation.ledger_path), e.g. "holdout".
+        labels: a classification task's label set: each answer also gets "label_dist", the label
+            distribution it carries (distill.teacher.soft_labels).
 
     Returns a GenerationResult whose records follow the teacher-record contract,
     one per (id, sample) in input order, each "done" or "failed" with a reason.
@@ -124,7 +130,10 @@ def generate(rows: list[dict], teacher: TeacherConfig, generation: GenerationCon
     if api_key is None:
         api_key = resolve_api_key(teacher)
     records, jobs = plan(rows, teacher, generation)
-    return run_jobs(records, jobs, teacher, generation, api_key, progress, purpose)
+    result = run_jobs(records, jobs, teacher, generation, api_key, progress, purpose)
+    if labels:
+        with_label_dists(result.records, labels)
+    return result
 
 
 def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, generation: GenerationConfig,
@@ -139,9 +148,8 @@ def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, gener
     total = len(records)
     finished = 0
     ledger = client = None
-    cache = ResponseCache(generation.cache_path)
+    cache = open_cache(generation)
     try:
-        stored = cache.get_many([j.key for j in jobs])
 
         def fill(job: Job, fields: dict, cached: bool) -> None:
             nonlocal finished
@@ -157,11 +165,14 @@ def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, gener
                     progress(finished, total)
 
         pending = []
-        for job in jobs:
-            if job.key in stored:
-                fill(job, {**stored[job.key], "status": "done", "error": None}, cached=True)
-            else:
-                pending.append(job)
+        for i in range(0, len(jobs), CHUNK):  # one chunk of stored responses decoded at a time
+            chunk = jobs[i:i + CHUNK]
+            stored = lookup(cache, chunk)
+            for job in chunk:
+                if job.key in stored:
+                    fill(job, {**stored.pop(job.key), "status": "done", "error": None}, cached=True)
+                else:
+                    pending.append(job)
         ledger = Ledger(generation.ledger_path, generation.budget_usd) if generation.ledger_path else None
         # With a run ledger the cap is what the run has left, not a fresh budget_usd per call.
         budget = Budget(ledger.remaining() if ledger else generation.budget_usd)

@@ -14,6 +14,7 @@ from typing import Any
 from distill.config import GenerationConfig, TeacherConfig
 from distill.teacher.generation import generate
 from distill.teacher.labels import label_block, map_answer
+from distill.teacher.soft_labels import with_label_dists
 
 
 def reask_messages(record: dict[str, Any], labels: list[str]) -> list[dict[str, str]]:
@@ -49,7 +50,9 @@ def reask_unmapped(records: list[dict], labels: list[str], teacher: TeacherConfi
         if new["status"] != "done" or map_answer(new.get("response"), labels) is None:
             continue
         usage = {k: rec["usage"][k] + new["usage"][k] for k in rec["usage"]}
-        out[i] = {**rec, "response": new["response"], "logprobs": new["logprobs"],
+        out[i] = {**rec, "response": new["response"], "logprobs": new["logprobs"], "topk": new.get("topk"),
                   "finish_reason": new["finish_reason"], "truncated": new["truncated"], "first_response":
                   rec["response"], "reasked": True, "usage": usage, "cost_usd": rec["cost_usd"] + new["cost_usd"]}
+        if "label_dist" in rec:
+            with_label_dists([out[i]], labels)  # the distribution of the new answer, not the old one
     return out, result.summary

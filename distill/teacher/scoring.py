@@ -35,7 +35,7 @@ from functools import partial
 from typing import Any, Callable
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
-from distill.teacher.client import Job, cache_key, estimate_tokens, make_record, price
+from distill.teacher.client import Job, estimate_tokens, legacy_cache_key, make_record, price, request_key
 from distill.teacher.generation import GenerationResult, run_jobs
 from distill.teacher.labels import label_span, map_answer
 
@@ -142,11 +142,13 @@ def score_jobs(records: list[dict], labels: list[str], teacher: TeacherConfig, g
                   {"prompt_logprobs": 0, "add_generation_prompt": False, "continue_final_message": True})
 
     def add(rec: dict, messages: list[dict], body: dict, parse: Callable, path: str) -> int:
-        key = cache_key(teacher.base_url + path, teacher.model, messages, params, 0)
+        key = request_key(teacher, generation, messages, params, 0, route=path)
         if key not in jobs:
             est = estimate_tokens(messages)  # an echo request's messages already hold all L texts
             jobs[key] = Job(key, messages, 0, json.dumps(body).encode(), est, path=path, parse=parse,
-                            max_out=SCORE_MAX_TOKENS * (len(labels) if echo else 1))
+                            max_out=SCORE_MAX_TOKENS * (len(labels) if echo else 1), legacy_key=(
+                                lambda m=messages: legacy_cache_key(teacher.base_url + path, teacher.model, m,
+                                                                    params, 0)))
         jobs[key].slots.append(len(out))
         out.append(make_record(rec["id"], rec.get("sample", 0), messages, params, teacher.model,
                                error="not requested"))

@@ -42,6 +42,7 @@ import re
 from typing import Any
 
 from distill.teacher.labels import label_span, map_answer
+from distill.teacher.signals import token_logprobs
 
 
 def _fold(s: str) -> str:
@@ -119,7 +120,10 @@ def soft_labels(record: dict[str, Any], labels: list[str], floor: float = 1e-6,
         full = {l: max(float(scored[l]), floor) for l in labels}
         total = sum(full.values())
         return {l: m / total for l, m in full.items()}
-    content = record.get("logprobs") or []
+    stored = record.get("label_dist")
+    if isinstance(stored, dict) and answer and set(stored) == set(labels):
+        return stored  # recovered when the answer was stored (see with_label_dists)
+    content = token_logprobs(record) or []
     mass = trie_mass(content, labels, answer, label_key) if answer and content else None
     if mass is None:
         if answer is None:
@@ -134,6 +138,18 @@ def soft_labels(record: dict[str, Any], labels: list[str], floor: float = 1e-6,
     return {l: m / total for l, m in full.items()}
 
 
+def with_label_dists(records: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+    """Records with "label_dist", the distribution each answer carries, recovered once when it is stored
+    (a classification dataset keeps that instead of re-reading logprobs at every use)."""
+    for rec in records:
+        rec.pop("label_dist", None)  # recomputed from what the record holds now (a re-ask changes the answer)
+        if rec.get("status") == "done":
+            dist = soft_labels(rec, labels)
+            if dist is not None:
+                rec["label_dist"] = {l: round(p, 6) for l, p in dist.items()}
+    return records
+
+
 def entropy(dist: dict[str, float] | list[float]) -> float:
     """Shannon entropy in nats."""
     values = dist.values() if isinstance(dist, dict) else dist
@@ -142,7 +158,7 @@ def entropy(dist: dict[str, float] | list[float]) -> float:
 
 def token_entropy(record: dict[str, Any]) -> float | None:
     """Mean per-token entropy of a generated answer, from top_logprobs (truncated to the top-k seen)."""
-    content = record.get("logprobs") or []
+    content = token_logprobs(record) or []
     values = []
     for tok in content:
         tops = tok.get("top_logprobs") or []

@@ -26,6 +26,7 @@ from distill.httpserver import start_in_thread
 from distill.offline import OFFLINE_ENV
 from distill.teacher.client import parse_completion, retry_after_s, sampling_params
 from distill.teacher.generation import estimate_cost, generate, load_prompt_rows
+from distill.teacher.signals import token_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-test-0123456789-SECRET"
@@ -149,7 +150,7 @@ def test_faults_end_in_one_final_record_each_and_rerun_sends_nothing(server, tmp
     counts = server.server.config.app.state.counts
     for u in ["ok a", "429x2 b", "500x2 c", "hangx1 d", "badjsonx1 e", "nochoicesx1 f", "truncatex0 h"]:
         assert by[u]["status"] == "done", (u, by[u]["error"])
-        assert by[u]["response"] == f"answer to {u}" and by[u]["logprobs"][0]["top_logprobs"]
+        assert by[u]["response"] == f"answer to {u}" and token_logprobs(by[u])[0]["top_logprobs"]
         assert by[u]["attempts"] == counts[u]
     assert by["429x2 b"]["attempts"] == 3 and by["hangx1 d"]["attempts"] == 2
     t = server.server.config.app.state.times["429x2 b"]
@@ -357,7 +358,7 @@ def test_batch_mode_over_real_http_matches_online_and_resumes(teacher_server, tm
     online = generate(rows, teacher, gen.model_copy(update={"mode": "online", "cache_path": tmp_path / "o.sqlite"}))
     for b, o in zip(res.records, online.records):
         assert b["response"] == o["response"] in ("positive", "negative", "neutral")
-        assert len(b["logprobs"][0]["top_logprobs"]) == 3
+        assert len(token_logprobs(b)[0]["top_logprobs"]) == 3 and b["logprobs"] is None  # kept compact
         assert b["cost_usd"] == pytest.approx(o["cost_usd"] * 0.5)
     with sqlite3.connect(tmp_path / "b.sqlite") as db:
         assert db.execute("SELECT status FROM batches").fetchall() == [("completed",)]
