@@ -451,6 +451,40 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
 
 
+class DistributedConfig(Section):
+    """train.distributed: one training run over several processes on this machine (DDP).
+
+    The run is started as a subprocess (`torchrun` or `accelerate launch`) on the same rows and
+    config; every process trains on its share of each batch and rank 0 writes the student.
+    """
+
+    enabled: bool = Field(False, description="Train with nproc processes instead of in the calling process.")
+    launcher: Literal["torchrun", "accelerate"] = Field(
+        "torchrun", description="What starts the processes: `torchrun` (torch.distributed.run) or "
+        "`accelerate launch`; both run the same Trainer code.",
+    )
+    nproc: int = Field(
+        2, ge=1, description="Processes on this machine, normally one per GPU. train.batch_size is per process, "
+        "so one optimiser step sees batch_size * nproc examples.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl when training on CUDA, gloo on CPU.",
+    )
+    master_port: int = Field(
+        0, ge=0, le=65535, description="Port of the rendezvous on 127.0.0.1; 0 picks a free one.",
+    )
+
+
+class LMDistributedConfig(DistributedConfig):
+    """train.distributed for causal-LM students: DDP, or FSDP to shard a student too large for one GPU."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full copy of the student per process; fsdp: parameters, gradients and "
+        "optimiser state sharded across processes (PyTorch FSDP2 through the Trainer's accelerate plugin).",
+    )
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters in CPU memory between uses.")
+
+
 class TrainSection(Section):
     """Fields every training mode has: the optimiser, the schedule, checkpoints, where it runs.
 
@@ -500,6 +534,9 @@ class TrainSection(Section):
     logging_steps: int = Field(10, ge=1, description="Record the training loss every N steps (training curves).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
     resume: bool = Field(True, description="Continue from the last checkpoint in the output directory if one exists.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Several processes (DDP) for one run; off by default.",
+    )
 
     @model_validator(mode="after")
     def _checkpoints_align_with_validation(self) -> "TrainSection":
@@ -562,6 +599,10 @@ class SFTTrain(TrainSection):
     )
     packing: bool = Field(True, description="Pack short SFT examples into full sequences.")
     merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
+    distributed: LMDistributedConfig = Field(
+        default_factory=LMDistributedConfig, description="Several processes (DDP or FSDP) for one run; off by "
+        "default.",
+    )
 
 
 class LogitKDTrain(TrainSection):
@@ -579,6 +620,10 @@ class LogitKDTrain(TrainSection):
     on_policy_fraction: float = Field(0.0, ge=0, le=1, description="Share of batches on student samples (GKD).")
     max_new_tokens: int = Field(64, ge=1, description="Tokens sampled per on-policy student completion.")
     merge_adapter: bool = Field(False, description="Also export the LoRA adapter merged into the base model.")
+    distributed: LMDistributedConfig = Field(
+        default_factory=LMDistributedConfig, description="Several processes (DDP or FSDP) for one run; off by "
+        "default.",
+    )
 
 
 TRAIN_MODES: dict[str, type[TrainSection]] = {"classifier_kd": ClassifierKDTrain, "sft": SFTTrain,

@@ -19,9 +19,11 @@ from prefect.runtime import flow_run
 
 from distill.config import parse_train
 from distill.data import read_jsonl
+from distill.train.distributed import WORK_DIR
 
-# Checkpoints stay on the worker: they only serve a retry there, and are the bulk of the bytes.
-UNPUBLISHED = ("checkpoints",)
+# Checkpoints stay on the worker: they only serve a retry there, and are the bulk of the bytes. So do
+# the files the processes of a train.distributed run share (a copy of the rows, rank 0's summary).
+UNPUBLISHED = ("checkpoints", WORK_DIR)
 
 
 def publish_dir(store: Any, local_dir: Path, prefix: str) -> dict[str, dict[str, Any]]:

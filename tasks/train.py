@@ -50,12 +50,20 @@ def train_student(rows: list[dict], labels: list[str] | None, train: TrainConfig
         run_dir: the run directory; checkpoints live under run_dir/train/checkpoints.
 
     Returns:
-        the dict of distill.train.classifier.train_classifier or distill.train.lm.train_sft / train_logit_kd.
+        the dict of distill.train.classifier.train_classifier or distill.train.lm.train_sft / train_logit_kd;
+        with train.distributed enabled, that of rank 0 of distill.train.distributed.train_distributed.
     """
     out_dir = Path(run_dir) / "train"
-    if train.mode == "classifier_kd":
-        if not labels:
-            raise ConfigError("train.mode classifier_kd needs the task's label set")
+    if train.mode == "classifier_kd" and not labels:
+        raise ConfigError("train.mode classifier_kd needs the task's label set")
+    if train.distributed.enabled:
+        from distill.data import write_jsonl
+        from distill.train.distributed import WORK_DIR, train_distributed
+
+        # Every process reads the rows from this file; a retry rewrites it and resumes from the checkpoints.
+        rows_file = write_jsonl(out_dir / WORK_DIR / "rows.jsonl", rows)
+        result = train_distributed(rows_file, labels if train.mode == "classifier_kd" else None, train, out_dir)
+    elif train.mode == "classifier_kd":
         from distill.train.classifier import train_classifier
 
         result = train_classifier(rows, labels, train, out_dir)

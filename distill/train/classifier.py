@@ -363,6 +363,8 @@ def _save_student(trainer, tokenizer, labels: list[str], config: TrainConfig, ou
     """Write the servable student (LoRA merged in) and, with LoRA, the adapter alone; return both paths."""
     import torch
 
+    if not trainer.is_world_process_zero():  # train.distributed: rank 0 writes the student for all
+        return out_dir / "student", (out_dir / "adapter" if config.lora.enabled else None)
     model = trainer.model
     if config.pooling == "mean":
         model = model.model

@@ -41,8 +41,10 @@ def run_trainer(trainer, out_dir: Path, config: TrainConfig) -> float:
     if resume is not None:
         step = int(Path(resume).name.split("-")[-1])
         print(f"resuming training from {Path(resume).name} (step {step})", flush=True)
-        write_text(out_dir / RESUME_FILE, json.dumps({"checkpoint": str(resume), "step": step,
-                                                      "at": datetime.now(timezone.utc).isoformat()}))
+        # Under train.distributed every process resumes; rank 0 alone writes what they share.
+        if trainer.is_world_process_zero():
+            write_text(out_dir / RESUME_FILE, json.dumps({"checkpoint": str(resume), "step": step,
+                                                          "at": datetime.now(timezone.utc).isoformat()}))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     return time.perf_counter() - started
@@ -92,7 +94,28 @@ def training_kwargs(config: TrainConfig, checkpoint_dir: Path, device: str, has_
         # Each loss here is already a per-batch mean; scaling by the process count would
         # multiply the effective learning rate under multi-GPU `accelerate launch`.
         average_tokens_across_devices=False,
+        **distributed_kwargs(config, device),
     )
+
+
+def distributed_kwargs(config: TrainConfig, device: str) -> dict[str, Any]:
+    """TrainingArguments fields for train.distributed: the DDP backend and, for LM students, FSDP.
+
+    They only take effect in a process started by a launcher (train.distributed, distill.train.distributed);
+    a one-process run ignores the backend and gets no FSDP.
+    """
+    dist = config.distributed
+    if not dist.enabled:
+        return {}
+    backend = dist.backend if dist.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if backend == "nccl" and device != "cuda":
+        raise ConfigError("train.distributed.backend: nccl needs CUDA; use gloo (or auto) to train on CPU")
+    out: dict[str, Any] = {"ddp_backend": backend}
+    if getattr(dist, "strategy", "ddp") == "fsdp":
+        out["fsdp"] = "full_shard auto_wrap" + (" offload" if dist.fsdp_cpu_offload else "")
+        out["fsdp_config"] = {"version": 2, "state_dict_type": "FULL_STATE_DICT",
+                              "cpu_ram_efficient_loading": False}
+    return out
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -118,6 +141,8 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
 def save_history(trainer, out_dir: Path, title: str) -> tuple[list[dict], Path]:
     """history.json and training_curves.png from the Trainer's log history."""
     history = [dict(h) for h in trainer.state.log_history]
+    if not trainer.is_world_process_zero():  # train.distributed: rank 0 writes for all
+        return history, out_dir / CURVES_FILE
     write_text(out_dir / HISTORY_FILE, json.dumps(history, indent=1))
     return history, plot_curves(history, out_dir / CURVES_FILE, title)
 

@@ -146,3 +146,32 @@ def test_no_worker_on_the_pool_fails_with_a_clear_error(pool, tmp_path):
                                store=str(tmp_path / "store"))
     # The rows were persisted before the run was started.
     assert (tmp_path / "store" / "run-2" / "dataset.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_the_deployment_trains_with_two_processes_when_train_distributed_is_on(pool, worker, tmp_path,
+                                                                               tiny_classifier):
+    from distill_tasks.train import train_where_configured
+
+    from distill.models.classifier import ClassifierStudent
+    from distill.store import open_store
+
+    store = tmp_path / "store"
+    run_dir = tmp_path / "caller" / "run-3"
+    name = deploy(pool, tmp_path / "worker-work")
+    train = ClassifierKDTrain(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=4, eval_steps=3,
+                              checkpoint_steps=3, logging_steps=1, device="cpu", deployment_timeout_s=300,
+                              distributed={"enabled": True, "nproc": 2})
+    result = train_where_configured(training_rows(30), LABELS, train, str(run_dir), run_id="run-3",
+                                    store=str(store))
+
+    # Rank 0's summary came back through the store: two processes trained the 3 steps.
+    assert result["world_size"] == 2 and result["steps"] == 3
+    assert ClassifierStudent(Path(result["model_dir"])).labels == LABELS
+    work = tmp_path / "worker-work" / "run-3" / "train"
+    assert (work / "distributed" / "result.json").is_file() and not list(work.glob("distributed/rank-*.error.json"))
+    # Both processes resumed from / wrote to the same checkpoint folder: one rng state per rank.
+    assert sorted(p.name for p in (work / "checkpoints" / "checkpoint-3").glob("rng_state*")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]
+    keys = open_store(str(store)).list("run-3/train/")
+    assert "run-3/train/student/model.safetensors" in keys and not any("/distributed/" in k for k in keys)
