@@ -145,3 +145,30 @@ def test_export_commands_print_the_vllm_commands(lora_student, tiny_causal_lm, t
                                  "--teacher", str(tiny_causal_lm)])
     assert d.exit_code == 0, d.output
     assert "--speculative-config" in d.output and '"num_speculative_tokens": 5' in d.output
+
+
+def test_greedy_output_with_the_draft_is_the_teachers_alone(lora_student, tiny_causal_lm, tmp_path):
+    """Speculative decoding must not change what the teacher says: with the exported draft as
+    transformers' assistant_model, greedy output equals the teacher decoding alone, on prompts where
+    the draft itself would answer otherwise (so its proposals are really rejected and corrected)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import make_tiny_causal_lm
+
+    teacher_dir = make_tiny_causal_lm(tmp_path / "teacher", seed=3)  # same tokenizer, other weights
+    export_draft(lora_student["merged_dir"], tmp_path / "draft", teacher_dir=teacher_dir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    differs = 0
+    for text in ["my card is lost", "refund pending please", "exchange rate fee", "top up declined"]:
+        ids = tok.apply_chat_template([SYSTEM, {"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True, return_tensors="pt")
+        greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12, "pad_token_id": tok.pad_token_id}
+        with torch.no_grad():
+            alone = teacher.generate(**ids, **greedy)
+            assisted = teacher.generate(**ids, assistant_model=draft, **greedy)
+            drafted = draft.generate(**ids, **greedy)
+        assert assisted.tolist() == alone.tolist(), text
+        differs += drafted.tolist() != alone.tolist()
+    assert differs > 0
