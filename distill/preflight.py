@@ -109,9 +109,28 @@ def run_estimate(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict
         score = estimate_score_cost(prompt_rows + holdout, cfg.task.label_set(), generation)
         parts["score"] = {**score, "to_send": score["requests"], "cached": 0, "cost_usd": round(price(
             cfg.teacher, score["prompt_tokens"], score["completion_tokens_max"]), 6)}
+    if cfg.evaluate.judge is not None and cfg.task.kind == "generation" and holdout:
+        parts["judge"] = judge_estimate(cfg, holdout, generation)
     total = round(sum(p["cost_usd"] for p in parts.values()), 6)
     return {"cost_usd": total, "to_send": sum(p["to_send"] for p in parts.values()),
             "cached": sum(p["cached"] for p in parts.values()), "parts": parts}
+
+
+def judge_estimate(cfg: DistillConfig, holdout: list[dict], generation: GenerationConfig) -> dict[str, Any]:
+    """Upper bound of the LLM judge's spend: two calls (one per order) for each judged holdout row, each
+    carrying both answers at their full length; rows the two answer alike cost nothing, which only lowers it."""
+    from distill.evaluate.judge import judge_messages
+    from distill.evaluate.robustness import pick_rows
+    from distill.teacher.client import estimate_tokens
+
+    judge = cfg.evaluate.judge
+    endpoint = judge.endpoint or cfg.teacher
+    answer = "x" * (4 * generation.max_tokens)  # estimate_tokens counts four characters a token
+    rows = pick_rows(holdout, judge.max_rows)
+    prompt = 2 * sum(estimate_tokens(judge_messages(r["messages"], answer, answer)) for r in rows)
+    completion = 2 * len(rows) * judge.max_tokens
+    return {"requests": 2 * len(rows), "cached": 0, "to_send": 2 * len(rows), "prompt_tokens": prompt,
+            "completion_tokens_max": completion, "cost_usd": round(price(endpoint, prompt, completion), 6)}
 
 
 def budget_estimate(cfg: DistillConfig, prompt_rows: list[dict], holdout: list[dict]) -> dict:

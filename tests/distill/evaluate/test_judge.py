@@ -118,3 +118,30 @@ def test_evaluation_reports_the_judge(judge_url, tiny_causal_lm, tmp_path):
     # A random student against the teacher's gold answers: the judge prefers the teacher in both orders.
     assert m["judge_rows"] == 3 and m["judge_loss_rate"] == 1.0 and m["judge_model"] == "judge-model"
     assert (tmp_path / "judge.jsonl").exists() and "judge" in Ledger(tmp_path / "ledger.jsonl", None).by_purpose()
+
+
+def test_the_run_estimate_bounds_what_the_judge_spends(judge_url, tmp_path):
+    from distill.config import DistillConfig
+    from distill.evaluate.judge import judge_answers
+    from distill.preflight import run_estimate
+
+    endpoint = TeacherConfig(base_url=judge_url, model="judge-model", input_price_per_1m=1.0,
+                             output_price_per_1m=2.0, api_key_env="JUDGE_KEY_UNSET")
+    gen = GenerationConfig(cache_path=tmp_path / "cache.sqlite", ledger_path=tmp_path / "ledger.jsonl",
+                           budget_usd=1.0, backoff_base_s=0.05, max_tokens=8)
+    task = {"name": "cards", "kind": "generation", "train_path": str(tmp_path / "train.csv"),
+            "system_prompt": SYSTEM["content"]}
+    cfg = DistillConfig.model_validate({"task": task, "teacher": endpoint.model_dump(), "generation": gen.model_dump(),
+                                        "train": {"mode": "sft", "student_model": str(tmp_path)}})
+    without = run_estimate(cfg, [], holdout(), gen)
+    assert "judge" not in without["parts"]
+    judge = JudgeConfig(endpoint=endpoint, max_tokens=64)
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"judge": judge})})
+    estimate = run_estimate(cfg, [], holdout(), gen)["parts"]["judge"]
+    assert estimate["to_send"] == 2 * len(CASES)
+
+    student = {f"r{i}": s for i, (_, _, s, _) in enumerate(CASES)}
+    teacher = {f"r{i}": t for i, (_, _, _, t) in enumerate(CASES)}
+    judge_answers(holdout(), student, teacher, judge, None, gen, tmp_path)
+    spent = Ledger(tmp_path / "ledger.jsonl", None).by_purpose()["judge"]
+    assert 0 < spent <= estimate["cost_usd"]
