@@ -37,6 +37,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+PREFIX, OWNER = "distill-teacher-files-", "owner.pid"
+
+
+def sweep_orphans(parent: Path) -> list[Path]:
+    """Remove the temporary file directories of teacher servers that died without cleaning up (a SIGKILL
+    skips every finalizer); a directory whose owner process still runs, or that names no owner, is kept."""
+    removed = []
+    for d in parent.glob(PREFIX + "*"):
+        try:
+            pid = int((d / OWNER).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's live process
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 class BatchStore:
     """Uploaded files and batch objects under `directory`.
 
@@ -53,7 +77,11 @@ class BatchStore:
         if file_ttl_s <= 0:
             raise ValueError("file_ttl_s must be > 0")
         self.owned = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="distill-teacher-files-")) if self.owned else Path(directory)
+        if self.owned:
+            sweep_orphans(Path(tempfile.gettempdir()))
+        self.directory = Path(tempfile.mkdtemp(prefix=PREFIX)) if self.owned else Path(directory)
+        if self.owned:  # who owns it, so that a later server can remove it once this process is gone
+            (self.directory / OWNER).write_text(f"{os.getpid()}\n")
         (self.directory / "batches").mkdir(parents=True, exist_ok=True)
         self.file_ttl_s = file_ttl_s
         self.batches: dict[str, dict] = {}

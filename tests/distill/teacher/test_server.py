@@ -386,6 +386,28 @@ def test_a_temporary_files_directory_is_removed_with_its_store(tmp_path):
     assert (tmp_path / "files").exists()  # a directory the operator named is theirs
 
 
+def test_a_killed_servers_files_directory_is_swept_by_the_next_one():
+    import subprocess
+    import sys
+
+    from distill.teacher.server_batches import BatchStore
+
+    # A SIGKILL skips every finalizer: the killed process's directory is left behind ...
+    code = ("import os, signal; from distill.teacher.server_batches import BatchStore; s = BatchStore(None); "
+            "s.save_file(b'x', 'a.jsonl', 'batch'); print(s.directory, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9
+    left = Path(killed.stdout.strip())
+    assert left.is_dir()
+    alive = BatchStore(None)  # ... and the next store removes it, but never a live server's
+    try:
+        assert not left.exists()
+        BatchStore(None).close()  # its sweep sees this process's directory as alive
+        assert alive.directory.exists()
+    finally:
+        alive.close()
+
+
 def test_only_loopback_may_be_open_and_a_set_key_always_counts(monkeypatch):
     from distill.teacher.server_guard import is_loopback, server_key
 
