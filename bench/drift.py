@@ -251,7 +251,7 @@ def replay(student_dir: Path, teacher_dir: Path, streams: dict[str, list[dict]],
     """Send each stream through `distill serve` (shadow on, the teacher in its own process); the logged rows."""
     import sqlite3
 
-    from distill.demo import teacher_process
+    from distill.demo import TEACHER_KEY_ENV, teacher_process
     from distill.evaluate import latency
     from distill.httpserver import free_port
     from distill.serve.shadow import ShadowLog
@@ -262,7 +262,7 @@ def replay(student_dir: Path, teacher_dir: Path, streams: dict[str, list[dict]],
         for name, stream in streams.items():
             db = tmp / f"replay-{name}.sqlite"
             overrides = ["serve.shadow=true", f"serve.log_url=sqlite:///{db}", f"teacher.base_url={teacher_url}/v1",
-                         "teacher.model=bench-teacher", "serve.runtime=onnx"]
+                         "teacher.model=bench-teacher", f"teacher.api_key_env={TEACHER_KEY_ENV}", "serve.runtime=onnx"]
             with latency.serve_process(student_dir, overrides, api_key=key) as url:
                 payloads = [{"model": "distill-student", "messages": [{"role": "user", "content": r["text"]}]}
                             for r in stream]
@@ -271,7 +271,8 @@ def replay(student_dir: Path, teacher_dir: Path, streams: dict[str, list[dict]],
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline:  # shadow answers are logged in the background
                     with sqlite3.connect(db, timeout=30) as c:
-                        done = c.execute("select count(teacher_label) from requests").fetchone()[0]
+                        done = c.execute("select count(*) from requests where teacher_label is not null "
+                                         "or teacher_error is not null").fetchone()[0]
                     if done >= len(stream):
                         break
                     time.sleep(0.5)
@@ -362,6 +363,10 @@ def main() -> None:  # long: the benchmark's steps in the order they are printed
                       f"{load['throughput_rps']:.0f} req/s); logged labels = precomputed: student {same_s:.3f}, "
                       f"teacher {same_t:.3f}; the drift watch's tasks on the last {ref['judged']} (reference: "
                       f"the {ref['n']} before): {verdicts}")
+                if min(same_s, same_t) < 0.99:  # the served path is what is measured: it must log what was answered
+                    errors = sorted({r.get("teacher_error") for r in rows if r.get("teacher_error")})[:3]
+                    raise SystemExit(f"replay {name}: the shadow log does not hold the served answers "
+                                     f"(student {same_s:.3f}, teacher {same_t:.3f}); teacher errors: {errors}")
 
         alarms = {n: [] for n in TRAFFIC_SENSORS}
         for s in range(args.streams):

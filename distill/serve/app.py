@@ -208,6 +208,9 @@ class _Server:
             import openai
 
             teacher_key = teacher_api_key if teacher_api_key is not None else os.environ.get(teacher.api_key_env)
+            if not teacher_key:  # an open local teacher needs none; a hosted one answers every call with 401
+                logger.warning("no teacher key in %s: shadow and fallback calls to %s go without one",
+                               teacher.api_key_env, teacher.base_url)
             # Fallback is on the request's clock: no retries, the remaining time budget is the timeout.
             self.async_teacher = openai.AsyncOpenAI(base_url=teacher.base_url, api_key=teacher_key or "unused",
                                                     max_retries=0)
