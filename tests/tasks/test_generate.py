@@ -60,15 +60,21 @@ def test_task_uses_secret_block_and_publishes_artifacts(prefect_harness, tmp_pat
         def one() -> tuple[list[dict], dict]:
             return generate_completions(rows, teacher, gen, str(out))
 
-        records, summary = one()
+        state = one(return_state=True)
+        records, summary = state.result()
         counts = srv.server.config.app.state.counts
     assert [r["response"] for r in records] == ["A", "B", None]
     assert summary["done"] == 2 and summary["failed_by_reason"] == {"http_400": 1}
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["r0", "r1", "r2"]
     assert counts == {"a": 1, "b": 1, "refuse": 1}
 
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    # This run's artifacts only: the session's Prefect API also holds those of every other test's runs.
+    mine = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
-        arts = {a.key: a for a in client.read_artifacts() if a.key and a.key.startswith("teacher-generation")}
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=mine)
+                if a.key and a.key.startswith("teacher-generation")}
     assert arts["teacher-generation-progress"].data == 100.0
     table = arts["teacher-generation-summary"].data
     table = json.loads(table) if isinstance(table, str) else table
