@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -89,7 +90,12 @@ def worker(pool, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                              "--limit", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     yield tmp_path / "worker.log"
-    stop_process(proc, timeout_s=30)
+    # A worker shuts down on SIGINT (Ctrl-C) at once; on SIGTERM it sat out the whole timeout.
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        stop_process(proc, timeout_s=5)
     log.close()
 
 
