@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -150,6 +151,11 @@ def test_cycle_and_drift_watch_on_two_pools_share_only_the_store(prefect_harness
         assert not (watch_dir / ".distill" / "staging").exists()
         assert not list(watch_dir.rglob("teacher-cache.sqlite"))
     finally:
+        for proc, _ in workers:  # a worker obeys SIGINT at once; SIGTERM made it sit out the timeout
+            proc.send_signal(signal.SIGINT)
         for proc, _ in workers:
-            stop_process(proc, timeout_s=30)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                stop_process(proc, timeout_s=5)
         stop_process(teacher, timeout_s=10)
