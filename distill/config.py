@@ -480,7 +480,8 @@ class LMDistributedConfig(DistributedConfig):
 
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: a full copy of the student per process; fsdp: parameters, gradients and "
-        "optimiser state sharded across processes (PyTorch FSDP2 through the Trainer's accelerate plugin).",
+        "optimiser state sharded across processes (PyTorch FSDP2 through the Trainer's accelerate plugin; GPUs "
+        "only: accelerate does not shard CPU process groups, so fsdp with a CPU device is a config error).",
     )
     fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters in CPU memory between uses.")
 

@@ -74,7 +74,9 @@ def train_distributed(rows_file: str | Path, labels: list[str] | None, config: T
         DistributedTrainingError: a process failed otherwise, or the launcher did.
     """
     from distill.httpserver import free_port
+    from distill.train.trainer import distributed_kwargs, resolve_device
 
+    distributed_kwargs(config, resolve_device(config))  # a setting no rank can run fails here, before any launch
     out_dir = Path(out_dir)
     work = out_dir / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)

@@ -134,17 +134,25 @@ def _export(trainer, tokenizer, config: TrainConfig, out_dir: Path) -> dict[str,
     import torch
 
     model = trainer.model
+    # train.distributed FSDP: each process holds a shard; gathering the full weights takes them all.
+    state = trainer.accelerator.get_state_dict(model) if trainer.is_fsdp_enabled else None
+    if not trainer.is_world_process_zero():  # rank 0 writes the student; only its summary is read
+        return {"model_dir": None, "adapter_dir": None, "merged_dir": None}
     if not config.lora.enabled:
         model_dir = out_dir / "model"
-        model.to(torch.device("cpu")).save_pretrained(model_dir)
+        (model if state is not None else model.to(torch.device("cpu"))).save_pretrained(model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)
         return {"model_dir": str(model_dir), "adapter_dir": None, "merged_dir": None}
     adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(adapter_dir, state_dict=state)
     tokenizer.save_pretrained(adapter_dir)
     merged_dir = None
     if config.merge_adapter:
         merged_dir = out_dir / "merged"
+        if state is not None:  # sharded weights cannot be merged in place: merge a fresh copy
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
         merged = model.merge_and_unload().to(torch.device("cpu"))
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
@@ -156,7 +164,8 @@ def _finish(trainer, tokenizer, config, out_dir, train_s: float, title) -> dict:
     paths = _export(trainer, tokenizer, config, out_dir)
     history, curves = save_history(trainer, out_dir, title)
     return {**paths, "steps": trainer.state.global_step, "history": history,
-            "best_metric": trainer.state.best_metric, "curves_png": str(curves), "train_s": train_s}
+            "best_metric": trainer.state.best_metric, "curves_png": str(curves), "train_s": train_s,
+            "sharded": bool(trainer.is_fsdp_enabled)}
 
 
 def _causal_lm_loss(outputs, labels, num_items_in_batch=None):

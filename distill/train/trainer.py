@@ -112,6 +112,9 @@ def distributed_kwargs(config: TrainConfig, device: str) -> dict[str, Any]:
         raise ConfigError("train.distributed.backend: nccl needs CUDA; use gloo (or auto) to train on CPU")
     out: dict[str, Any] = {"ddp_backend": backend}
     if getattr(dist, "strategy", "ddp") == "fsdp":
+        if device != "cuda":  # accelerate builds its FSDP plugin for GPU process groups only: on CPU it would run DDP
+            raise ConfigError("train.distributed.strategy: fsdp shards across GPUs only (accelerate ignores it on "
+                              "CPU and would train plain DDP); use strategy ddp on CPU, or train.device cuda")
         out["fsdp"] = "full_shard auto_wrap" + (" offload" if dist.fsdp_cpu_offload else "")
         out["fsdp_config"] = {"version": 2, "state_dict_type": "FULL_STATE_DICT",
                               "cpu_ram_efficient_loading": False}

@@ -124,3 +124,64 @@ def test_a_failing_rank_is_named_with_its_error(tmp_path):
     with pytest.raises(ConfigError, match=r"rank \d failed: ConfigError: train.student_model: .*no-such-model"):
         train_distributed(rows_file, LABELS, config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "distributed" / "result.json").exists()
+
+
+# Completions of one length: the loss is a mean over completion tokens, which two processes
+# average per process; equal token counts per example make that the one-process mean.
+PAIRS = [("my card is lost", "lost card"), ("refund pending please", "refund pending"),
+         ("exchange rate fee", "exchange rate"), ("top up declined", "top up")]
+
+
+def _lm_rows(repeat: int = 4) -> list[dict]:
+    return [{"id": f"{i}-{j}", "target": answer, "split": "train",
+             "messages": [{"role": "system", "content": "classify the message"}, {"role": "user", "content": text}]}
+            for i in range(repeat) for j, (text, answer) in enumerate(PAIRS)]
+
+
+def _sft_config(student: Path, batch_size: int, nproc: int, **distributed) -> SFTTrain:
+    return SFTTrain(student_model=student, packing=False, batch_size=batch_size, max_steps=4, learning_rate=1e-2,
+                    warmup_ratio=0.0, device="cpu", logging_steps=1, max_length=64,
+                    distributed={"enabled": nproc > 1, "nproc": nproc, **distributed})
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_lm_student_one_process_trains(tiny_causal_lm, tmp_path):
+    from distill.train.lm import train_sft
+
+    rows = _lm_rows()
+    one = train_sft(rows, _sft_config(tiny_causal_lm, 4, 1), tmp_path / "one", progress=False)
+    rows_file = write_jsonl(tmp_path / "rows.jsonl", rows)
+    two = train_distributed(rows_file, None, _sft_config(tiny_causal_lm, 2, 2), tmp_path / "two", progress=False)
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 4
+    assert two["sharded"] is False and one["sharded"] is False
+    start, w1, w2 = _weights(tiny_causal_lm), _weights(Path(one["model_dir"])), _weights(Path(two["model_dir"]))
+    moved, apart = _max_diff(start, w1), _max_diff(w1, w2)
+    print(f"ddp: max |w_1proc - w_2proc| = {apart:.2e}; max |w_1proc - w_start| = {moved:.2e}")
+    assert moved > 100 * TOLERANCE
+    assert apart < TOLERANCE
+
+
+def test_fsdp_on_cpu_is_refused_before_any_process_starts(tiny_causal_lm, tmp_path):
+    # accelerate only builds its FSDP plugin for GPU process groups: on CPU the run would silently be DDP.
+    rows_file = write_jsonl(tmp_path / "rows.jsonl", _lm_rows(1))
+    with pytest.raises(ConfigError, match="fsdp shards across GPUs only"):
+        train_distributed(rows_file, None, _sft_config(tiny_causal_lm, 2, 2, strategy="fsdp"), tmp_path / "run",
+                          progress=False)
+    assert not (tmp_path / "run" / "distributed").exists()
+
+
+@pytest.mark.gpu
+def test_fsdp_on_two_gpus_shards_the_lm_student_and_matches_one_process(tiny_causal_lm, tmp_path):
+    import torch
+
+    from distill.train.lm import train_sft
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    rows = _lm_rows()
+    cfg = _sft_config(tiny_causal_lm, 4, 1).model_copy(update={"device": "cuda"})
+    one = train_sft(rows, cfg, tmp_path / "one", progress=False)
+    two_cfg = _sft_config(tiny_causal_lm, 2, 2, strategy="fsdp", backend="nccl").model_copy(update={"device": "cuda"})
+    two = train_distributed(write_jsonl(tmp_path / "rows.jsonl", rows), None, two_cfg, tmp_path / "two", progress=False)
+    assert two["sharded"] is True and two["steps"] == one["steps"]
+    assert _max_diff(_weights(Path(one["model_dir"])), _weights(Path(two["model_dir"]))) < 1e-3
