@@ -880,8 +880,8 @@ class ServeConfig(Section):
     max_pending: int = Field(1000, ge=1, description="Shadow jobs queued at most; beyond this they are dropped.")
     max_text_chars: int = Field(20_000, ge=1, description="Longer user messages are rejected with 400.")
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "onnx", description="Forward-pass engine: torch, ONNX Runtime fp32, or ONNX Runtime with INT8 dynamic "
-        "quantization (exported once into <student>/onnx/).",
+        "onnx", description="Forward-pass engine: torch, ONNX Runtime fp32, or ONNX Runtime INT8 (8-bit weights "
+        "and compute with per-block scales, MatMulNBits; exported once into <student>/onnx/).",
     )
     workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (one GIL and model copy each).")
     threads: int | None = Field(
