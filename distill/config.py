@@ -885,7 +885,7 @@ class ServeConfig(Section):
     )
     workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (one GIL and model copy each).")
     threads: int | None = Field(
-        None, ge=1, le=256, description="Intra-op threads per worker's forward pass; unset: 1 for torch, for ONNX the worker's share of the cores less one for its event loop (at least 1)."
+        None, ge=1, le=256, description="Intra-op threads per worker's forward pass; unset: 1 for torch, for ONNX the worker's share of the cores (at least 1)."
     )
     max_batch: int = Field(32, ge=1, le=1024, description="Concurrent requests answered by one forward pass at most.")
     batch_window_ms: float = Field(

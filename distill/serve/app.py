@@ -146,9 +146,10 @@ class _Student:
         self.path = check_safetensors_only(path)
         # torch's own thread pool, driven from the batcher thread next to a busy event loop, took
         # 156 ms for a 7 ms forward on 2 cores; one thread is the torch default here. ONNX Runtime
-        # gets this worker's share of the cores less one for its event loop: on 2 cores its default
-        # of 2 threads cost more CPU per request and a higher P95 at concurrency 4 than 1 thread.
-        share = max(1, (os.cpu_count() or 1) // serve.workers - 1)
+        # gets this worker's share of the cores: on 2 cores, with the load generator in its own
+        # process, 2 threads against 1 gave c4 P50 6.2-9.3 ms against 8.8-10.3 and 405-615 req/s
+        # against 373-442 in alternating runs (one thread less for the event loop did not pay).
+        share = max(1, (os.cpu_count() or 1) // serve.workers)
         threads = serve.threads or (1 if serve.runtime == "torch" else share)
         self.runtime = StudentRuntime(self.path, serve.runtime, threads=threads)
         self.labels = self.runtime.labels
