@@ -328,6 +328,12 @@ def start(*extra: str) -> tuple["subprocess.Popen", str]:
 
     extra: more command-line flags (e.g. "--reject-structured").
     """
+    return start_script(__file__, ["--data", str(BANKING77 / "train.csv"), str(BANKING77 / "test.csv"),
+                                   "--labels", str(BANKING77 / "categories.json"), *extra], "stand-in")
+
+
+def start_script(script: str, args: list[str], name: str) -> tuple["subprocess.Popen", str]:
+    """`python script --port PORT *args` on a free loopback port, once it accepts connections: (process, …/v1)."""
     import socket
     import subprocess
     import sys
@@ -336,8 +342,7 @@ def start(*extra: str) -> tuple["subprocess.Popen", str]:
     from distill.httpserver import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--data", str(BANKING77 / "train.csv"),
-                             str(BANKING77 / "test.csv"), "--labels", str(BANKING77 / "categories.json"), *extra])
+    proc = subprocess.Popen([sys.executable, script, "--port", str(port), *args])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -346,7 +351,7 @@ def start(*extra: str) -> tuple["subprocess.Popen", str]:
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("stand-in did not start")
+    raise RuntimeError(f"{name} did not start")
 
 
 def main(argv: list[str] | None = None) -> None:

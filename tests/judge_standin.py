@@ -96,23 +96,9 @@ def build_app(golds: dict[str, str]):
 
 def start(gold_path: str | Path) -> tuple["subprocess.Popen", str]:
     """This stand-in in a process of its own on a free loopback port: (process, base URL …/v1)."""
-    import socket
-    import subprocess
-    import time
+    from chat_standin import start_script
 
-    from distill.httpserver import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port), "--gold", str(gold_path)])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("judge stand-in did not start")
+    return start_script(__file__, ["--gold", str(gold_path)], "judge stand-in")
 
 
 def main(argv: list[str] | None = None) -> None:
