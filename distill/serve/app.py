@@ -36,7 +36,7 @@ from typing import Any
 
 from distill.chat import ApiError, safe_log, token_logprob
 from distill.config import ConfigError, ServeConfig, TeacherConfig
-from distill.serve.batcher import LogWriter, MicroBatcher
+from distill.serve.batcher import LogWriter, MicroBatcher, PendingWork
 from distill.serve.canary import route_to_challenger
 from distill.serve.shadow import ShadowLog
 from distill.teacher.server_guard import UNAUTHORIZED, bearer_ok, server_key
@@ -183,7 +183,7 @@ class _Server:
         # (registry dir, task) of a registry challenger: its entry is re-read so a stopped canary gets no traffic.
         self.canary_registry = canary_registry if challenger_run else None
         self.canary_stopped = False
-        self._canary_seen: tuple[float, float] = (0.0, -1.0)  # (next check on the monotonic clock, index mtime)
+        self._canary_next = 0.0  # when the registry entry is read next, on the monotonic clock
         self.champion = _Student(student_dir, champion_run, serve)
         self.challenger = _Student(challenger_dir, challenger_run, serve) if challenger_dir else None
         self.labels = self.champion.labels
@@ -201,9 +201,8 @@ class _Server:
         self.id_prefix = os.urandom(6).hex()
         self.id_counter = itertools.count()
         self.background = ThreadPoolExecutor(serve.background_workers, thread_name_prefix="distill-shadow")
-        self.pending = 0
-        self.pending_lock = threading.Lock()
-        self.writer = LogWriter(self.log.append_many, self._done) if self.log is not None else None
+        self.pending = PendingWork(serve.max_pending)
+        self.writer = LogWriter(self.log.append_many, self.pending.done) if self.log is not None else None
         self.async_teacher = self.sync_teacher = None
         if teacher is not None:
             import openai
@@ -231,18 +230,6 @@ class _Server:
             raise ConfigError("serve.fallback_confidence is set but no teacher endpoint is configured")
 
     # --- background work: shadow answers and log rows ----------------------------------------
-    def _done(self, n: int = 1) -> None:
-        with self.pending_lock:
-            self.pending -= n
-
-    def _reserve(self) -> bool:
-        with self.pending_lock:
-            if self.pending >= self.serve.max_pending:
-                self.metrics.inc("distill_shadow_dropped_total")
-                return False
-            self.pending += 1
-            return True
-
     def _shadow_teacher(self, row: dict[str, Any], messages: list) -> None:
         t0 = time.perf_counter()
         try:
@@ -284,10 +271,11 @@ class _Server:
             self.metrics.inc("distill_shadow_errors_total", 'model="log"')
         finally:
             if not handed_to_writer:
-                self._done()
+                self.pending.done()
 
     def enqueue(self, row: dict[str, Any], text: str, messages: list, need: list[str], update: bool = False) -> None:
-        if not self._reserve():
+        if not self.pending.reserve():
+            self.metrics.inc("distill_shadow_dropped_total")
             return
         if need:
             self.background.submit(self.shadow_job, row, text, messages, need, update)
@@ -296,13 +284,7 @@ class _Server:
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until queued shadow/log work is done (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.pending_lock:
-                if self.pending == 0:
-                    return True
-            time.sleep(0.01)
-        return False
+        return self.pending.drain(timeout)
 
     def close(self) -> None:
         self.drain(timeout=self.serve.timeout_s + (self.teacher.timeout_s if self.teacher else 0))
@@ -316,25 +298,22 @@ class _Server:
     def canary_share(self) -> float:
         """The share of requests routed to the challenger now: serve.canary_fraction until the registry
         says the challenger is no longer one (the canary judge stopped it), then 0 for good."""
-        if self.canary_stopped or self.canary_registry is None or self.serve.canary_fraction <= 0:
-            return 0.0 if self.canary_stopped else self.serve.canary_fraction
-        now = time.monotonic()
-        if now >= self._canary_seen[0]:
-            root, task = self.canary_registry
-            try:  # a local index is re-read only when it changed; an s3:// one at every poll
-                mtime = now if str(root).startswith("s3://") else (Path(root) / "index.json").stat().st_mtime
-            except OSError:
-                mtime = -1.0
-            if mtime != self._canary_seen[1]:
+        if self.canary_stopped:
+            return 0.0
+        if self.canary_registry is not None and self.serve.canary_fraction > 0:
+            now = time.monotonic()
+            if now >= self._canary_next:  # one registry read per serve.canary_poll_s, local or s3://
                 from distill.serve.registry import Registry
 
+                root, task = self.canary_registry
                 status = Registry(root).status(task, self.challenger.run)
                 if status != "challenger":
                     self.canary_stopped = True
                     logger.warning("challenger %s is %s in the registry: no more canary traffic",
                                    self.challenger.run, status)
-            self._canary_seen = (now + self.serve.canary_poll_s, mtime)
-        return 0.0 if self.canary_stopped else self.serve.canary_fraction
+                    return 0.0
+                self._canary_next = now + self.serve.canary_poll_s
+        return self.serve.canary_fraction
 
     # --- request steps -----------------------------------------------------------------------
     def authorized(self, request) -> bool:
@@ -554,11 +533,9 @@ def _add_routes(app, server: _Server) -> None:
     async def prometheus(request: Request):
         if not server.authorized(request):
             return server.error(UNAUTHORIZED)
-        with server.pending_lock:
-            queued = server.pending
         b = server.champion.batcher
         return PlainTextResponse(server.metrics.render({
-            "distill_shadow_pending": queued, "distill_batches_total": b.batches,
+            "distill_shadow_pending": server.pending.count, "distill_batches_total": b.batches,
             "distill_batched_requests_total": b.items, "distill_forward_seconds_total": b.forward_s}))
 
     @app.get("/v1/models")

@@ -139,6 +139,38 @@ class MicroBatcher:
                     pass
 
 
+class PendingWork:
+    """Shadow and log jobs queued but not finished, bounded by `limit`: beyond it new work is refused
+    (shadow work never slows or fails a served answer), and `drain` waits for the rest at shutdown."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def reserve(self) -> bool:
+        """Take one slot; False (nothing taken) when `limit` jobs are already pending."""
+        with self.lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def done(self, n: int = 1) -> None:
+        with self.lock:
+            self.count -= n
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until no job is pending (tests, shutdown); False when `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.count == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+
 class LogWriter:
     """Appends rows to the request log in batches, from a thread of its own.
 

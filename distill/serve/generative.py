@@ -43,6 +43,7 @@ from typing import Any, Iterator
 from distill.chat import ApiError, token_logprob
 from distill.config import ConfigError, ServeConfig, TeacherConfig
 from distill.models.causal import GenerativeStudent
+from distill.serve.batcher import PendingWork
 from distill.serve.canary import route_to_challenger
 from distill.serve.shadow import ShadowLog
 from distill.teacher.server_guard import UNAUTHORIZED, bearer_ok
@@ -164,7 +165,7 @@ class _Server:
         # With a teacher configured the log always exists: a paid answer is never dropped.
         self.log = ShadowLog(serve.log_url) if (self.log_all or teacher is not None) else None
         self.background = ThreadPoolExecutor(serve.background_workers, thread_name_prefix="distill-shadow")
-        self.pending, self.pending_lock, self.dropped = 0, threading.Lock(), 0
+        self.pending, self.dropped = PendingWork(serve.max_pending), 0
         self.fallback_client = self.shadow_client = None
         if teacher is not None:
             import openai
@@ -254,11 +255,9 @@ class _Server:
 
     # --- background work: shadow answers and log rows ----------------------------------------
     def enqueue(self, row: dict, req: dict, need: list[str], update: bool = False) -> None:
-        with self.pending_lock:
-            if self.pending >= self.serve.max_pending:
-                self.dropped += 1  # shadow work never slows or fails the served answer
-                return
-            self.pending += 1
+        if not self.pending.reserve():
+            self.dropped += 1  # shadow work never slows or fails the served answer
+            return
         self.background.submit(self.shadow_job, row, req, need, update)
 
     def shadow_job(self, row: dict, req: dict, need: list[str], update: bool) -> None:
@@ -278,8 +277,7 @@ class _Server:
         except Exception:
             logger.exception("shadow/log job failed for request %s", row.get("request_id"))
         finally:
-            with self.pending_lock:
-                self.pending -= 1
+            self.pending.done()
 
     def _shadow_teacher(self, row: dict, req: dict) -> None:
         t0 = time.perf_counter()
@@ -293,13 +291,7 @@ class _Server:
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until queued shadow/log work is done (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.pending_lock:
-                if self.pending == 0:
-                    return True
-            time.sleep(0.01)
-        return False
+        return self.pending.drain(timeout)
 
     def close(self) -> None:
         self.drain(timeout=self.serve.timeout_s + (self.teacher.timeout_s if self.teacher else 0))
