@@ -231,6 +231,12 @@ class Registry:
             raise
         return dest
 
+    def _model(self, t: dict[str, Any], task: str, run_id: str) -> dict[str, Any]:
+        """The entry of `run_id` in task index `t`; ConfigError naming both when it is not registered."""
+        if run_id not in t["models"]:
+            raise ConfigError(f"registry {self.root}: task {task!r} has no model {run_id!r}")
+        return t["models"][run_id]
+
     def promote(self, task: str, run_id: str, reason: str) -> dict:
         """Make `run_id` the champion; the current champion is kept for rollback.
 
@@ -244,8 +250,7 @@ class Registry:
 
         def change(index: dict[str, Any]) -> dict:
             t = self._task(index, task)
-            if run_id not in t["models"]:
-                raise ConfigError(f"registry {self.root}: task {task!r} has no model {run_id!r}")
+            self._model(t, task, run_id)
             if t["champion"] == run_id:
                 return dict(t["models"][run_id])
             if t["champion"]:
@@ -288,10 +293,7 @@ class Registry:
             raise ConfigError("stop_canary: a reason is required")
 
         def change(index: dict[str, Any]) -> dict:
-            t = self._task(index, task)
-            if run_id not in t["models"]:
-                raise ConfigError(f"registry {self.root}: task {task!r} has no model {run_id!r}")
-            entry = t["models"][run_id]
+            entry = self._model(self._task(index, task), task, run_id)
             if entry["status"] != "challenger":
                 return dict(entry)
             entry.update(status="stopped", stopped_at=_now(), stop_reason=reason.strip())
