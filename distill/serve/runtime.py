@@ -5,8 +5,8 @@ In: a student directory (`distill.models.classifier` format). Out: `StudentRunti
 
 `onnx` exports the fp32 student once with `torch.onnx.export` into `<student>/onnx/model.onnx`;
 `onnx-int8` quantizes that export with onnxruntime's `MatMulNBitsQuantizer` (INT8 weights with a
-scale per block of 64 input channels, activations quantized per block at run time) into `model-int8.onnx`. An export
-records the SHA-256 of the weights it was made from (and the recipe version) and is redone
+scale per block of 64 input channels, activations quantized per block at run time) into
+`model-int8.onnx`. An export records the SHA-256 of the weights it was made from (and the recipe version) and is redone
 when they change, so a retrained student is never served through a stale graph. Both files are written to a
 temporary name and renamed, so an interrupted export leaves nothing half-written.
 """
@@ -103,8 +103,8 @@ def _quantize_int8(fp32: Path, out: Path) -> None:
     # encoders: on the demo student it agreed with fp32 on 98.4 % of 1,000 BANKING77 test rows (98.7 %
     # with the head and FFN down-projections kept fp32); blocks of 64 on 99.6-99.8 % of two such sets
     # (128: 99.1-99.8 %), still ~1.5x faster than fp32 at batch 1. Static QDQ calibration (MinMax, on
-    # training rows) reached 98.5 % and ran slower than fp32 on CPU. The classification head stays fp32: a sliver of the compute, and
-    # rounding it flips close calls between labels.
+    # training rows) reached 98.5 % and ran slower than fp32 on CPU. The classification head stays
+    # fp32: a sliver of the compute, and rounding it flips close calls between labels.
     model = onnx.load(str(fp32))
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=64, is_symmetric=True, accuracy_level=4,

@@ -79,9 +79,11 @@ class BatchStore:
         self.owned = directory is None
         if self.owned:
             sweep_orphans(Path(tempfile.gettempdir()))
-        self.directory = Path(tempfile.mkdtemp(prefix=PREFIX)) if self.owned else Path(directory)
-        if self.owned:  # who owns it, so that a later server can remove it once this process is gone
+            self.directory = Path(tempfile.mkdtemp(prefix=PREFIX))
+            # Who owns it, so that a later server can remove it once this process is gone.
             (self.directory / OWNER).write_text(f"{os.getpid()}\n")
+        else:
+            self.directory = Path(directory)
         (self.directory / "batches").mkdir(parents=True, exist_ok=True)
         self.file_ttl_s = file_ttl_s
         self.batches: dict[str, dict] = {}
