@@ -63,6 +63,22 @@ def _parse_index(text: str, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}:{e.lineno}: corrupt registry index ({e.msg})") from None
 
 
+@contextmanager
+def _staged_dir(dest: Path) -> Iterator[Path]:
+    """A fresh directory beside `dest` to fill; it replaces `dest` when the block ends without an
+    error and is removed when it fails, so a crash never leaves a half-written model at `dest`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class Registry:
     """A registry directory or s3:// prefix (see module doc). All methods return plain dicts (index entries)."""
 
@@ -186,17 +202,8 @@ class Registry:
 
     def _copy_local(self, task: str, run_id: str, model_dir: Path) -> str:
         dest = Path(self.root) / task / run_id
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Copy beside the destination, then rename: a crash never leaves a half-copied model.
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{run_id}."))
-        try:
+        with _staged_dir(dest) as tmp:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return str(dest.resolve())
 
     def _upload(self, task: str, run_id: str, model_dir: Path) -> dict[str, str]:
@@ -217,18 +224,10 @@ class Registry:
         done = dest / ".complete"
         if done.is_file():
             return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{entry['run_id']}."))
-        try:
+        with _staged_dir(dest) as tmp:
             for rel, sha in entry["files"].items():
                 self.s3.get_file(f"{entry['task']}/{entry['run_id']}/{rel}", tmp / rel, sha256=sha)
             (tmp / ".complete").write_text(entry["path"] + "\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dest
 
     def _model(self, t: dict[str, Any], task: str, run_id: str) -> dict[str, Any]:
