@@ -272,6 +272,23 @@ class GenerationConfig(Section):
         "the same model moved to another address or port pays nothing again; on: two servers of the same model "
         "name are told apart (e.g. two fine-tunes both served as 'default').",
     )
+    shard_rows: int = Field(
+        10_000, ge=1, description="`distill generate-dataset`: prompts per shard. Each shard is read, answered and "
+        "written (atomically) on its own, so memory stays bounded by one shard per worker.",
+    )
+    shard_workers: int = Field(
+        1, ge=1, le=256, description="`distill generate-dataset`: shards answered at once (Prefect tasks mapped "
+        "over the shards). Each worker keeps `concurrency` requests in flight.",
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="`distill generate-dataset`: where the shard tasks run. threads: Prefect's "
+        "ThreadPoolTaskRunner in the flow's process; dask: prefect-dask's DaskTaskRunner, on `dask_address` or a "
+        "local cluster of shard_workers processes.",
+    )
+    dask_address: str | None = Field(
+        None, description="A running Dask scheduler (tcp://host:8786) for task_runner dask; its workers need "
+        "distill installed and the shard directory and request cache (cache_url) reachable.",
+    )
 
 
 class HeuristicsConfig(Section):

@@ -28,7 +28,7 @@ import os
 import tempfile
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from distill.config import ConfigError, TaskConfig
 from distill.teacher.labels import (
@@ -123,36 +123,63 @@ def _decode_error(path: Path, data: bytes, codec: str, e: UnicodeDecodeError) ->
     return f"{where}; set task.encoding to the file's encoding (e.g. cp1252 or latin-1), or to auto"
 
 
+def _jsonl_row(path: Path, i: int, line: str, required: list[str], max_chars: int | None,
+               first: bool) -> dict[str, Any] | None:
+    """Line `i` of a JSONL file as a row with `_line`, None when blank; errors name file and line."""
+    if not line.strip(" \t\r"):  # JSON's whitespace; str.strip() would also drop "\x1c" and the like
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, and an integer literal of more than 4300 digits
+        hint = ""
+        if first and line.lstrip().startswith("["):
+            hint = "; expected JSON Lines, one object per line, not a JSON array"
+        raise ConfigError(f"{path}:{i}: invalid JSON ({getattr(e, 'msg', e)}){hint}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}:{i}: invalid JSON (nested too deeply)") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f"{path}:{i}: expected a JSON object per line")
+    missing = [r for r in required if r not in row]
+    if missing:
+        raise ConfigError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
+    try:
+        # An escaped lone surrogate ("\\ud800") parses, but no file or request can carry it.
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{path}:{i}: invalid Unicode (an unpaired surrogate escape, {e.object[e.start]!r})"
+                          ) from None
+    for name, value in row.items():
+        _check_field_size(path, i, name, value, max_chars)
+    row["_line"] = i
+    return row
+
+
 def _jsonl_rows(path: Path, text: str, required: list[str], max_chars: int | None) -> list[dict[str, Any]]:
     rows = []
     for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip(" \t\r"):  # JSON's whitespace; str.strip() would also drop "\x1c" and the like
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, and an integer literal of more than 4300 digits
-            hint = ""
-            if not rows and line.lstrip().startswith("["):
-                hint = "; expected JSON Lines, one object per line, not a JSON array"
-            raise ConfigError(f"{path}:{i}: invalid JSON ({getattr(e, 'msg', e)}){hint}") from None
-        except RecursionError:
-            raise ConfigError(f"{path}:{i}: invalid JSON (nested too deeply)") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{i}: expected a JSON object per line")
-        missing = [r for r in required if r not in row]
-        if missing:
-            raise ConfigError(f"{path}:{i}: missing field(s) {', '.join(missing)}")
-        try:
-            # An escaped lone surrogate ("\\ud800") parses, but no file or request can carry it.
-            json.dumps(row, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ConfigError(f"{path}:{i}: invalid Unicode (an unpaired surrogate escape, {e.object[e.start]!r})"
-                              ) from None
-        for name, value in row.items():
-            _check_field_size(path, i, name, value, max_chars)
-        row["_line"] = i
-        rows.append(row)
+        row = _jsonl_row(path, i, line, required, max_chars, first=not rows)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def iter_jsonl(path: str | Path, required: Iterable[str] = (), *, encoding: str = "utf-8",
+               max_field_chars: int | None = DEFAULT_MAX_FIELD_CHARS) -> Iterator[dict[str, Any]]:
+    """The rows of a JSONL file one at a time (read_table's checks and errors), for files too big to hold."""
+    path, required = Path(path), list(required)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    first = True
+    try:
+        codec = "utf-8-sig" if encoding in ("auto", "utf-8") else encoding  # a leading BOM is dropped
+        with path.open("r", encoding=codec, newline="\n") as f:
+            for i, line in enumerate(f, 1):
+                row = _jsonl_row(path, i, line.rstrip("\n"), required, max_field_chars, first)
+                if row is not None:
+                    first = False
+                    yield row
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid {codec} text ({e.reason} at byte {e.start} of a line)") from None
 
 
 def _csv_rows(path: Path, text: str, required: list[str], max_chars: int | None) -> list[dict[str, Any]]:

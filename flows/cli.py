@@ -206,6 +206,41 @@ def generate_cmd(config: Path = typer.Argument(..., help="YAML config file (teac
         raise typer.Exit(1)
 
 
+@app.command("generate-dataset")
+def generate_dataset_cmd(config: Path = typer.Argument(..., help="YAML config file (teacher and generation "
+                                                       "sections; with a task section the answers are also filtered)."),
+                         input: Path = typer.Option(..., "--input", help="CSV/JSONL prompts, any number of rows: "
+                                                    "`id` plus `messages` or the task's input fields."),
+                         out_dir: Path = typer.Option(..., "--out-dir", help="Shards, records, filtered rows and "
+                                                      "summary.json; run again with the same one to resume."),
+                         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+    """Answer a large prompts file shard by shard (the generate-dataset flow), resumable, in bounded memory.
+
+    Exits 0 when every row is done, 1 when some failed (run again to retry them; answers bought are kept).
+    """
+    from distill.config import ConfigError
+    from distill.preflight import check_writable
+
+    apply_offline_env()
+    cfg = load_or_fail(config, set_, need_task=False)
+    try:
+        check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
+        with guarded_run():
+            from distill_flows.generate_dataset import generate_dataset, task_runner
+
+            flow = generate_dataset.with_options(task_runner=task_runner(cfg.generation))
+            out = flow(config=cfg, input_path=str(input), out_dir=str(out_dir))
+    except ConfigError as e:
+        fail(str(e))
+    f = out["filter"]
+    typer.echo(f"{out['done']}/{out['requested']} done ({out['cached']} cached), {out['failed']} failed, "
+               f"${out['cost_usd']:.4f}, {out['shards']} shards ({out['shards_skipped']} finished earlier), "
+               f"{out['wall_s']:.1f} s" + (f"; filter kept {f['kept']} of {f['candidates']}" if f else "")
+               + f" -> {out_dir}")
+    if out["failed"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -312,3 +312,14 @@ def _write_outputs(out: Path, report: dict, rejected: list[dict], training: list
                            for s in report["stages"]], key="filter-stages",
                           description="Rows in/kept/dropped per filter stage")
     create_markdown_artifact(report_markdown(report), key="filter-report", description="Filter report")
+
+
+@task(name="filter-shards", cache_policy=NO_CACHE)
+def filter_prompt_shards(out_dir: str, shards: int, task_section: TaskConfig, heuristics_section) -> dict:
+    """Heuristics and cross-shard exact dedup over answered shards (distill.filter.stream), one shard in memory."""
+    from distill.filter.stream import filter_shards
+
+    totals = filter_shards(out_dir, shards, task_section, heuristics_section)
+    get_run_logger().info("filter: %d of %d kept (%s)", totals["kept"], totals["candidates"],
+                          ", ".join(f"{k} {v}" for k, v in sorted(totals["by_stage"].items())) or "none rejected")
+    return totals

@@ -146,3 +146,27 @@ def score_label_answers(records: list[dict], labels: list[str] | None, teacher: 
         get_run_logger().info("scoring: %d answers scored over %d labels; %s", summary["scored"], len(labels),
                               summary_line(summary))
     return out
+
+
+@task(name="split-prompts", cache_policy=NO_CACHE)
+def split_prompt_shards(input_path: str, out_dir: str, shard_rows: int, task_section=None) -> dict:
+    """Check every prompt row and write the shards (distill.teacher.shards.split_prompts); ConfigError on a bad row."""
+    from distill.teacher.shards import split_prompts
+
+    split = split_prompts(input_path, out_dir, shard_rows, task_section)
+    get_run_logger().info("%d prompts in %d shards of %d (%s)", split["rows"], split["shards"], shard_rows,
+                          "an earlier split reused" if split["reused"] else "split now")
+    return split
+
+
+# Retried: an interrupted shard resumes from the request cache, so a retry re-pays nothing it bought.
+@task(name="answer-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      task_run_name="answer-shard-{index}")
+def answer_prompt_shard(out_dir: str, index: int, teacher: TeacherConfig, generation: GenerationConfig,
+                        labels: list[str] | None = None) -> dict:
+    """Answer one shard unless it is finished (distill.teacher.shards.answer_shard); its summary."""
+    from distill.teacher.shards import answer_shard
+
+    s = answer_shard(out_dir, index, teacher, generation, api_key=resolve_key(teacher), labels=labels)
+    get_run_logger().info("shard %d: %s", index, "finished earlier" if s["skipped"] else summary_line(s))
+    return s

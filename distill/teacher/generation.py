@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -254,30 +255,35 @@ def reuse_costs(parts: dict[str, list[dict]], teacher: TeacherConfig) -> dict[st
     return out
 
 
+def prompt_row(row: dict, path: Path, task: Any, prefix: Callable[[], list]) -> dict:
+    """One prompt row ({"id", "messages", "_line"}) of a prompts file row; errors name the file and line.
+
+    A row without messages is rendered through task.system_prompt and task.prompt_template, after
+    `prefix()` (prompt_prefix(task), asked for only when a row needs it: it may read the few-shot rows).
+    """
+    where = f"{path}:{row['_line']}"
+    msgs = row.get("messages")
+    if msgs is None and task is None:
+        raise ConfigError(f"{where}: no 'messages', and the config has no task section whose prompt would "
+                          "render the row")
+    if msgs is None:
+        msgs = render_messages(task, row, where=f"{where}: ", prefix=prefix())
+    elif (not isinstance(msgs, list) or not msgs
+          or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                     and isinstance(m.get("content"), str) for m in msgs)):
+        raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    return {"id": row_id(row["id"], where), "messages": msgs, "_line": row["_line"]}
+
+
 def load_prompt_rows(path: str | Path, task: Any) -> list[dict]:
     """Prompt rows from CSV/JSONL: each needs `id` and either `messages` or the task's input fields.
 
     Rows without messages are rendered through task.system_prompt and task.prompt_template,
     exactly as in production. Errors name the file and line.
     """
-
     path = Path(path)
-    out = []
-    prefix = None
     options = {} if task is None else {"encoding": task.encoding, "max_field_chars": task.max_field_chars}
-    for row in read_table(path, required=["id"], **options):
-        where = f"{path}:{row['_line']}"
-        msgs = row.get("messages")
-        if msgs is None and task is None:
-            raise ConfigError(f"{where}: no 'messages', and the config has no task section whose prompt would "
-                              "render the row")
-        if msgs is None:
-            prefix = prompt_prefix(task) if prefix is None else prefix
-            msgs = render_messages(task, row, where=f"{where}: ", prefix=prefix)
-        elif (not isinstance(msgs, list) or not msgs
-              or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                         and isinstance(m.get("content"), str) for m in msgs)):
-            raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        out.append({"id": row_id(row["id"], where), "messages": msgs, "_line": row["_line"]})
+    prefix = functools.cache(lambda: prompt_prefix(task))
+    out = [prompt_row(row, path, task, prefix) for row in read_table(path, required=["id"], **options)]
     check_unique_ids(path, out)
     return out

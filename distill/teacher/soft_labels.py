@@ -37,6 +37,7 @@ What each mode costs per row (`generation.soft_labels`; L labels):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -52,6 +53,13 @@ def _fold(s: str) -> str:
 def label_of(text: str | None, labels: list[str], label_key: str = "label") -> str | None:
     """The label an answer names, read as a person would (see distill.teacher.labels.map_answer), or None."""
     return map_answer(text, labels, label_key)
+
+
+@functools.lru_cache(maxsize=16)
+def _folded(labels: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """label -> folded form, and back; once per label set."""
+    keys = {l: _fold(l) for l in labels}
+    return keys, {k: l for l, k in keys.items()}
 
 
 def _consistent(key: str, spelled: str) -> bool:
@@ -77,8 +85,7 @@ def trie_mass(content: list[dict], labels: list[str], answer: str, label_key: st
     start = label_span(text, answer, label_key)
     if start is None:
         return None
-    keys = {l: _fold(l) for l in labels}
-    whole = {k: l for l, k in keys.items()}
+    keys, whole = _folded(tuple(labels))
     mass: dict[str, float] = {}
     alive = set(labels)
     path, offset = 0.0, 0

@@ -1,0 +1,72 @@
+"""The `generate-dataset` flow: a prompts file of any size answered by the teacher shard by shard, then filtered.
+
+split-prompts checks every row before anything is paid and writes the shards; answer-shard
+is mapped over them (`.map`), `generation.shard_workers` at a time, on the task runner
+`generation.task_runner` names: Prefect's thread pool in this process, or Dask (a local
+cluster of processes, or the scheduler at `generation.dask_address`). Workers share the
+request cache (`generation.cache_url` for several machines), so a shard that is retried or
+moved to another worker re-pays nothing. filter-shards then runs the per-row filter stages
+one shard at a time. Nothing but shard numbers and small summaries passes between tasks:
+the rows stay in the shard files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from distill_tasks.filter import filter_prompt_shards
+from distill_tasks.generate import answer_prompt_shard, split_prompt_shards
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_table_artifact
+
+from distill.config import DistillConfig
+from distill.data import write_text
+
+
+def task_runner(generation):
+    """The runner the shard tasks are mapped on."""
+    if generation.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if generation.dask_address:
+            return DaskTaskRunner(address=generation.dask_address)
+        # One single-threaded worker process per shard worker: each runs its own event loop of requests.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": generation.shard_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=generation.shard_workers)
+
+
+@flow(name="generate-dataset", log_prints=False)
+def generate_dataset(config: DistillConfig, input_path: str, out_dir: str) -> dict:
+    """Answer every prompt of `input_path` into shards under `out_dir`; filter them when the config has a task.
+
+    Returns:
+        {"rows", "shards", "done", "failed", "cached", "cost_usd", "wall_s", "filter" (totals or None)}.
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    gen = config.generation
+    split = split_prompt_shards(input_path, out_dir, gen.shard_rows, config.task)
+    labels = config.task.label_set() if config.task is not None and config.task.kind == "classification" else None
+    futures = answer_prompt_shard.map(unmapped(out_dir), range(split["shards"]), unmapped(config.teacher),
+                                      unmapped(gen), unmapped(labels))
+    summaries = [f.result() for f in futures]
+    totals = {k: sum(s.get(k, 0) for s in summaries) for k in ("requested", "done", "failed", "cached")}
+    totals["cost_usd"] = round(sum(s.get("cost_usd", 0.0) for s in summaries), 6)
+    filtered = None
+    if config.task is not None:
+        filtered = filter_prompt_shards(out_dir, split["shards"], config.task, config.filter.heuristics)
+    out = {"rows": split["rows"], "shards": split["shards"], **totals,
+           "shards_skipped": sum(1 for s in summaries if s.get("skipped")),
+           "wall_s": round(time.monotonic() - started, 2), "filter": filtered}
+    write_text(Path(out_dir) / "summary.json", json.dumps(out, indent=2))
+    create_table_artifact([{"metric": k, "value": v} for k, v in out.items() if k != "filter"],
+                          key="generate-dataset", description="Sharded teacher generation")
+    logger.info("generate-dataset: %d/%d done (%d cached), %d failed, $%.4f, %d shards (%d finished earlier)",
+                totals["done"], totals["requested"], totals["cached"], totals["failed"], totals["cost_usd"],
+                split["shards"], out["shards_skipped"])
+    return out

@@ -1,0 +1,90 @@
+"""`distill generate-dataset`: shards mapped over Prefect tasks (threads, then Dask), resumed without paying twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "distill/data/banking77"
+sys.path.insert(0, str(REPO / "tests"))
+import chat_standin as standin  # noqa: E402
+
+
+def stand_in_requests(url: str) -> int:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/standin/stats", timeout=10) as r:
+        return json.loads(r.read())["requests"]
+
+
+def run(tmp_path: Path, config: Path, prompts: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, "-m", "distill_flows.cli", "generate-dataset", str(config), "--input", str(prompts),
+            "--out-dir", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_shards_fan_out_resume_and_run_on_dask(tmp_path):
+    import csv
+
+    with (DATA / "test.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:120]
+    prompts = tmp_path / "prompts.jsonl"
+    # A repeated text: exact dedup keeps its first occurrence, across shards.
+    prompts.write_text("".join(json.dumps({"id": f"t{i}", "text": r["text"]}) + "\n" for i, r in enumerate(rows))
+                       + json.dumps({"id": "again", "text": rows[3]["text"]}) + "\n")
+    proc, url = standin.start()
+    try:
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({
+            "task": {"name": "shards", "kind": "classification", "train_path": str(DATA / "train.csv"),
+                     "labels_path": str(DATA / "categories.json"), "text_field": "text",
+                     "system_prompt": "Classify the message into one of these labels:\n\n{labels}\n\n"
+                                      "Answer with the label only."},
+            "teacher": {"base_url": url, "model": "hosted-chat", "input_price_per_1m": 0.15,
+                        "output_price_per_1m": 0.6},
+            "generation": {"concurrency": 8, "max_tokens": 16, "top_logprobs": 5, "backoff_base_s": 0.01,
+                           "cache_path": str(tmp_path / "cache.sqlite"), "shard_rows": 25, "shard_workers": 2},
+        }))
+        out = tmp_path / "out"
+        first = run(tmp_path, config, prompts, out)
+        assert first.returncode == 0, first.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rows"] == 121 and summary["shards"] == 5 and summary["done"] == 121
+        assert summary["failed"] == 0 and summary["shards_skipped"] == 0
+        # Two shard tasks ran at once: their Prefect task runs overlap in the log.
+        assert first.stderr.count("answer-shard-") >= 5
+        kept = [json.loads(x) for i in range(5) for x in (out / f"kept-{i:06d}.jsonl").read_text().splitlines()]
+        rejected = [json.loads(x) for i in range(5) for x in (out / f"rejected-{i:06d}.jsonl").read_text().splitlines()]
+        assert len(kept) + len(rejected) == 121
+        assert [r["id"] for r in rejected if r["stage"] == "dedup"] == ["again"]
+        assert all(r["label"] in json.loads((DATA / "categories.json").read_text()) for r in kept)
+        asked = stand_in_requests(url)
+        assert asked >= 120  # one request per distinct prompt (the repeated text is one request), plus 429 retries
+
+        again = run(tmp_path, config, prompts, out)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["shards_skipped"] == 5
+        assert stand_in_requests(url) == asked
+
+        # The same prompts on Dask worker processes, into a new directory: every answer from the shared cache.
+        dask_out = tmp_path / "dask"
+        on_dask = run(tmp_path, config, prompts, dask_out, "generation.task_runner=dask")
+        assert on_dask.returncode == 0, on_dask.stderr[-3000:]
+        s = json.loads((dask_out / "summary.json").read_text())
+        assert s["done"] == 121 and s["cached"] == 121 and s["cost_usd"] == 0
+        assert stand_in_requests(url) == asked
+    finally:
+        proc.terminate()
+        proc.wait()
