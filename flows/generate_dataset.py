@@ -50,6 +50,9 @@ def generate_dataset(config: DistillConfig, input_path: str, out_dir: str) -> di
     logger = get_run_logger()
     started = time.monotonic()
     gen = config.generation
+    if gen.budget_usd is not None and gen.ledger_path is None:
+        # One ledger for every shard: budget_usd caps the whole dataset, across workers and resumes.
+        gen = gen.model_copy(update={"ledger_path": Path(out_dir) / "ledger.jsonl"})
     split = split_prompt_shards(input_path, out_dir, gen.shard_rows, config.task)
     labels = config.task.label_set() if config.task is not None and config.task.kind == "classification" else None
     futures = answer_prompt_shard.map(unmapped(out_dir), range(split["shards"]), unmapped(config.teacher),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import time
@@ -175,19 +176,24 @@ def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, gener
                 else:
                     pending.append(job)
         ledger = Ledger(generation.ledger_path, generation.budget_usd) if generation.ledger_path else None
-        # With a run ledger the cap is what the run has left, not a fresh budget_usd per call.
-        budget = Budget(ledger.remaining() if ledger else generation.budget_usd)
-        client = Client(teacher, generation, api_key, cache, budget, lambda j, f: fill(j, f, cached=False))
-        if pending and generation.mode == "batch":
-
-            _run_sync(lambda: run_batch(client, pending))
-        elif pending:
-            _run_sync(lambda: client.run(pending))
+        # With a run ledger the cap is what the run has left, not a fresh budget_usd per call; calls
+        # spending at once (shard workers) each hold their upper bound of it, so together they stay under.
+        factor = teacher.batch_price_factor if generation.mode == "batch" else 1.0
+        need = 1.25 * price(teacher, sum(j.est_tokens for j in pending), generation.max_tokens * len(pending), factor)
+        with ledger.hold(need) if ledger else contextlib.nullcontext(generation.budget_usd) as cap:
+            budget = Budget(cap)
+            client = Client(teacher, generation, api_key, cache, budget, lambda j, f: fill(j, f, cached=False))
+            try:
+                if pending and generation.mode == "batch":
+                    _run_sync(lambda: run_batch(client, pending))
+                elif pending:
+                    _run_sync(lambda: client.run(pending))
+            finally:
+                if ledger is not None:  # also when a run breaks off: bought stays charged, before the hold goes
+                    bought = sum(r["cost_usd"] for r in records if r["status"] == "done" and not r["cached"])
+                    ledger.charge(purpose, bought, client.http_requests)
     finally:
         cache.close()
-        if ledger is not None and client is not None:  # also when a run breaks off: bought stays charged
-            bought = sum(r["cost_usd"] for r in records if r["status"] == "done" and not r["cached"])
-            ledger.charge(purpose, bought, client.http_requests)
     return GenerationResult(records, summarize(records, time.monotonic() - t0, budget.exhausted,
                                                client.http_requests))
 

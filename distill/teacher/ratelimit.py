@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class RateLimiter:
@@ -60,7 +62,12 @@ class Budget:
 class Ledger:
     """What one run has spent, across every call that spends: training prompts, holdout, grader, probes,
     re-asks and task retries. An append-only JSONL file in the run directory, so a retried task or a
-    resumed run sees what was already spent and one `budget_usd` caps them all."""
+    resumed run sees what was already spent and one `budget_usd` caps them all.
+
+    Calls that spend at the same time (the shard workers of `generate-dataset`, threads or processes)
+    each take a hold on part of what is left (`hold`), under a lock, so their caps together never
+    exceed the budget. A hold counts as spent until it is released; the hold of a process that died
+    on this host (SIGKILL) no longer counts."""
 
     def __init__(self, path: str | Path, cap: float | None):
         self.path, self.cap = Path(path), cap
@@ -70,22 +77,81 @@ class Ledger:
             return []
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+    def _charges(self) -> list[dict]:
+        """Charges, plus the holds still open and owned by a live process (a dead owner's hold is void)."""
+        entries = self.entries()
+        released = {e["hold"] for e in entries if e.get("purpose") == "release"}
+        out = []
+        for e in entries:
+            if e.get("purpose") == "release":
+                continue
+            if e.get("purpose") == "hold" and (e["hold"] in released or not _alive(e.get("host"), e.get("pid"))):
+                continue
+            out.append(e)
+        return out
+
     def spent(self) -> float:
-        return round(sum(float(e["cost_usd"]) for e in self.entries()), 6)
+        return round(sum(float(e["cost_usd"]) for e in self._charges()), 6)
 
     def by_purpose(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for e in self.entries():
-            out[e["purpose"]] = round(out.get(e["purpose"], 0.0) + float(e["cost_usd"]), 6)
+        for e in self._charges():
+            if e["purpose"] != "hold":
+                out[e["purpose"]] = round(out.get(e["purpose"], 0.0) + float(e["cost_usd"]), 6)
         return out
 
     def remaining(self) -> float | None:
         return None if self.cap is None else max(0.0, self.cap - self.spent())
 
-    def charge(self, purpose: str, cost_usd: float, requests: int) -> None:
+    def _append(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"purpose": purpose, "cost_usd": round(cost_usd, 8), "requests": requests}) + "\n"
         with self.path.open("a", encoding="utf-8") as f:  # one short line, appended and synced: no torn total
-            f.write(line)
+            f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def charge(self, purpose: str, cost_usd: float, requests: int) -> None:
+        self._append({"purpose": purpose, "cost_usd": round(cost_usd, 8), "requests": requests})
+
+    @contextmanager
+    def hold(self, amount: float) -> Iterator[float | None]:
+        """Reserve up to `amount` of what is left for the block; yields the cap it may spend (None: no budget).
+
+        Charge what was spent before the block ends; the hold is released on the way out.
+        """
+        if self.cap is None:
+            yield None
+            return
+        import fcntl
+        import socket
+        import uuid
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        hold_id = uuid.uuid4().hex
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the remaining amount is read and held by one spender at a time
+            try:
+                granted = round(min(max(amount, 0.0), self.remaining()), 8)
+                self._append({"purpose": "hold", "hold": hold_id, "cost_usd": granted,
+                              "host": socket.gethostname(), "pid": os.getpid()})
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            yield granted
+        finally:
+            self._append({"purpose": "release", "hold": hold_id, "cost_usd": 0.0})
+
+
+def _alive(host: str | None, pid: int | None) -> bool:
+    """Whether a hold's owner may still spend: another host's owner is assumed alive."""
+    import socket
+
+    if host != socket.gethostname() or not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

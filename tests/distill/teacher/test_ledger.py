@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from distill.config import GenerationConfig, GraderConfig, TeacherConfig
 from distill.filter.grader import grade
@@ -68,3 +72,22 @@ def test_the_graders_spend_is_in_the_ledger(tmp_path):
     assert len(kept) == 1
     assert Ledger(ledger_path, None).by_purpose() == {"grader": summary["cost_usd"]}
     assert summary["cost_usd"] > 0
+
+
+def test_holds_of_concurrent_spenders_never_add_up_past_the_budget(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", 1.0)
+    with ledger.hold(0.8) as first:
+        assert first == pytest.approx(0.8) and ledger.remaining() == pytest.approx(0.2)
+        with Ledger(tmp_path / "ledger.jsonl", 1.0).hold(0.8) as second:  # another worker, same file
+            assert second == pytest.approx(0.2) and ledger.remaining() == 0
+        ledger.charge("generation", 0.3, 10)
+    assert ledger.remaining() == pytest.approx(0.7) and ledger.by_purpose() == {"generation": 0.3}
+    # A worker killed inside its hold: the hold of a process that is gone no longer counts.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with (tmp_path / "ledger.jsonl").open("a") as f:
+        f.write(json.dumps({"purpose": "hold", "hold": "x", "cost_usd": 0.5, "host": socket.gethostname(),
+                            "pid": dead.pid}) + "\n")
+    assert ledger.remaining() == pytest.approx(0.7)
+    with Ledger(tmp_path / "ledger.jsonl", None).hold(5.0) as uncapped:
+        assert uncapped is None

@@ -100,3 +100,31 @@ def test_a_shard_is_answered_once_and_an_interrupted_one_resumes_from_the_cache(
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_shard_workers_at_once_share_one_budget(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill.teacher.ratelimit import Ledger
+
+    proc, url = standin.start()
+    try:
+        teacher = TeacherConfig(base_url=url, model="hosted-chat", input_price_per_1m=150.0, output_price_per_1m=600.0)
+        one_shard = GenerationConfig(concurrency=4, max_tokens=16, top_logprobs=5, backoff_base_s=0.01,
+                                     cache_path=tmp_path / "probe.sqlite")
+        out = tmp_path / "out"
+        split_prompts(write_prompts(tmp_path / "prompts.jsonl", 40), out, 20)
+        split_prompts(write_prompts(tmp_path / "probe.jsonl", 20), tmp_path / "probe", 20)
+        # What one shard costs (its own cache: the shards below still pay for theirs).
+        budget = 1.5 * answer_shard(tmp_path / "probe", 0, teacher, one_shard)["cost_usd"]
+        generation = one_shard.model_copy(update={"cache_path": tmp_path / "cache.sqlite", "budget_usd": budget,
+                                                  "ledger_path": tmp_path / "ledger.jsonl"})
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda i: answer_shard(out, i, teacher, generation), [0, 1]))
+        spent = Ledger(tmp_path / "ledger.jsonl", budget).spent()
+        assert spent <= budget + 1e-9
+        assert sum(r["done"] for r in results) < 40 and any(r["budget_exhausted"] for r in results)
+        assert sum(r["cost_usd"] for r in results) == pytest.approx(spent, abs=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait()
