@@ -14,7 +14,7 @@ cache. This script:
 
 Printed, all from this run: end-to-end requests/s (both runs, restart included), peak RSS,
 request-cache bytes per record, the requests the teacher answered twice after the kill (the
-resume may repeat only what was in flight: at most concurrency x shard_workers), and the
+resume may repeat only what was in flight: at most generation.concurrency), and the
 1-versus-2-worker ratio. The last line:
 
     rows=N rps=R peak_rss_mb=M cache_bytes_per_record=B repaid_after_kill=K
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--scaling-rows", type=int, default=100_000, help="Prompts for the 1- vs 2-worker runs.")
     p.add_argument("--shard-rows", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=2, help="Shard workers of the main run.")
-    p.add_argument("--concurrency", type=int, default=64, help="Requests in flight per shard worker.")
+    p.add_argument("--concurrency", type=int, default=128, help="Requests in flight, over all shard workers.")
     p.add_argument("--keep", type=Path, default=None, help="Work here (kept) instead of a temporary directory.")
     args = p.parse_args()
 
@@ -204,8 +204,8 @@ def main() -> None:
         peak = max(first["peak_rss_mb"], second["peak_rss_mb"])
         per_record = cache_bytes(cache) / args.rows
         repaid = final["repeated"]
-        in_flight = args.concurrency * args.workers
-        print(f"main run: {args.rows} prompts, {args.workers} shard workers x {args.concurrency} in flight, "
+        in_flight = args.concurrency
+        print(f"main run: {args.rows} prompts, {args.workers} shard workers, {args.concurrency} requests in flight, "
               f"shards of {args.shard_rows}")
         print(f"  killed after {at_kill['requests']} teacher requests ({first['wall_s']:.1f} s), resumed: "
               f"{second['wall_s']:.1f} s; teacher asked {final['requests']} times for {final['distinct']} prompts")

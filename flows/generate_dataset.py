@@ -1,9 +1,13 @@
 """The `generate-dataset` flow: a prompts file of any size answered by the teacher shard by shard, then filtered.
 
 split-prompts checks every row before anything is paid and writes the shards; answer-shard
-is mapped over them (`.map`), `generation.shard_workers` at a time, on the task runner
-`generation.task_runner` names: Prefect's thread pool in this process, or Dask (a local
-cluster of processes, or the scheduler at `generation.dask_address`). Workers share the
+is mapped over them (`.map`) on the task runner `generation.task_runner` names: Prefect's
+thread pool in this process, or Dask (a local cluster of processes, or the scheduler at
+`generation.dask_address`). The limits hold for the whole job, not per worker: a Prefect
+global concurrency limit admits `generation.shard_workers` shard tasks at once on every
+machine (a killed worker's slot comes back when its lease lapses), each gets an equal share
+of `concurrency`, `requests_per_minute` and `tokens_per_minute`, and `budget_usd` is held
+in one ledger in the output directory. Workers share the
 request cache (`generation.cache_url` for several machines), so a shard that is retried or
 moved to another worker re-pays nothing. filter-shards then runs the per-row filter stages
 one shard at a time. Nothing but shard numbers and small summaries passes between tasks:
@@ -23,6 +27,27 @@ from prefect.artifacts import create_table_artifact
 
 from distill.config import DistillConfig
 from distill.data import write_text
+
+
+def shard_limit(teacher, generation) -> str:
+    """The Prefect global concurrency limit that admits `shard_workers` shard tasks at once, wherever they run."""
+    import re
+
+    from prefect import get_client
+
+    name = "distill-shards-" + re.sub(r"[^A-Za-z0-9_-]+", "-", teacher.model)[:80]
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, generation.shard_workers)
+    return name
+
+
+def per_worker(generation):
+    """Each shard worker's share of the request limits, so that together they keep the configured ones."""
+    w = generation.shard_workers
+    return generation.model_copy(update={
+        "concurrency": max(1, -(-generation.concurrency // w)),
+        "requests_per_minute": generation.requests_per_minute / w if generation.requests_per_minute else None,
+        "tokens_per_minute": generation.tokens_per_minute / w if generation.tokens_per_minute else None})
 
 
 def task_runner(generation):
@@ -55,8 +80,9 @@ def generate_dataset(config: DistillConfig, input_path: str, out_dir: str) -> di
         gen = gen.model_copy(update={"ledger_path": Path(out_dir) / "ledger.jsonl"})
     split = split_prompt_shards(input_path, out_dir, gen.shard_rows, config.task)
     labels = config.task.label_set() if config.task is not None and config.task.kind == "classification" else None
+    limit = shard_limit(config.teacher, gen)
     futures = answer_prompt_shard.map(unmapped(out_dir), range(split["shards"]), unmapped(config.teacher),
-                                      unmapped(gen), unmapped(labels))
+                                      unmapped(per_worker(gen)), unmapped(labels), unmapped(limit))
     summaries = [f.result() for f in futures]
     totals = {k: sum(s.get(k, 0) for s in summaries) for k in ("requested", "done", "failed", "cached")}
     totals["cost_usd"] = round(sum(s.get("cost_usd", 0.0) for s in summaries), 6)

@@ -163,10 +163,18 @@ def split_prompt_shards(input_path: str, out_dir: str, shard_rows: int, task_sec
 @task(name="answer-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       task_run_name="answer-shard-{index}")
 def answer_prompt_shard(out_dir: str, index: int, teacher: TeacherConfig, generation: GenerationConfig,
-                        labels: list[str] | None = None) -> dict:
-    """Answer one shard unless it is finished (distill.teacher.shards.answer_shard); its summary."""
+                        labels: list[str] | None = None, limit: str | None = None) -> dict:
+    """Answer one shard unless it is finished (distill.teacher.shards.answer_shard); its summary.
+
+    limit: a Prefect global concurrency limit to hold a slot of while answering (shards at once, job-wide).
+    """
+    from contextlib import nullcontext
+
+    from prefect.concurrency.sync import concurrency
+
     from distill.teacher.shards import answer_shard
 
-    s = answer_shard(out_dir, index, teacher, generation, api_key=resolve_key(teacher), labels=labels)
+    with concurrency(limit, occupy=1, strict=True) if limit else nullcontext():
+        s = answer_shard(out_dir, index, teacher, generation, api_key=resolve_key(teacher), labels=labels)
     get_run_logger().info("shard %d: %s", index, "finished earlier" if s["skipped"] else summary_line(s))
     return s
