@@ -10,7 +10,8 @@ cache. This script:
    half the prompts, and starts it again on the same output directory, which finishes the job;
 3. samples the resident memory of the command's whole process tree (Prefect's server included)
    every 0.2 s;
-4. answers a `--scaling-rows` slice with 1 and then 2 shard workers, each with a fresh cache.
+4. answers a `--scaling-rows` slice with 1 and 2 shard workers (threads of the command's process), and
+   with 2 Dask worker processes, each with a fresh cache.
 
 Printed, all from this run: end-to-end requests/s (both runs, restart included), peak RSS,
 request-cache bytes per record, the requests the teacher answered twice after the kill (the
@@ -116,7 +117,8 @@ def write_prompts(path: Path, n: int) -> None:
             f.write(json.dumps({"id": f"p{i}", "text": f"{texts[i % len(texts)]} (request {i})"}) + "\n")
 
 
-def write_config(path: Path, port: int, cache: Path, workers: int, concurrency: int, shard_rows: int) -> None:
+def write_config(path: Path, port: int, cache: Path, workers: int, concurrency: int, shard_rows: int,
+                 runner: str = "threads") -> None:
     import yaml
 
     path.write_text(yaml.safe_dump({
@@ -127,7 +129,7 @@ def write_config(path: Path, port: int, cache: Path, workers: int, concurrency: 
                     "input_price_per_1m": 0.15, "output_price_per_1m": 0.6},
         "generation": {"concurrency": concurrency, "max_tokens": 8, "logprobs": True, "top_logprobs": 5,
                        "cache_path": str(cache), "shard_rows": shard_rows, "shard_workers": workers,
-                       "max_retries": 2},
+                       "max_retries": 2, "task_runner": runner},
     }))
 
 
@@ -215,15 +217,17 @@ def main() -> None:
         scaling = {}
         slice_prompts = work / "slice.jsonl"
         write_prompts(slice_prompts, args.scaling_rows)
-        for w in (1, 2):
+        for w, runner in ((1, "threads"), (2, "threads"), (2, "dask")):
             get(f"http://127.0.0.1:{port}/reset", "POST")
-            cfg_w = work / f"config-{w}.yaml"
-            write_config(cfg_w, port, work / f"cache-{w}.sqlite", w, args.concurrency, args.shard_rows)
-            r = run_distill(cfg_w, slice_prompts, work / f"out-{w}", env, None, stats_url, log)
-            scaling[w] = args.scaling_rows / r["wall_s"]
-            print(f"  {args.scaling_rows} prompts, {w} shard worker(s): {scaling[w]:.0f} req/s end to end "
-                  f"({r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB)")
-        print(f"2 workers / 1 worker: {scaling[2] / scaling[1]:.2f}x on {os.cpu_count()} cores")
+            cfg_w = work / f"config-{w}-{runner}.yaml"
+            write_config(cfg_w, port, work / f"cache-{w}-{runner}.sqlite", w, args.concurrency, args.shard_rows,
+                         runner)
+            r = run_distill(cfg_w, slice_prompts, work / f"out-{w}-{runner}", env, None, stats_url, log)
+            scaling[w, runner] = args.scaling_rows / r["wall_s"]
+            print(f"  {args.scaling_rows} prompts, {w} shard worker(s) on {runner}: {scaling[w, runner]:.0f} req/s "
+                  f"end to end ({r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB)")
+        print(f"2 workers / 1 worker on {os.cpu_count()} cores: {scaling[2, 'threads'] / scaling[1, 'threads']:.2f}x "
+              f"as threads of one process, {scaling[2, 'dask'] / scaling[1, 'threads']:.2f}x as Dask worker processes")
         print(f"rows={args.rows} rps={rps:.0f} peak_rss_mb={peak:.0f} cache_bytes_per_record={per_record:.0f} "
               f"repaid_after_kill={repaid}")
     finally:

@@ -278,8 +278,9 @@ class GenerationConfig(Section):
     )
     shard_workers: int = Field(
         1, ge=1, le=256, description="`distill generate-dataset`: shards answered at once, on every machine "
-        "together (a Prefect global concurrency limit named after the teacher model). Each gets an equal share of "
-        "concurrency, requests_per_minute and tokens_per_minute, so those stay limits on the whole job.",
+        "together (with dask_address, a Prefect global concurrency limit named after the teacher model admits "
+        "them). Each gets an equal share of concurrency, requests_per_minute and tokens_per_minute, so those stay "
+        "limits on the whole job.",
     )
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="`distill generate-dataset`: where the shard tasks run. threads: Prefect's "

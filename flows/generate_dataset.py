@@ -3,9 +3,10 @@
 split-prompts checks every row before anything is paid and writes the shards; answer-shard
 is mapped over them (`.map`) on the task runner `generation.task_runner` names: Prefect's
 thread pool in this process, or Dask (a local cluster of processes, or the scheduler at
-`generation.dask_address`). The limits hold for the whole job, not per worker: a Prefect
-global concurrency limit admits `generation.shard_workers` shard tasks at once on every
-machine (a killed worker's slot comes back when its lease lapses), each gets an equal share
+`generation.dask_address`). The limits hold for the whole job, not per worker: the thread
+pool or local cluster runs `generation.shard_workers` shard tasks at once, and on a shared
+Dask cluster a Prefect global concurrency limit admits that many on all its machines (a
+killed worker's slot comes back when its lease lapses, after a minute); each gets an equal share
 of `concurrency`, `requests_per_minute` and `tokens_per_minute`, and `budget_usd` is held
 in one ledger in the output directory. Workers share the
 request cache (`generation.cache_url` for several machines), so a shard that is retried or
@@ -80,7 +81,9 @@ def generate_dataset(config: DistillConfig, input_path: str, out_dir: str) -> di
         gen = gen.model_copy(update={"ledger_path": Path(out_dir) / "ledger.jsonl"})
     split = split_prompt_shards(input_path, out_dir, gen.shard_rows, config.task)
     labels = config.task.label_set() if config.task is not None and config.task.kind == "classification" else None
-    limit = shard_limit(config.teacher, gen)
+    # In this process (threads) or on a local Dask cluster, the runner's own size is the bound; only a
+    # shared Dask cluster, whose workers may be many, needs the Prefect server to admit shard tasks.
+    limit = shard_limit(config.teacher, gen) if gen.task_runner == "dask" and gen.dask_address else None
     futures = answer_prompt_shard.map(unmapped(out_dir), range(split["shards"]), unmapped(config.teacher),
                                       unmapped(per_worker(gen)), unmapped(labels), unmapped(limit))
     summaries = [f.result() for f in futures]

@@ -174,7 +174,8 @@ def answer_prompt_shard(out_dir: str, index: int, teacher: TeacherConfig, genera
 
     from distill.teacher.shards import answer_shard
 
-    with concurrency(limit, occupy=1, strict=True) if limit else nullcontext():
+    # The shortest lease Prefect takes: a worker killed inside it frees its slot a minute later.
+    with concurrency(limit, occupy=1, strict=True, lease_duration=60) if limit else nullcontext():
         s = answer_shard(out_dir, index, teacher, generation, api_key=resolve_key(teacher), labels=labels)
     get_run_logger().info("shard %d: %s", index, "finished earlier" if s["skipped"] else summary_line(s))
     return s
