@@ -71,60 +71,61 @@ def stand_in_requests(url: str) -> int:
         return json.loads(r.read())["requests"]
 
 
-def test_a_shard_is_answered_once_and_an_interrupted_one_resumes_from_the_cache(tmp_path):
+@pytest.fixture(scope="module")
+def stand_in():
+    """The hosted-chat stand-in in its own process: its base URL."""
     proc, url = standin.start()
-    try:
-        teacher = TeacherConfig(base_url=url, model="hosted-chat", input_price_per_1m=0.15, output_price_per_1m=0.6)
-        generation = GenerationConfig(concurrency=8, max_tokens=16, top_logprobs=5, backoff_base_s=0.01,
-                                      cache_path=tmp_path / "cache.sqlite")
-        out = tmp_path / "out"
-        split_prompts(write_prompts(tmp_path / "prompts.jsonl", 60), out, 25)
-        first = answer_shard(out, 0, teacher, generation)
-        assert first["done"] == 25 and first["skipped"] is False and finished(out, 0) is not None
-        assert [r["id"] for r in iter_records(out, 0)] == [f"p{i}" for i in range(25)]
-        asked = stand_in_requests(url)
-        assert asked >= 25  # every 37th request is answered 429 and retried
-
-        again = answer_shard(out, 0, teacher, generation)
-        assert again["skipped"] is True and stand_in_requests(url) == asked
-
-        # Killed after the records were written but before the summary: answered again, all from the cache.
-        records = records_path(out, 0).read_bytes()
-        summary_path(out, 0).unlink()
-        resumed = answer_shard(out, 0, teacher, generation)
-        assert resumed["cached"] == 25 and resumed["http_requests"] == 0 and resumed["cost_usd"] == 0
-        assert stand_in_requests(url) == asked
-        assert [json.loads(x)["response"] for x in records_path(out, 0).read_bytes().splitlines()] == \
-            [json.loads(x)["response"] for x in records.splitlines()]
-        assert (out / SPLIT).exists()
-    finally:
-        proc.terminate()
-        proc.wait()
+    yield url
+    proc.terminate()
+    proc.wait()
 
 
-def test_shard_workers_at_once_share_one_budget(tmp_path):
+def hosted(url: str, price: float, cache: Path) -> tuple[TeacherConfig, GenerationConfig]:
+    return (TeacherConfig(base_url=url, model="hosted-chat", input_price_per_1m=price, output_price_per_1m=4 * price),
+            GenerationConfig(concurrency=4, max_tokens=16, top_logprobs=5, backoff_base_s=0.01, cache_path=cache))
+
+
+def test_a_shard_is_answered_once_and_an_interrupted_one_resumes_from_the_cache(tmp_path, stand_in):
+    url = stand_in
+    teacher, generation = hosted(url, 0.15, tmp_path / "cache.sqlite")
+    out = tmp_path / "out"
+    split_prompts(write_prompts(tmp_path / "prompts.jsonl", 60), out, 25)
+    first = answer_shard(out, 0, teacher, generation)
+    assert first["done"] == 25 and first["skipped"] is False and finished(out, 0) is not None
+    assert [r["id"] for r in iter_records(out, 0)] == [f"p{i}" for i in range(25)]
+    asked = stand_in_requests(url)
+    assert asked >= 25  # every 37th request is answered 429 and retried
+
+    again = answer_shard(out, 0, teacher, generation)
+    assert again["skipped"] is True and stand_in_requests(url) == asked
+
+    # Killed after the records were written but before the summary: answered again, all from the cache.
+    records = records_path(out, 0).read_bytes()
+    summary_path(out, 0).unlink()
+    resumed = answer_shard(out, 0, teacher, generation)
+    assert resumed["cached"] == 25 and resumed["http_requests"] == 0 and resumed["cost_usd"] == 0
+    assert stand_in_requests(url) == asked
+    assert [json.loads(x)["response"] for x in records_path(out, 0).read_bytes().splitlines()] == \
+        [json.loads(x)["response"] for x in records.splitlines()]
+    assert (out / SPLIT).exists()
+
+
+def test_shard_workers_at_once_share_one_budget(tmp_path, stand_in):
     from concurrent.futures import ThreadPoolExecutor
 
     from distill.teacher.ratelimit import Ledger
 
-    proc, url = standin.start()
-    try:
-        teacher = TeacherConfig(base_url=url, model="hosted-chat", input_price_per_1m=150.0, output_price_per_1m=600.0)
-        one_shard = GenerationConfig(concurrency=4, max_tokens=16, top_logprobs=5, backoff_base_s=0.01,
-                                     cache_path=tmp_path / "probe.sqlite")
-        out = tmp_path / "out"
-        split_prompts(write_prompts(tmp_path / "prompts.jsonl", 40), out, 20)
-        split_prompts(write_prompts(tmp_path / "probe.jsonl", 20), tmp_path / "probe", 20)
-        # What one shard costs (its own cache: the shards below still pay for theirs).
-        budget = 1.5 * answer_shard(tmp_path / "probe", 0, teacher, one_shard)["cost_usd"]
-        generation = one_shard.model_copy(update={"cache_path": tmp_path / "cache.sqlite", "budget_usd": budget,
-                                                  "ledger_path": tmp_path / "ledger.jsonl"})
-        with ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(lambda i: answer_shard(out, i, teacher, generation), [0, 1]))
-        spent = Ledger(tmp_path / "ledger.jsonl", budget).spent()
-        assert spent <= budget + 1e-9
-        assert sum(r["done"] for r in results) < 40 and any(r["budget_exhausted"] for r in results)
-        assert sum(r["cost_usd"] for r in results) == pytest.approx(spent, abs=1e-6)
-    finally:
-        proc.terminate()
-        proc.wait()
+    teacher, one_shard = hosted(stand_in, 150.0, tmp_path / "probe.sqlite")
+    out = tmp_path / "out"
+    split_prompts(write_prompts(tmp_path / "prompts.jsonl", 40), out, 20)
+    split_prompts(write_prompts(tmp_path / "probe.jsonl", 20), tmp_path / "probe", 20)
+    # What one shard costs (its own cache: the shards below still pay for theirs).
+    budget = 1.5 * answer_shard(tmp_path / "probe", 0, teacher, one_shard)["cost_usd"]
+    generation = one_shard.model_copy(update={"cache_path": tmp_path / "cache.sqlite", "budget_usd": budget,
+                                              "ledger_path": tmp_path / "ledger.jsonl"})
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: answer_shard(out, i, teacher, generation), [0, 1]))
+    spent = Ledger(tmp_path / "ledger.jsonl", budget).spent()
+    assert spent <= budget + 1e-9
+    assert sum(r["done"] for r in results) < 40 and any(r["budget_exhausted"] for r in results)
+    assert sum(r["cost_usd"] for r in results) == pytest.approx(spent, abs=1e-6)
