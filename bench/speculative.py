@@ -1,13 +1,15 @@
 """Speculative decoding with the distilled student as the teacher's draft: acceptance rate and speed-up.
 
 The open-weights teacher and the student share one tokenizer (a word-level vocabulary
-over BANKING77's training texts, built here; nothing is downloaded). The teacher is a
-random Llama-style model (--teacher-layers x --teacher-hidden) whose output layer is
-scaled to a trained model's logit range, so its greedy answers are decisive; the
-student is a 2-layer model a fraction of its size, trained by distill's own
-`train_sft` (full SFT, chat template, completion-only loss) on the teacher's greedy
-answers to --train-prompts training texts, then written by `distill.models.export.
-export_draft` (which checks the tokenizers match) — the path `distill export draft` takes.
+over BANKING77's training texts and intents, built here; nothing is downloaded). The
+teacher is a Llama-style model (--teacher-layers x --teacher-hidden) trained here with
+distill's own `train_sft` (--teacher-steps) to answer each training text with a sentence
+naming its gold intent, so that it behaves like a trained model with a task, not like
+random weights (whose greedy continuations no small model can predict). The student is a
+2-layer model a fraction of its size, trained by `train_sft` (full SFT, chat template,
+completion-only loss) on the teacher's greedy answers to the same --train-prompts texts,
+then written by `distill.models.export.export_draft` (which checks the tokenizers match) —
+the path `distill export draft` takes.
 
 On --eval-prompts other training texts (never test.csv), one prompt at a time, the
 teacher decodes greedily twice: alone, and with the draft as `assistant_model`
@@ -44,9 +46,11 @@ SYSTEM = "Answer the customer."
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def texts() -> list[str]:
+def texts() -> list[tuple[str, str]]:
+    """(text, the gold intent as a sentence) for every BANKING77 training row."""
     with open(DATA, encoding="utf-8", newline="") as f:
-        return [row["text"].lower() for row in csv.DictReader(f)]
+        return [(row["text"].lower(), f"this is about {row['category'].replace('_', ' ')} .")
+                for row in csv.DictReader(f)]
 
 
 def build_tokenizer(directory: Path, corpus: list[str], size: int):
@@ -67,7 +71,7 @@ def build_tokenizer(directory: Path, corpus: list[str], size: int):
     return tok
 
 
-def build_model(directory: Path, tok, hidden: int, layers: int, seed: int, logit_scale: float) -> Path:
+def build_model(directory: Path, tok, hidden: int, layers: int, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,8 +82,6 @@ def build_model(directory: Path, tok, hidden: int, layers: int, seed: int, logit
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(logit_scale)
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
@@ -96,14 +98,16 @@ def teacher_answers(teacher_dir: Path, prompts: list[str], max_new_tokens: int) 
     return [a["text"] for a in model.answer([chat(p) for p in prompts], batch_size=32)]
 
 
-def train_student(student_dir: Path, prompts: list[str], answers: list[str], out: Path, steps: int) -> str:
+def train_student(student_dir: Path, prompts: list[str], answers: list[str], out: Path, steps: int,
+                  learning_rate: float = 3e-3) -> str:
     from distill.config import SFTTrain
     from distill.train.lm import train_sft
 
     rows = [{"id": str(i), "text": p, "target": a, "messages": chat(p), "soft_labels": None, "source": "teacher",
              "weight": 1.0, "split": "train"} for i, (p, a) in enumerate(zip(prompts, answers)) if a]
-    cfg = SFTTrain(student_model=student_dir, learning_rate=3e-3, batch_size=16, max_steps=steps, max_length=128,
-                   eval_steps=steps, checkpoint_steps=steps, logging_steps=max(1, steps // 4), device="cpu")
+    cfg = SFTTrain(student_model=student_dir, learning_rate=learning_rate, batch_size=16, max_steps=steps,
+                   max_length=128, eval_steps=steps, checkpoint_steps=steps, logging_steps=max(1, steps // 4),
+                   device="cpu")
     return train_sft(rows, cfg, out, progress=False)["model_dir"]
 
 
@@ -175,19 +179,26 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--draft-tokens", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="The student's training steps.")
+    ap.add_argument("--teacher-steps", type=int, default=300, help="The teacher's own training steps.")
     ap.add_argument("--teacher-hidden", type=int, default=512)
     ap.add_argument("--teacher-layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=800)
     args = ap.parse_args()
 
-    corpus = texts()
-    train, held = corpus[:args.train_prompts], corpus[-args.eval_prompts:]
+    rows = texts()
+    # Every 7th row: the prompts are spread over the intents instead of the file's first few.
+    train = [t for t, _ in rows[::7][:args.train_prompts]]
+    gold = [g for _, g in rows[::7][:args.train_prompts]]
+    held = [t for t, _ in rows[3::7][:args.eval_prompts]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok = build_tokenizer(tmp / "tok", corpus, args.vocab)
-        teacher = build_model(tmp / "teacher", tok, args.teacher_hidden, args.teacher_layers, seed=0, logit_scale=50.0)
-        student = build_model(tmp / "student-init", tok, 64, 2, seed=1, logit_scale=1.0)
+        tok = build_tokenizer(tmp / "tok", [t for t, _ in rows] + [g for _, g in rows], args.vocab)
+        t0 = time.perf_counter()
+        init = build_model(tmp / "teacher-init", tok, args.teacher_hidden, args.teacher_layers, seed=0)
+        teacher = Path(train_student(init, train, gold, tmp / "teacher-sft", args.teacher_steps, learning_rate=1e-3))
+        print(f"teacher trained on {len(train)} intents in {time.perf_counter() - t0:.0f} s", flush=True)
+        student = build_model(tmp / "student-init", tok, 64, 2, seed=1)
         t0 = time.perf_counter()
         answers = teacher_answers(teacher, train, args.max_new_tokens)
         trained = train_student(student, train, answers, tmp / "sft", args.steps)

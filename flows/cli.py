@@ -223,13 +223,17 @@ def generate_dataset_cmd(config: Path = typer.Argument(..., help="YAML config fi
 
     apply_offline_env()
     cfg = load_or_fail(config, set_, need_task=False)
+    if not input.is_file():
+        fail(f"{input}: file not found (--input)")
     try:
         check_writable(cfg.generation.cache_path, "generation.cache_path", directory=False)
+        check_writable(out_dir, "--out-dir", directory=True)
         with guarded_run():
             from distill_flows.generate_dataset import generate_dataset, task_runner
 
             flow = generate_dataset.with_options(task_runner=task_runner(cfg.generation))
-            out = flow(config=cfg, input_path=str(input), out_dir=str(out_dir))
+            out = flow(teacher=cfg.teacher, generation=cfg.generation, input_path=str(input), out_dir=str(out_dir),
+                       task=cfg.task, heuristics=cfg.filter.heuristics)
     except ConfigError as e:
         fail(str(e))
     f = out["filter"]

@@ -26,7 +26,7 @@ from distill_tasks.generate import answer_prompt_shard, split_prompt_shards
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
 
-from distill.config import DistillConfig
+from distill.config import GenerationConfig, HeuristicsConfig, TaskConfig, TeacherConfig
 from distill.data import write_text
 
 
@@ -67,31 +67,39 @@ def task_runner(generation):
 
 
 @flow(name="generate-dataset", log_prints=False)
-def generate_dataset(config: DistillConfig, input_path: str, out_dir: str) -> dict:
-    """Answer every prompt of `input_path` into shards under `out_dir`; filter them when the config has a task.
+def generate_dataset(teacher: TeacherConfig, generation: GenerationConfig, input_path: str, out_dir: str,
+                     task: TaskConfig | None = None, heuristics: HeuristicsConfig | None = None) -> dict:
+    """Answer every prompt of `input_path` into shards under `out_dir`; filter them when there is a task.
+
+    Args:
+        teacher, generation: the config's sections.
+        input_path: CSV/JSONL prompts.
+        out_dir: shards, records, filtered rows and summary.json.
+        task: renders rows without `messages` and defines the filter's checks; None: no filter stage.
+        heuristics: the filter's heuristics section (its defaults when None).
 
     Returns:
         {"rows", "shards", "done", "failed", "cached", "cost_usd", "wall_s", "filter" (totals or None)}.
     """
     logger = get_run_logger()
     started = time.monotonic()
-    gen = config.generation
+    gen = generation
     if gen.budget_usd is not None and gen.ledger_path is None:
         # One ledger for every shard: budget_usd caps the whole dataset, across workers and resumes.
         gen = gen.model_copy(update={"ledger_path": Path(out_dir) / "ledger.jsonl"})
-    split = split_prompt_shards(input_path, out_dir, gen.shard_rows, config.task)
-    labels = config.task.label_set() if config.task is not None and config.task.kind == "classification" else None
+    split = split_prompt_shards(input_path, out_dir, gen.shard_rows, task)
+    labels = task.label_set() if task is not None and task.kind == "classification" else None
     # In this process (threads) or on a local Dask cluster, the runner's own size is the bound; only a
     # shared Dask cluster, whose workers may be many, needs the Prefect server to admit shard tasks.
-    limit = shard_limit(config.teacher, gen) if gen.task_runner == "dask" and gen.dask_address else None
-    futures = answer_prompt_shard.map(unmapped(out_dir), range(split["shards"]), unmapped(config.teacher),
+    limit = shard_limit(teacher, gen) if gen.task_runner == "dask" and gen.dask_address else None
+    futures = answer_prompt_shard.map(unmapped(out_dir), range(split["shards"]), unmapped(teacher),
                                       unmapped(per_worker(gen)), unmapped(labels), unmapped(limit))
     summaries = [f.result() for f in futures]
     totals = {k: sum(s.get(k, 0) for s in summaries) for k in ("requested", "done", "failed", "cached")}
     totals["cost_usd"] = round(sum(s.get("cost_usd", 0.0) for s in summaries), 6)
     filtered = None
-    if config.task is not None:
-        filtered = filter_prompt_shards(out_dir, split["shards"], config.task, config.filter.heuristics)
+    if task is not None:
+        filtered = filter_prompt_shards(out_dir, split["shards"], task, heuristics or HeuristicsConfig())
     out = {"rows": split["rows"], "shards": split["shards"], **totals,
            "shards_skipped": sum(1 for s in summaries if s.get("skipped")),
            "wall_s": round(time.monotonic() - started, 2), "filter": filtered}

@@ -88,3 +88,18 @@ def test_shards_fan_out_resume_and_run_on_dask(tmp_path):
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_a_bad_prompt_row_stops_it_by_file_and_line_before_any_request(tmp_path):
+    config = tmp_path / "config.yaml"
+    # No teacher listens at this port: a request would fail the run differently, and later.
+    config.write_text(yaml.safe_dump({"teacher": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                                      "generation": {"cache_path": str(tmp_path / "cache.sqlite")}}))
+    missing = run(tmp_path, config, tmp_path / "nope.jsonl", tmp_path / "out")
+    assert missing.returncode == 2 and "nope.jsonl: file not found (--input)" in missing.stderr
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n{"id": "b"}\n')
+    bad = run(tmp_path, config, prompts, tmp_path / "out")
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "prompts.jsonl:2: no 'messages'" in bad.stderr
+    assert not (tmp_path / "cache.sqlite").exists() and list((tmp_path / "out").glob("prompts-*")) == []
