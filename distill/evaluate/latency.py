@@ -79,88 +79,78 @@ class _Connection:
         self.reader = self.writer = None
 
 
+async def _closed_loop(one, n_requests: int, concurrency: int, warmup: int) -> dict[str, Any]:
+    """`concurrency` closed-loop clients sending requests 0..n_requests-1 as `one(client, i)`, each its next as
+    soon as its last is answered, after `warmup` unmeasured requests (connection setup, lazy initialisation)."""
+    results: list[dict[str, Any] | None] = [None] * n_requests
+    next_index = 0
+    for i in range(warmup):
+        await one(i % concurrency, i)
+
+    async def client(c: int) -> None:
+        nonlocal next_index
+        while next_index < n_requests:
+            i = next_index
+            next_index += 1
+            results[i] = await one(c, i)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    return {"results": results, "wall_s": time.perf_counter() - t0}
+
+
+def _timed(t0: float, status: int | None, error: str | None, body: Any) -> dict[str, Any]:
+    return {"ms": (time.perf_counter() - t0) * 1000, "status": status, "error": error, "body": body}
+
+
 async def _send_all_lean(url: str, payloads: Sequence[dict], n_requests: int, concurrency: int,
-                    headers: dict[str, str], timeout_s: float, warmup: int, keep_bodies: bool) -> dict[str, Any]:
+                         headers: dict[str, str], timeout_s: float, warmup: int, keep_bodies: bool) -> dict[str, Any]:
     import json
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     bodies = [json.dumps(p).encode() for p in payloads]
-    results: list[dict[str, Any] | None] = [None] * n_requests
-    next_index = 0
+    conns = [_Connection(parts.hostname, parts.port or 80, path, headers) for _ in range(concurrency)]
 
-    async def one(conn: _Connection, body: bytes) -> dict[str, Any]:
+    async def one(c: int, i: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
-                status, data = await conn.post(body)
-            error = None if status == 200 else f"HTTP {status}"
+                status, data = await conns[c].post(bodies[i % len(bodies)])
         except Exception as e:  # a failed request is counted, never retried: retries would hide latency
-            conn.close()
-            status, data, error = None, None, type(e).__name__
-        return {"ms": (time.perf_counter() - t0) * 1000, "status": status, "error": error,
-                "body": json.loads(data) if keep_bodies and data else None}
+            conns[c].close()
+            return _timed(t0, None, type(e).__name__, None)
+        return _timed(t0, status, None if status == 200 else f"HTTP {status}",
+                      json.loads(data) if keep_bodies and data else None)
 
-    conns = [_Connection(parts.hostname, parts.port or 80, path, headers) for _ in range(concurrency)]
-    # Warm-up requests (connection setup, lazy initialisation) are not measured.
-    for i in range(warmup):
-        await one(conns[i % concurrency], bodies[i % len(bodies)])
-
-    async def client(conn: _Connection) -> None:
-        nonlocal next_index
-        while next_index < n_requests:
-            i = next_index
-            next_index += 1
-            results[i] = await one(conn, bodies[i % len(bodies)])
-
-    t0 = time.perf_counter()
     try:
-        await asyncio.gather(*(client(c) for c in conns))
+        return await _closed_loop(one, n_requests, concurrency, warmup)
     finally:
         for c in conns:
             c.close()
-    wall = time.perf_counter() - t0
-    return {"results": results, "wall_s": wall}
 
 
 async def _send_all_aiohttp(url: str, payloads: Sequence[dict], n_requests: int, concurrency: int,
-                    headers: dict[str, str], timeout_s: float, warmup: int, keep_bodies: bool) -> dict[str, Any]:
+                            headers: dict[str, str], timeout_s: float, warmup: int,
+                            keep_bodies: bool) -> dict[str, Any]:
     import aiohttp
 
-    results: list[dict[str, Any] | None] = [None] * n_requests
-    next_index = 0
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:
 
-        async def one(payload: dict) -> dict[str, Any]:
+        async def one(c: int, i: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             try:
-                async with session.post(url, json=payload) as resp:
+                async with session.post(url, json=payloads[i % len(payloads)]) as resp:
                     body = await resp.json(content_type=None) if keep_bodies else await resp.read()
                     status = resp.status
-                    error = None if status == 200 else f"HTTP {status}"
             except Exception as e:  # a failed request is counted, never retried: retries would hide latency
-                body, status, error = None, None, type(e).__name__
-            return {"ms": (time.perf_counter() - t0) * 1000, "status": status, "error": error,
-                    "body": body if keep_bodies else None}
+                return _timed(t0, None, type(e).__name__, None)
+            return _timed(t0, status, None if status == 200 else f"HTTP {status}", body if keep_bodies else None)
 
-        # Warm-up requests (connection setup, lazy initialisation) are not measured.
-        for i in range(warmup):
-            await one(payloads[i % len(payloads)])
-
-        async def client() -> None:
-            nonlocal next_index
-            while next_index < n_requests:
-                i = next_index
-                next_index += 1
-                results[i] = await one(payloads[i % len(payloads)])
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"results": results, "wall_s": wall}
+        return await _closed_loop(one, n_requests, concurrency, warmup)
 
 
 def _run_coroutine(coro) -> Any:

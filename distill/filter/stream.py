@@ -40,8 +40,10 @@ def filter_shards(out_dir: str | Path, shards: int, task: TaskConfig, config: He
     for i in range(shards):
         task_rows = [{"id": p["id"], "messages": p["messages"], "text": _last_user(p["messages"]), "gold": None}
                      for p in iter_prompts(out_dir, i)]
-        candidates, rejected = build_candidates(task_rows, list(iter_records(out_dir, i)), task)
-        del task_rows
+        records = list(iter_records(out_dir, i))
+        candidates, rejected = build_candidates(task_rows, records, task)
+        totals["candidates"] += len(records)
+        del task_rows, records
         passed, dropped = heuristics(candidates, config, task)
         rejected += dropped
         kept = []
@@ -54,7 +56,6 @@ def filter_shards(out_dir: str | Path, shards: int, task: TaskConfig, config: He
             kept.append(row)
         write_jsonl(out_dir / f"kept-{i:06d}.jsonl", kept)
         write_jsonl(out_dir / f"rejected-{i:06d}.jsonl", rejected)
-        totals["candidates"] += len(candidates) + sum(1 for r in rejected if r.get("stage") == "generation")
         totals["kept"] += len(kept)
         totals["rejected"] += len(rejected)
         for r in rejected:

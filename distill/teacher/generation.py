@@ -93,12 +93,15 @@ def estimate_cost(rows: list[dict], teacher: TeacherConfig, generation: Generati
         finally:
             cache.close()
     todo = [j for j in jobs if j.key not in cached]
-    factor = teacher.batch_price_factor if generation.mode == "batch" else 1.0
-    prompt = sum(j.est_tokens for j in todo)
-    completion = generation.max_tokens * len(todo)
     return {"requests": len(jobs), "cached": len(jobs) - len(todo), "to_send": len(todo),
-            "prompt_tokens": prompt, "completion_tokens_max": completion,
-            "cost_usd": round(price(teacher, prompt, completion, factor), 6), "mode": generation.mode}
+            "prompt_tokens": sum(j.est_tokens for j in todo), "completion_tokens_max": generation.max_tokens * len(todo),
+            "cost_usd": round(upper_cost(todo, teacher, generation), 6), "mode": generation.mode}
+
+
+def upper_cost(jobs: list[Job], teacher: TeacherConfig, generation: GenerationConfig) -> float:
+    """What sending `jobs` can cost at most: their estimated prompts, every completion at max_tokens."""
+    factor = teacher.batch_price_factor if generation.mode == "batch" else 1.0
+    return price(teacher, sum(j.est_tokens for j in jobs), generation.max_tokens * len(jobs), factor)
 
 
 def _run_sync(coro_fn: Callable[[], Any]) -> Any:
@@ -178,8 +181,7 @@ def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, gener
         ledger = Ledger(generation.ledger_path, generation.budget_usd) if generation.ledger_path else None
         # With a run ledger the cap is what the run has left, not a fresh budget_usd per call; calls
         # spending at once (shard workers) each hold their upper bound of it, so together they stay under.
-        factor = teacher.batch_price_factor if generation.mode == "batch" else 1.0
-        need = 1.25 * price(teacher, sum(j.est_tokens for j in pending), generation.max_tokens * len(pending), factor)
+        need = 1.25 * upper_cost(pending, teacher, generation)
         with ledger.hold(need) if ledger else contextlib.nullcontext(generation.budget_usd) as cap:
             budget = Budget(cap)
             client = Client(teacher, generation, api_key, cache, budget, lambda j, f: fill(j, f, cached=False))

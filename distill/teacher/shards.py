@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from distill.config import ConfigError, GenerationConfig, TeacherConfig
-from distill.data import iter_jsonl, prompt_prefix, read_table, write_chunks, write_jsonl, write_text
+from distill.data import JSON_SUFFIXES, iter_jsonl, prompt_prefix, read_table, write_chunks, write_jsonl, write_text
 from distill.teacher.generation import generate, prompt_row
 
 SPLIT = "split.json"
@@ -51,7 +51,7 @@ def summary_path(out_dir: Path, index: int) -> Path:
 def _rows(path: Path, task: Any) -> Iterator[dict]:
     """Raw rows of the prompts file: JSONL streamed line by line; CSV read whole (its quoting can span lines)."""
     options = {} if task is None else {"encoding": task.encoding, "max_field_chars": task.max_field_chars}
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+    if path.suffix.lower() in JSON_SUFFIXES:
         yield from iter_jsonl(path, required=["id"], **options)
     else:
         yield from read_table(path, required=["id"], **options)
@@ -120,14 +120,6 @@ def split_prompts(path: str | Path, out_dir: str | Path, shard_rows: int, task: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"shards": shards, "rows": rows, "reused": False}
-
-
-def read_split(out_dir: str | Path) -> dict:
-    """The split record of an output directory (ConfigError when it has none)."""
-    done = Path(out_dir) / SPLIT
-    if not done.exists():
-        raise ConfigError(f"{out_dir}: no {SPLIT}; split the prompts first")
-    return json.loads(done.read_text())
 
 
 def finished(out_dir: str | Path, index: int) -> dict | None:
