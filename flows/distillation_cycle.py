@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from distill.config import ConfigError, DistillConfig, dump_config, load_config
-from distill.data import load_task_rows, read_jsonl, write_text
+from distill.data import load_task_rows, read_jsonl, write_jsonl, write_text
 from distill.runs import RESUMABLE, RunClaim, check_resumable, find_resumable, runs_root
 
 
@@ -99,6 +99,7 @@ def distillation_cycle(config: DistillConfig | None = None, config_path: str | N
     try:
         with claim:
             write_text(run_dir / "config.yaml", dump_config(cfg))
+            inputs = write_inputs(inputs, run_dir)
             answers = ask_teacher(cfg, inputs, run_dir)
             outcome = train_and_evaluate(cfg, inputs, answers, run_dir, run_id)
             outcome["metrics"]["wall_s"] = round(time.perf_counter() - started, 1)
@@ -124,6 +125,23 @@ def load_inputs(cfg: DistillConfig) -> dict[str, Any]:
     return {"labels": cfg.task.label_set() if cfg.task.kind == "classification" else None,
             "train_rows": train_rows, "holdout": load_task_rows(cfg.task, "test") if cfg.task.test_path else [],
             "teacher_rows": teacher_rows + traffic, "real_rows": real_rows, "traffic_rows": traffic}
+
+
+# The run's input rows, as the stages read them: each task gets a path, never a row list.
+INPUT_FILES = {"teacher_rows": "inputs/prompts.jsonl", "real_rows": "inputs/real.jsonl",
+               "holdout": "inputs/holdout.jsonl"}
+
+
+def write_inputs(inputs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Write the checked rows to the run directory and keep only their paths and counts.
+
+    Returns {labels, paths: {teacher_rows, real_rows, holdout}, counts: {the same, train_rows, traffic_rows}}.
+    From here on rows move between stages as files: Prefect walks, and a distributed runner would
+    ship, every row of a list handed to a task; a path costs nothing either way.
+    """
+    paths = {k: str(write_jsonl(run_dir / name, inputs[k])) for k, name in INPUT_FILES.items()}
+    counts = {k: len(inputs[k]) for k in (*INPUT_FILES, "train_rows", "traffic_rows")}
+    return {"labels": inputs["labels"], "paths": paths, "counts": counts}
 
 
 def choose_run(cfg: DistillConfig, run_id: str | None, resume: str | None, fresh: bool
@@ -156,29 +174,30 @@ def choose_run(cfg: DistillConfig, run_id: str | None, resume: str | None, fresh
 def ask_teacher(cfg: DistillConfig, inputs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Preflight, the teacher's answers on the training prompts and, only when some came back, on the holdout.
 
-    Returns {generation, preflight, records, summary, holdout_records, holdout_summary}.
+    Returns {generation, preflight, records_path, summary, holdout_records_path (None without a holdout),
+    holdout_summary}; the records themselves stay in their files.
     """
+    paths, labels = inputs["paths"], inputs["labels"]
     # Checks, the estimate against the budget, and the teacher probe; `generation` carries the run's ledger.
-    generation, preflight = preflight_run(cfg, inputs["teacher_rows"], inputs["holdout"], str(run_dir))
+    generation, preflight = preflight_run(cfg, paths["teacher_rows"], paths["holdout"], str(run_dir))
     out = str(run_dir / "teacher_outputs.jsonl")
-    records, summary = generate_completions(inputs["teacher_rows"], cfg.teacher, generation, out,
-                                            labels=inputs["labels"])
+    summary = generate_completions(paths["teacher_rows"], cfg.teacher, generation, out, labels=labels)
     check_answered(summary, cfg.teacher.base_url)
-    records = reask_unmapped_answers(records, inputs["labels"], cfg.teacher, generation, out)
-    records = score_label_answers(records, inputs["labels"], cfg.teacher, generation, out)
-    holdout_records, holdout_summary = [], {}
-    if inputs["holdout"]:
+    reask_unmapped_answers(out, labels, cfg.teacher, generation)
+    score_label_answers(out, labels, cfg.teacher, generation)
+    held, holdout_summary = None, {}
+    if inputs["counts"]["holdout"]:
         # The teacher's own answers on the holdout: its accuracy is what retention is measured against.
         held = str(run_dir / "teacher_holdout.jsonl")
-        holdout_records, holdout_summary = generate_completions.with_options(name="generate-holdout")(
-            inputs["holdout"], cfg.teacher, generation, held, purpose="holdout", labels=inputs["labels"])
+        holdout_summary = generate_completions.with_options(name="generate-holdout")(
+            paths["holdout"], cfg.teacher, generation, held, purpose="holdout", labels=labels)
         # The same corrective re-ask and label scoring as the training answers: the teacher is measured as it teaches.
-        holdout_records = reask_unmapped_answers.with_options(name="reask-holdout")(
-            holdout_records, inputs["labels"], cfg.teacher, generation, held, purpose="holdout-reask")
-        holdout_records = score_label_answers.with_options(name="score-holdout")(
-            holdout_records, inputs["labels"], cfg.teacher, generation, held, purpose="holdout-score")
-    return {"generation": generation, "preflight": preflight, "records": records, "summary": summary,
-            "holdout_records": holdout_records, "holdout_summary": holdout_summary}
+        reask_unmapped_answers.with_options(name="reask-holdout")(
+            held, labels, cfg.teacher, generation, purpose="holdout-reask")
+        score_label_answers.with_options(name="score-holdout")(
+            held, labels, cfg.teacher, generation, purpose="holdout-score")
+    return {"generation": generation, "preflight": preflight, "records_path": out, "summary": summary,
+            "holdout_records_path": held, "holdout_summary": holdout_summary}
 
 
 def check_answered(summary: dict, base_url: str) -> None:
@@ -196,20 +215,20 @@ def train_and_evaluate(cfg: DistillConfig, inputs: dict[str, Any], answers: dict
 
     Returns {dataset, filter_report, trained, metrics, decision}.
     """
-    dataset, filter_report = filter_rows(inputs["teacher_rows"], answers["records"], inputs["real_rows"], cfg.task,
-                                         cfg.filter, str(run_dir), teacher=cfg.teacher,
+    paths = inputs["paths"]
+    dataset, filter_report = filter_rows(paths["teacher_rows"], answers["records_path"], paths["real_rows"],
+                                         cfg.task, cfg.filter, str(run_dir), teacher=cfg.teacher,
                                          generation=answers["generation"], seed=cfg.seed)
-    trained = train_where_configured(dataset, inputs["labels"], cfg.train, str(run_dir), run_id=run_id,
+    trained = train_where_configured(str(dataset), inputs["labels"], cfg.train, str(run_dir), run_id=run_id,
                                      store=str(cfg.store))
     resumed = run_dir / "train" / "resume.json"
     trained["resumed_from_step"] = json.loads(resumed.read_text())["step"] if resumed.is_file() else None
-    validation = [r for r in dataset if r.get("split") == "validation"]
-    metrics = evaluate_student(trained["model_dir"], inputs["holdout"], answers["holdout_records"],
-                               inputs["labels"], cfg.evaluate, str(run_dir), validation=validation,
-                               teacher=cfg.teacher, train_rows=dataset, max_new_tokens=cfg.generation.max_tokens,
+    metrics = evaluate_student(trained["model_dir"], paths["holdout"], answers["holdout_records_path"],
+                               inputs["labels"], cfg.evaluate, str(run_dir), dataset_path=str(dataset),
+                               teacher=cfg.teacher, max_new_tokens=cfg.generation.max_tokens,
                                generation=answers["generation"])
     decision = gate_student(metrics, cfg.gate)
-    return {"dataset": dataset, "filter_report": filter_report, "trained": trained, "metrics": metrics,
+    return {"dataset_path": str(dataset), "filter_report": filter_report, "trained": trained, "metrics": metrics,
             "decision": decision}
 
 
@@ -258,13 +277,14 @@ def write_report(cfg: DistillConfig, inputs: dict[str, Any], answers: dict[str, 
 
     metrics, trained = outcome["metrics"], outcome["trained"]
     step = trained.get("resumed_from_step")
+    n = inputs["counts"]
     report = render_report(metrics, outcome["decision"], extra_sections={
         "Run": f"run id `{run_id}`, config `{cfg.digest()[:12]}`, task `{cfg.task.name}`, "
-               f"{len(inputs['train_rows'])} training inputs ({len(inputs['teacher_rows'])} to the teacher, "
-               f"{len(inputs['real_rows'])} real) and {len(inputs['traffic_rows'])} recent traffic rows, "
-               f"{len(inputs['holdout'])} holdout rows, wall {metrics['wall_s']} s",
+               f"{n['train_rows']} training inputs ({n['teacher_rows']} to the teacher, "
+               f"{n['real_rows']} real) and {n['traffic_rows']} recent traffic rows, "
+               f"{n['holdout']} holdout rows, wall {metrics['wall_s']} s",
         "Generation": summary_line(answers["summary"]) if answers["summary"] else "no teacher calls",
-        "Teacher cost against a full cycle": reuse_section(outcome["reuse"], len(inputs["traffic_rows"])),
+        "Teacher cost against a full cycle": reuse_section(outcome["reuse"], n["traffic_rows"]),
         "Filtering": report_markdown(outcome["filter_report"], heading=None),
         "Training": f"{trained.get('steps')} steps in {trained.get('train_s', 0):.0f} s"
                     f"{f' (resumed from the checkpoint at step {step})' if step else ''}; best validation "
@@ -295,9 +315,14 @@ def drop_if_empty(run_dir: Path, resumed: str | None) -> None:
 
 def reuse(cfg: DistillConfig, answers: dict[str, Any]) -> dict[str, dict]:
     """This cycle's paid and reused teacher requests against a full cycle's (report and manifest)."""
+    from distill.data import iter_jsonl
     from distill.teacher.generation import reuse_costs
 
-    return reuse_costs({"training": answers["records"], "holdout": answers["holdout_records"]}, cfg.teacher)
+    def records(path: str | None):
+        return iter_jsonl(path, max_field_chars=None) if path else iter(())
+
+    return reuse_costs({"training": records(answers["records_path"]),
+                        "holdout": records(answers["holdout_records_path"])}, cfg.teacher)
 
 
 def _scalars(metrics: dict) -> dict:

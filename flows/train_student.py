@@ -18,7 +18,6 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from distill.config import parse_train
-from distill.data import read_jsonl
 from distill.train.distributed import WORK_DIR
 
 # Checkpoints stay on the worker: they only serve a retry there, and are the bulk of the bytes. So do
@@ -75,10 +74,10 @@ def train_student_flow(dataset_uri: str, labels: list[str] | None, train: dict, 
     target = open_store(store)
     config = parse_train(train)
     run_dir = Path(work_dir) / run_id
-    rows = read_jsonl(target.get_file(dataset_uri, run_dir / "dataset.jsonl", sha256=dataset_sha256))
-    logger.info("training %d rows from %s for run %s", len(rows), target.url(dataset_uri), run_id)
+    rows_path = target.get_file(dataset_uri, run_dir / "dataset.jsonl", sha256=dataset_sha256)
+    logger.info("training on %s (%d bytes) for run %s", target.url(dataset_uri), rows_path.stat().st_size, run_id)
 
-    result = train_student(rows, labels, config, str(run_dir))
+    result = train_student(str(rows_path), labels, config, str(run_dir))
     out = run_dir / "train"
     files = publish_dir(target, out, f"{run_id}/train")
     summary = {k: (Path(v).absolute().relative_to(out.absolute()).as_posix() if k in RESULT_PATHS and v else v)

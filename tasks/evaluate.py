@@ -19,32 +19,39 @@ HEADLINE = ("teacher_accuracy", "student_accuracy", "retention", "agreement", "e
 # No cache: the student directory changes between runs under the same path, and the
 # latency numbers are only meaningful when measured now.
 @task(name="evaluate-student", cache_policy=NO_CACHE)
-def evaluate_student(student_dir: str, holdout: list[dict], teacher_records: list[dict], labels: list[str] | None,
-                     evaluate: EvaluateConfig, run_dir: str, validation: list[dict] | None = None,
-                     teacher: TeacherConfig | None = None, train_rows: list[dict] | None = None,
-                     max_new_tokens: int = 64, generation: GenerationConfig | None = None) -> dict:
+def evaluate_student(student_dir: str, holdout_path: str, teacher_records_path: str | None,
+                     labels: list[str] | None, evaluate: EvaluateConfig, run_dir: str, dataset_path: str | None = None,
+                     teacher: TeacherConfig | None = None, max_new_tokens: int = 64,
+                     generation: GenerationConfig | None = None) -> dict:
     """Measure the student (see distill.evaluate.classifier.evaluate_classifier); plots land in run_dir.
 
     Args:
         student_dir: the trained student.
-        holdout: gold task rows.
-        teacher_records: the teacher's records for the holdout.
+        holdout_path: JSONL of the gold task rows.
+        teacher_records_path: JSONL of the teacher's records for the holdout (None: there are none).
         labels: the label set; None for generation tasks (distill.evaluate.generative measures those).
         evaluate: the evaluate section.
         run_dir: the run directory (plots, tail.jsonl, robustness.jsonl).
-        validation: training rows with split "validation" (the temperature is fitted there).
+        dataset_path: the training rows (JSONL): the temperature is fitted on those with split
+            "validation", and the label frequencies of the rest define the rare labels of the tail.
         teacher: the teacher endpoint, for its latency and for unanswered user tail rows.
-        train_rows: the training rows; their label frequencies define the rare labels of the tail.
         max_new_tokens: generative answers' length cap (the teacher's generation.max_tokens).
         generation: the run's generation section (request cache, ledger): the LLM judge's calls go through it.
     """
     from distill.evaluate.classifier import evaluate_classifier
     from distill.evaluate.generative import evaluate_generative
 
+    from distill.data import read_jsonl
+
     logger = get_run_logger()
-    counts = None
-    if train_rows:
+    holdout = read_jsonl(holdout_path)
+    teacher_records = read_jsonl(teacher_records_path) if teacher_records_path else []
+    counts = validation = None
+    if dataset_path:
+        train_rows = read_jsonl(dataset_path)
+        validation = [r for r in train_rows if r.get("split") == "validation"]
         counts = dict(Counter(r["target"] for r in train_rows if r.get("split", "train") == "train"))
+        del train_rows
     url = model = key = None
     price = (0.0, 0.0)
     if teacher is not None:

@@ -29,7 +29,7 @@ from distill.config import (
     TaskConfig,
     TeacherConfig,
 )
-from distill.data import write_jsonl, write_text
+from distill.data import read_jsonl, write_jsonl, write_text
 from distill.filter import grader, spotcheck
 from distill.filter.consistency import consistency
 from distill.filter.dedup import dedup
@@ -189,18 +189,20 @@ def answers_markdown(answers: dict | None) -> list[str]:
     return lines
 
 
-def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict], task: TaskConfig,
+def filter_rows(prompts_path: str, records_path: str, real_path: str | None, task: TaskConfig,
                 filter: FilterConfig, run_dir: str, grader_api_key: str | None = None, seed: int = 0, *,
                 teacher: TeacherConfig | None = None, generation: GenerationConfig | None = None
-                ) -> tuple[list[dict], dict]:
+                ) -> tuple[Path, dict]:
     """Run every enabled stage, the spot-check and the mix; write the outputs and the report.
 
-    Must run inside a flow run (the spot-check may pause it).
+    Must run inside a flow run (the spot-check may pause it). Its input and output are files, as
+    between every stage of the cycle; inside, the stages hand each other quote()d lists in this process,
+    because near-dedup, the spot-check sample and the mix each need every row at once.
 
     Args:
-        task_rows: task rows the teacher labelled.
-        records: teacher records (any samples per id, done or failed).
-        real_rows: gold task rows reserved for the real-example share.
+        prompts_path: JSONL of the task rows the teacher labelled.
+        records_path: JSONL of their teacher records (any samples per id, done or failed).
+        real_path: JSONL of the gold task rows reserved for the real-example share (None: none).
         task: the task section.
         filter: the filter section.
         run_dir: where filter_report.json, rejected.jsonl, dataset.jsonl and spotcheck.csv go.
@@ -208,7 +210,7 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
         seed: seed for sampling, MinHash and the split.
         teacher, generation: needed only when the grader is enabled (its endpoint and client settings).
 
-    Returns (training_rows, report).
+    Returns (run_dir/dataset.jsonl, the training rows; report).
     """
     stages = _Stages(get_run_logger())
     out = Path(run_dir)
@@ -216,12 +218,15 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
     if filter.grader.enabled and (teacher is None or generation is None):
         raise ConfigError("filter.grader.enabled: the grader needs the teacher and generation sections")
     t0 = time.perf_counter()
-    rows, rejected = candidates_task(quote(task_rows), quote(records), task, filter.consistency.label_key)
+    records = read_jsonl(records_path)
+    rows, rejected = candidates_task(quote(read_jsonl(prompts_path)), quote(records), task,
+                                     filter.consistency.label_key)
     stages.add("generation", len(records), rows, rejected, time.perf_counter() - t0)
     answers = answer_report(rows, task, filter.consistency.rationale_field)
     rows, grading_summary = _run_filters(stages, rows, task, filter, seed, teacher, generation, grader_api_key)
     rows, (review_info,) = stages.run("spotcheck", filter.spotcheck.enabled, rows,
                                       lambda r: _review(r, filter.spotcheck, out, seed), ({"mode": "disabled"},))
+    real_rows = read_jsonl(real_path) if real_path else []
     training = mix_task(quote(rows), quote(real_rows), labels, filter.mix, seed)
     report = {
         "stages": stages.reports,
@@ -234,7 +239,7 @@ def filter_rows(task_rows: list[dict], records: list[dict], real_rows: list[dict
     _write_outputs(out, report, stages.rejected, training)
     if not training:
         raise ConfigError("filter: no training rows left after filtering (see filter_report.json and rejected.jsonl)")
-    return training, report
+    return out / "dataset.jsonl", report
 
 
 class _Stages:

@@ -14,7 +14,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from distill.config import GenerationConfig, TeacherConfig
-from distill.data import write_jsonl
+from distill.data import read_jsonl, write_jsonl
 from distill.teacher.client import resolve_api_key
 from distill.teacher.generation import generate
 
@@ -69,27 +69,28 @@ class _Progress:
 
 
 @task(name="generate-completions", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: GenerationConfig,
+def generate_completions(rows_path: str, teacher: TeacherConfig, generation: GenerationConfig,
                          out_path: str, purpose: str = "generation",
-                         labels: list[str] | None = None) -> tuple[list[dict], dict]:
-    """Teacher records for `rows`, written atomically to `out_path`.
+                         labels: list[str] | None = None) -> dict:
+    """Teacher records for the rows of `rows_path`, written atomically to `out_path`; their summary.
 
+    Rows go in and records come out as files: only paths and the summary pass through Prefect.
     Retrying the task costs nothing already bought: answers live in the request cache.
 
     Args:
-        rows: task rows with "id" and "messages".
+        rows_path: JSONL task rows with "id" and "messages".
         teacher: endpoint section of the config.
         generation: generation section of the config.
         out_path: JSONL destination for the records.
         purpose: what the spend is charged as in the run's ledger ("generation", "holdout").
         labels: a classification task's labels: each record keeps the label distribution it carries.
 
-    Returns (records, summary) as produced by `distill.teacher.generate`.
+    Returns the summary of `distill.teacher.generate`.
     """
     logger = get_run_logger()
     key = resolve_key(teacher)
-    total = len(rows) * generation.samples_per_prompt
-    progress = _Progress(total)
+    rows = read_jsonl(rows_path)
+    progress = _Progress(len(rows) * generation.samples_per_prompt)
     try:
         result = generate(rows, teacher, generation, api_key=key, progress=progress, purpose=purpose,
                           labels=labels)
@@ -103,49 +104,52 @@ def generate_completions(rows: list[dict], teacher: TeacherConfig, generation: G
     logger.info("teacher: %s", summary_line(s))
     if s["budget_exhausted"]:
         logger.warning("teacher budget reached: rows not yet bought are marked budget_exhausted")
-    return result.records, s
+    return s
 
 
 @task(name="reask-unmapped", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def reask_unmapped_answers(records: list[dict], labels: list[str] | None, teacher: TeacherConfig,
-                           generation: GenerationConfig, out_path: str, purpose: str = "reask") -> list[dict]:
-    """Records with unmapped classification answers re-asked once (generation.reask), rewritten to `out_path`.
+def reask_unmapped_answers(records_path: str, labels: list[str] | None, teacher: TeacherConfig,
+                           generation: GenerationConfig, purpose: str = "reask") -> dict:
+    """Re-ask the unmapped classification answers of `records_path` once (generation.reask), rewriting it.
 
-    A no-op returning `records` unchanged when re-asking is off, the task is not classification, or
-    every answer already names a label. `purpose` is what the ledger charges ("reask", "holdout-reask").
+    Returns the re-ask's summary; {} (the file untouched) when re-asking is off, the task is not
+    classification, or every answer already names a label. `purpose` is what the ledger charges
+    ("reask", "holdout-reask").
     """
     if not generation.reask or not labels:
-        return records
+        return {}
     from distill.teacher.reask import reask_unmapped
 
-    out, summary = reask_unmapped(records, labels, teacher, generation, api_key=resolve_key(teacher),
-                                  purpose=purpose)
+    out, summary = reask_unmapped(read_jsonl(records_path), labels, teacher, generation,
+                                  api_key=resolve_key(teacher), purpose=purpose)
     if summary:
-        write_jsonl(out_path, out)
+        write_jsonl(records_path, out)
         fixed = sum(1 for r in out if r.get("reasked"))
         get_run_logger().info("re-ask: %d of %d unmapped answers now name a label; %s", fixed,
                               summary["requested"], summary_line(summary))
-    return out
+    return summary or {}
 
 
 @task(name="score-labels", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def score_label_answers(records: list[dict], labels: list[str] | None, teacher: TeacherConfig,
-                        generation: GenerationConfig, out_path: str, purpose: str = "score") -> list[dict]:
-    """Records with their exact label distributions (generation.soft_labels score), rewritten to `out_path`.
+def score_label_answers(records_path: str, labels: list[str] | None, teacher: TeacherConfig,
+                        generation: GenerationConfig, purpose: str = "score") -> dict:
+    """Give the records of `records_path` their exact label distributions (generation.soft_labels score).
 
-    A no-op returning `records` unchanged in the other soft-label modes or when the task is not
-    classification. Every scoring response is cached before use and charged to the ledger as `purpose`.
+    Rewrites the file and returns the scoring summary; {} (the file untouched) in the other
+    soft-label modes or when the task is not classification. Every scoring response is cached
+    before use and charged to the ledger as `purpose`.
     """
     if generation.soft_labels != "score" or not labels:
-        return records
+        return {}
     from distill.teacher.scoring import score_labels
 
-    out, summary = score_labels(records, labels, teacher, generation, api_key=resolve_key(teacher), purpose=purpose)
+    out, summary = score_labels(read_jsonl(records_path), labels, teacher, generation,
+                                api_key=resolve_key(teacher), purpose=purpose)
     if summary:
-        write_jsonl(out_path, out)
+        write_jsonl(records_path, out)
         get_run_logger().info("scoring: %d answers scored over %d labels; %s", summary["scored"], len(labels),
                               summary_line(summary))
-    return out
+    return summary or {}
 
 
 @task(name="split-prompts", cache_policy=NO_CACHE)

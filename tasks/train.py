@@ -40,11 +40,12 @@ def curves_markdown(result: dict, mode: str) -> str:
 
 
 @task(name="train-student", retries=1, retry_delay_seconds=5)
-def train_student(rows: list[dict], labels: list[str] | None, train: TrainConfig, run_dir: str) -> dict:
+def train_student(rows_path: str, labels: list[str] | None, train: TrainConfig, run_dir: str) -> dict:
     """Train the student for `train.mode` into run_dir/"train" and attach the curves as an artifact.
 
     Args:
-        rows: training rows (distill.data contract).
+        rows_path: JSONL training rows (distill.data contract), read here: rows never travel as task
+            arguments.
         labels: the label set (classifier_kd only; None for generative modes).
         train: the train section of the config.
         run_dir: the run directory; checkpoints live under run_dir/train/checkpoints.
@@ -57,35 +58,37 @@ def train_student(rows: list[dict], labels: list[str] | None, train: TrainConfig
     if train.mode == "classifier_kd" and not labels:
         raise ConfigError("train.mode classifier_kd needs the task's label set")
     if train.distributed.enabled:
-        from distill.data import write_jsonl
-        from distill.train.distributed import WORK_DIR, train_distributed
+        from distill.train.distributed import train_distributed
 
-        # Every process reads the rows from this file; a retry rewrites it and resumes from the checkpoints.
-        rows_file = write_jsonl(out_dir / WORK_DIR / "rows.jsonl", rows)
-        result = train_distributed(rows_file, labels if train.mode == "classifier_kd" else None, train, out_dir)
-    elif train.mode == "classifier_kd":
-        from distill.train.classifier import train_classifier
-
-        result = train_classifier(rows, labels, train, out_dir)
-    elif train.mode == "sft":
-        from distill.train.lm import train_sft
-
-        result = train_sft(rows, train, out_dir)
+        # Every process reads the rows from the same file.
+        result = train_distributed(rows_path, labels if train.mode == "classifier_kd" else None, train, out_dir)
     else:
-        from distill.train.lm import train_logit_kd
+        from distill.data import read_jsonl
 
-        result = train_logit_kd(rows, train, out_dir)
+        rows = read_jsonl(rows_path)
+        if train.mode == "classifier_kd":
+            from distill.train.classifier import train_classifier
+
+            result = train_classifier(rows, labels, train, out_dir)
+        elif train.mode == "sft":
+            from distill.train.lm import train_sft
+
+            result = train_sft(rows, train, out_dir)
+        else:
+            from distill.train.lm import train_logit_kd
+
+            result = train_logit_kd(rows, train, out_dir)
     create_markdown_artifact(markdown=curves_markdown(result, train.mode), key="training-curves",
                              description="Student training and validation curves")
     return result
 
 
-def train_where_configured(rows: list[dict], labels: list[str] | None, train: TrainConfig, run_dir: str,
+def train_where_configured(rows_path: str, labels: list[str] | None, train: TrainConfig, run_dir: str,
                            run_id: str, store: str) -> dict:
     """Train here, or as the `train.deployment` Prefect deployment when one is configured.
 
     Args:
-        rows: training rows (distill.data contract).
+        rows_path: JSONL training rows (distill.data contract).
         labels: the label set (classifier_kd only; None for generative modes).
         train: the train section of the config.
         run_dir: the local run directory; the student ends up in run_dir/train either way.
@@ -98,11 +101,11 @@ def train_where_configured(rows: list[dict], labels: list[str] | None, train: Tr
         "train_s", ...}); a remote run adds "flow_run_id".
     """
     if train.deployment is None:
-        return train_student(rows, labels, train, run_dir)
-    return train_on_deployment(rows, labels, train, run_dir, run_id, store)
+        return train_student(rows_path, labels, train, run_dir)
+    return train_on_deployment(rows_path, labels, train, run_dir, run_id, store)
 
 
-def train_on_deployment(rows: list[dict], labels: list[str] | None, train: TrainConfig, run_dir: str,
+def train_on_deployment(rows_path: str, labels: list[str] | None, train: TrainConfig, run_dir: str,
                         run_id: str, store: str) -> dict:
     """Upload the rows, run `train.deployment`, wait for it, and fetch the student into run_dir/train.
 
@@ -112,13 +115,11 @@ def train_on_deployment(rows: list[dict], labels: list[str] | None, train: Train
     """
     from prefect.deployments import run_deployment
 
-    from distill.data import write_jsonl
     from distill.store import LocalStore, open_store
 
     target = open_store(store)
-    # The rows are persisted before the remote run is started, so a lost worker never loses them.
-    local_rows = write_jsonl(Path(run_dir) / "dataset.jsonl", rows)
-    put = target.put_file(local_rows, f"{run_id}/dataset.jsonl")
+    # The rows are in the store before the remote run is started, so a lost worker never loses them.
+    put = target.put_file(Path(rows_path), f"{run_id}/dataset.jsonl")
     parameters = {"dataset_uri": put["key"], "dataset_sha256": put["sha256"], "labels": labels,
                   "train": train.model_dump(mode="json"), "run_id": run_id, "store": store}
     run = run_deployment(train.deployment, parameters=parameters, job_variables=train.job_variables or None,

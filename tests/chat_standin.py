@@ -15,6 +15,8 @@
 - Every 37th request is answered 429 with Retry-After (seconds) and retry-after-ms.
 - `--reject-structured` answers 400 to `response_format`, like an endpoint without
   structured outputs.
+- `--latency-s S`: each chat completion takes S seconds; `/standin/stats` reports the most
+  requests it was answering at once (`max_in_flight`).
 - `--free-text-share F` makes it sloppier: that share of inputs is answered in its own
   words even when the prompt lists the labels; a corrective follow-up turn (the
   input is no longer the last user turn) is answered with a label.
@@ -244,16 +246,30 @@ def score_completions(body: dict, golds: dict[str, str], labels: list[str], n: i
 
 
 def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool = False,
-              free_text_share: float = 0.0):
+              free_text_share: float = 0.0, latency_s: float = 0.0):
+    import asyncio
+
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
     app = FastAPI()
     app.state.requests = 0
     app.state.bodies = []
+    app.state.in_flight = app.state.max_in_flight = 0
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict):
+        # Requests being answered at once, as a provider's concurrency limit counts them.
+        app.state.in_flight += 1
+        app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
+        try:
+            if latency_s:
+                await asyncio.sleep(latency_s)
+            return answer_chat(body)
+        finally:
+            app.state.in_flight -= 1
+
+    def answer_chat(body: dict):
         app.state.requests += 1
         app.state.bodies.append(body)
         if app.state.requests % 37 == 0:
@@ -280,7 +296,8 @@ def build_app(golds: dict[str, str], labels: list[str], reject_structured: bool 
 
     @app.get("/standin/stats")
     async def stats():
-        return {"requests": app.state.requests, "bodies": app.state.bodies[-50:]}
+        return {"requests": app.state.requests, "max_in_flight": app.state.max_in_flight,
+                "bodies": app.state.bodies[-50:]}
 
     return app
 
@@ -363,9 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--labels", required=True)
     ap.add_argument("--reject-structured", action="store_true")
     ap.add_argument("--free-text-share", type=float, default=0.0)
+    ap.add_argument("--latency-s", type=float, default=0.0, help="time each chat completion takes")
     args = ap.parse_args(argv)
     labels = list(json.loads(Path(args.labels).read_text()))
-    app = build_app(load_golds(args.data), labels, args.reject_structured, args.free_text_share)
+    app = build_app(load_golds(args.data), labels, args.reject_structured, args.free_text_share, args.latency_s)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

@@ -55,18 +55,24 @@ class ResponseCache:
         self.legacy = self._key_format() != KEY_FORMAT
 
     def _connect_sqlite(self):
+        import fcntl
+
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            fresh = not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses'").fetchone()
-            for statement in SCHEMA:
-                conn.execute(statement)
+            # One opener at a time: switching a new file to WAL takes a lock that SQLite does not wait
+            # for, so shard workers opening a fresh cache together got "database is locked" at once.
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                fresh = not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'responses'").fetchone()
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                if fresh:
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('key_format', ?)", (KEY_FORMAT,))
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"{self.path}: cannot open the request cache ({e}) (generation.cache_path)") from None
-        if fresh:
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('key_format', ?)", (KEY_FORMAT,))
         return conn
 
     def _connect_pg(self, url: str):

@@ -137,7 +137,9 @@ def answer_shard(out_dir: str | Path, index: int, teacher: TeacherConfig, genera
     """Answer shard `index` of `out_dir` unless it is finished; its summary, plus "shard" and "skipped".
 
     The records go to records-<index>.jsonl, then the summary beside them: a shard killed
-    between the two is answered again, all of it from the request cache.
+    between the two is answered again, all of it from the request cache. A record leaves out
+    its request's messages: the prompt shard beside it holds them under the same id, and at a
+    77-label system prompt they would be most of the file's bytes a second time.
     """
     out_dir = Path(out_dir)
     earlier = finished(out_dir, index)
@@ -145,7 +147,8 @@ def answer_shard(out_dir: str | Path, index: int, teacher: TeacherConfig, genera
         return {**earlier, "shard": index, "skipped": True}
     rows = list(iter_jsonl(prompts_path(out_dir, index), max_field_chars=None))
     result = generate(rows, teacher, generation, api_key=api_key, progress=progress, labels=labels)
-    write_jsonl(records_path(out_dir, index), result.records)
+    write_jsonl(records_path(out_dir, index), ({k: v for k, v in r.items() if k != "messages"}
+                                               for r in result.records))
     write_chunks(summary_path(out_dir, index), [json.dumps(result.summary).encode()])
     return {**result.summary, "shard": index, "skipped": False}
 

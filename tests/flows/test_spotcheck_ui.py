@@ -40,7 +40,7 @@ def review_stage(run_dir: str) -> dict:
     from prefect import flow
 
     from distill.config import FilterConfig
-    from distill.data import load_task_rows
+    from distill.data import load_task_rows, read_jsonl, write_jsonl
     from distill.demo import demo_task
 
     @flow(name=FLOW)
@@ -59,8 +59,11 @@ def review_stage(run_dir: str) -> dict:
                    for r in rows]
         cfg = FilterConfig.model_validate({"spotcheck": {"fraction": 0.05, "poll_interval_s": 1, "timeout_s": 240},
                                            "mix": {"real_fraction": 0.0}})
-        training, report = filter_rows(rows, records, [], task, cfg, run_dir, seed=0)
-        return {"rows": len(training), "spotcheck": report["spotcheck"]}
+        inputs = Path(run_dir) / "inputs"
+        dataset, report = filter_rows(str(write_jsonl(inputs / "prompts.jsonl", rows)),
+                                      str(write_jsonl(inputs / "records.jsonl", records)), None, task, cfg,
+                                      run_dir, seed=0)
+        return {"rows": len(read_jsonl(dataset)), "spotcheck": report["spotcheck"]}
 
     return review(run_dir)
 

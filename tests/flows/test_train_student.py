@@ -41,6 +41,13 @@ def training_rows(n: int) -> list[dict]:
     return rows
 
 
+def dataset(run_dir: Path, n: int) -> str:
+    """n training rows in run_dir/dataset.jsonl, where the cycle's filter stage leaves them."""
+    from distill.data import write_jsonl
+
+    return str(write_jsonl(run_dir / "dataset.jsonl", training_rows(n)))
+
+
 def _api(coro_fn):
     from prefect.client.orchestration import get_client
 
@@ -111,7 +118,7 @@ def test_trains_on_the_work_pool_and_brings_the_student_back(pool, worker, tmp_p
     train = ClassifierKDTrain(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=8, eval_steps=3,
                         checkpoint_steps=3, logging_steps=1, device="cpu", deployment_timeout_s=300)
     started = time.monotonic()
-    result = train_where_configured(training_rows(30), LABELS, train, str(run_dir), run_id="run-1",
+    result = train_where_configured(dataset(run_dir, 30), LABELS, train, str(run_dir), run_id="run-1",
                                     store=str(store))
     print(f"remote training round trip: {time.monotonic() - started:.1f} s")
 
@@ -148,7 +155,7 @@ def test_no_worker_on_the_pool_fails_with_a_clear_error(pool, tmp_path):
     name = deploy(pool, tmp_path / "worker-work")
     train = ClassifierKDTrain(deployment=name, max_steps=3, deployment_timeout_s=3)
     with pytest.raises(RuntimeError, match="is a worker polling"):
-        train_where_configured(training_rows(6), LABELS, train, str(tmp_path / "run"), run_id="run-2",
+        train_where_configured(dataset(tmp_path / "run", 6), LABELS, train, str(tmp_path / "run"), run_id="run-2",
                                store=str(tmp_path / "store"))
     # The rows were persisted before the run was started.
     assert (tmp_path / "store" / "run-2" / "dataset.jsonl").is_file()
@@ -168,7 +175,7 @@ def test_the_deployment_trains_with_two_processes_when_train_distributed_is_on(p
     train = ClassifierKDTrain(deployment=name, student_model=tiny_classifier, max_steps=3, batch_size=4, eval_steps=3,
                               checkpoint_steps=3, logging_steps=1, device="cpu", deployment_timeout_s=300,
                               distributed={"enabled": True, "nproc": 2})
-    result = train_where_configured(training_rows(30), LABELS, train, str(run_dir), run_id="run-3",
+    result = train_where_configured(dataset(run_dir, 30), LABELS, train, str(run_dir), run_id="run-3",
                                     store=str(store))
 
     # Rank 0's summary came back through the store: two processes trained the 3 steps.

@@ -1,11 +1,13 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 from distill_tasks.evaluate import evaluate_student, gate_student, register_student
 from prefect import flow
 
 from distill.config import EvaluateConfig, GateConfig, TeacherConfig
+from distill.data import write_jsonl
 from distill.httpserver import start_in_thread
 from distill.serve.registry import Registry
 
@@ -38,11 +40,13 @@ def _teacher():
 def _cycle(student, holdout, records, run_dir, registry, gate, teacher, run_id):
     train_rows = [{"id": "t1", "text": "good card", "target": "positive", "split": "train"},
                   {"id": "v1", "text": "bad card", "target": "negative", "split": "validation"}]
-    metrics = evaluate_student(student, holdout, records, LABELS,
+    # The tasks take files, as the cycle hands them over.
+    files = {name: str(write_jsonl(Path(run_dir) / f"{name}.jsonl", rows))
+             for name, rows in (("holdout", holdout), ("records", records), ("dataset", train_rows))}
+    metrics = evaluate_student(student, files["holdout"], files["records"], LABELS,
                                EvaluateConfig(latency_requests=10, latency_concurrency=2, tail_size=6,
-                                              robustness_rows=4), run_dir,
-                               validation=[r for r in train_rows if r["split"] == "validation"], teacher=teacher,
-                               train_rows=train_rows)
+                                              robustness_rows=4), run_dir, dataset_path=files["dataset"],
+                               teacher=teacher)
     decision = gate_student(metrics, gate)
     entry = register_student("toy", run_id, student, metrics, decision, {"run_id": run_id}, registry, True)
     return metrics, decision, entry

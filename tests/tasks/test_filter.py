@@ -83,10 +83,12 @@ def filter_flow(records_path: str, run_dir: str, overrides: dict) -> dict:
     from prefect.runtime import flow_run
 
     SHARED["flow_run_id"] = flow_run.id
-    teach, real = SHARED["teach"], SHARED["real"]
+    # Written where the cycle writes its inputs: the stage reads files, not row lists.
+    prompts = str(write_jsonl(Path(run_dir) / "inputs" / "prompts.jsonl", SHARED["teach"]))
+    real = str(write_jsonl(Path(run_dir) / "inputs" / "real.jsonl", SHARED["real"]))
     cfg = FilterConfig.model_validate(overrides)
-    training, report = filter_rows(teach, read_jsonl(records_path), real, TASK, cfg, run_dir, seed=0)
-    return {"n": len(training), "report": report}
+    dataset, report = filter_rows(prompts, records_path, real, TASK, cfg, run_dir, seed=0)
+    return {"n": len(read_jsonl(dataset)), "report": report}
 
 
 def test_stage_report_and_markdown():
@@ -252,7 +254,8 @@ def test_grader_stage_in_the_flow_uses_its_endpoint_and_key(prefect_harness, ban
             "grader": {"enabled": True, "min_score": 3,
                        "endpoint": {"base_url": url, "model": "judge", "api_key_env": "GRADER_TEST_KEY"}}})
         gen = GenerationConfig(cache_path=tmp_path / "cache.sqlite", max_retries=0)
-        _, report = filter_rows(small, read_jsonl(str(records_path)), real[:50], TASK, cfg, run_dir,
+        _, report = filter_rows(str(write_jsonl(tmp_path / "small.jsonl", small)), str(records_path),
+                                str(write_jsonl(tmp_path / "real.jsonl", real[:50])), TASK, cfg, run_dir,
                                 teacher=TeacherConfig(base_url="http://127.0.0.1:9/v1"), generation=gen)
         return report
 

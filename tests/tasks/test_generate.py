@@ -9,6 +9,7 @@ from distill_tasks.generate import summary_table
 from starlette.requests import Request
 
 from distill.config import GenerationConfig, TeacherConfig
+from distill.data import read_jsonl, write_jsonl
 from distill.httpserver import start_in_thread
 
 KEY = "sk-block-0123456789-SECRET"
@@ -57,12 +58,13 @@ def test_task_uses_secret_block_and_publishes_artifacts(prefect_harness, tmp_pat
         gen = GenerationConfig(cache_path=tmp_path / "cache.sqlite", logprobs=False)
 
         @flow
-        def one() -> tuple[list[dict], dict]:
-            return generate_completions(rows, teacher, gen, str(out))
+        def one() -> dict:
+            return generate_completions(str(write_jsonl(tmp_path / "rows.jsonl", rows)), teacher, gen, str(out))
 
         state = one(return_state=True)
-        records, summary = state.result()
+        summary = state.result()
         counts = srv.server.config.app.state.counts
+    records = read_jsonl(out)
     assert [r["response"] for r in records] == ["A", "B", None]
     assert summary["done"] == 2 and summary["failed_by_reason"] == {"http_400": 1}
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["r0", "r1", "r2"]

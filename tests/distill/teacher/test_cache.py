@@ -113,3 +113,34 @@ def test_a_bad_postgresql_url_names_the_field_without_the_password():
     with pytest.raises(ConfigError, match="generation.cache_url") as err:
         ResponseCache("postgresql://u:hunter2@127.0.0.1:1/none")
     assert "hunter2" not in str(err.value)
+
+
+def test_workers_opening_a_fresh_sqlite_cache_at_once_all_get_it(tmp_path):
+    """Shard workers start together on a new cache and write at once: none sees "database is locked".
+
+    The race is timing-dependent (about one start in five failed before openers took turns), so it
+    is run on 30 fresh caches.
+    """
+    import threading
+
+    errors = []
+    for trial in range(30):
+        path = tmp_path / f"cache-{trial}.sqlite"
+        start = threading.Barrier(4)
+
+        def work(worker: int, path=path, start=start) -> None:
+            start.wait()
+            try:
+                cache = ResponseCache(path)
+                for j in range(20):
+                    cache.put(f"k{worker}-{j}", {"response": "x" * 100, "usage": {}})
+            except Exception as e:  # noqa: BLE001  (the failure under test)
+                errors.append(f"trial {trial}: {e}")
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(list(ResponseCache(path).iter_many([f"k{w}-{j}" for w in range(4) for j in range(20)]))) == 80

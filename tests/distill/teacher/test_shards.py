@@ -93,6 +93,8 @@ def test_a_shard_is_answered_once_and_an_interrupted_one_resumes_from_the_cache(
     first = answer_shard(out, 0, teacher, generation)
     assert first["done"] == 25 and first["skipped"] is False and finished(out, 0) is not None
     assert [r["id"] for r in iter_records(out, 0)] == [f"p{i}" for i in range(25)]
+    # The messages stay in the prompt shard only; each record still has its answer and usage.
+    assert all("messages" not in r and r["response"] and r["usage"] for r in iter_records(out, 0))
     asked = stand_in_requests(url)
     assert asked >= 25  # every 37th request is answered 429 and retried
 
