@@ -205,3 +205,25 @@ def test_each_shared_piece_is_defined_in_its_one_home():
                 if n in homes:
                     defined.setdefault(n, []).append(name)
     assert defined == {n: [home] for n, home in homes.items()}
+
+
+def test_no_task_between_the_cycles_stages_takes_rows_as_an_argument():
+    """Rows move between the cycle's stages as files: a task argument of rows would be walked by Prefect
+    and shipped whole to a distributed worker. Only the filter's inner stages take lists, quote()d, in the
+    flow's own process (distill_tasks.filter.filter_rows), because they need every row at once.
+    (drift-watch, not checked here, hands its tasks one bounded window of logged traffic.)"""
+    import importlib
+    import inspect
+
+    from prefect import Task
+
+    offenders = []
+    for path in [ROOT / "tasks" / f"{m}.py" for m in ("preflight", "generate", "filter", "train", "evaluate")]:
+        module = importlib.import_module(f"distill_tasks.{path.stem}")
+        for name, obj in vars(module).items():
+            if not isinstance(obj, Task) or obj.fn.__module__ != module.__name__ or obj.name.startswith("filter-"):
+                continue
+            for param in inspect.signature(obj.fn).parameters.values():
+                if "list[dict]" in str(param.annotation):
+                    offenders.append(f"tasks/{path.name}: {name}({param.name}: {param.annotation})")
+    assert offenders == []
