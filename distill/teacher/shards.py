@@ -145,6 +145,11 @@ def answer_shard(out_dir: str | Path, index: int, teacher: TeacherConfig, genera
     earlier = finished(out_dir, index)
     if earlier is not None:
         return {**earlier, "shard": index, "skipped": True}
+    for target in (records_path(out_dir, index), summary_path(out_dir, index)):
+        # A write cut short by a kill leaves its temporary file (write_chunks' naming); nobody else writes
+        # this shard now, so what is there is garbage of an earlier attempt.
+        for stale in out_dir.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     rows = list(iter_jsonl(prompts_path(out_dir, index), max_field_chars=None))
     result = generate(rows, teacher, generation, api_key=api_key, progress=progress, labels=labels)
     write_jsonl(records_path(out_dir, index), ({k: v for k, v in r.items() if k != "messages"}

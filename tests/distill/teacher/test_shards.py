@@ -104,7 +104,10 @@ def test_a_shard_is_answered_once_and_an_interrupted_one_resumes_from_the_cache(
     # Killed after the records were written but before the summary: answered again, all from the cache.
     records = records_path(out, 0).read_bytes()
     summary_path(out, 0).unlink()
+    stale = out / ".records-000000.json.k1ll3d.tmp"  # the summary write a kill cut short
+    stale.write_text('{"done": 1')
     resumed = answer_shard(out, 0, teacher, generation)
+    assert not stale.exists()
     assert resumed["cached"] == 25 and resumed["http_requests"] == 0 and resumed["cost_usd"] == 0
     assert stand_in_requests(url) == asked
     assert [json.loads(x)["response"] for x in records_path(out, 0).read_bytes().splitlines()] == \
