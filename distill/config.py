@@ -249,6 +249,11 @@ class GenerationConfig(Section):
         None, description="Run-wide spend ledger (JSONL); every generate() call of a run charges it and is capped "
         "by budget_usd minus what it holds. The cycle sets it to <run dir>/ledger.jsonl.",
     )
+    ledger_url: str | None = Field(
+        None, description="PostgreSQL URL (postgresql://user@host/db) of the spend ledger, for shard workers on "
+        "several machines: entries go to its ledger_entries table under ledger_path's name (file ledger when unset). "
+        "Put the password in PGPASSWORD or ~/.pgpass, not here.",
+    )
     mode: Literal["online", "batch"] = Field("online", description="online: async requests; batch: provider Batch API.")
     batch_poll_s: float = Field(5.0, gt=0, description="Polling interval for batch mode.")
     batch_max_requests: int = Field(
@@ -289,8 +294,21 @@ class GenerationConfig(Section):
     )
     dask_address: str | None = Field(
         None, description="A running Dask scheduler (tcp://host:8786) for task_runner dask; its workers need "
-        "distill installed and the shard directory and request cache (cache_url) reachable.",
+        "distill installed and the shard directory, request cache (cache_url) and ledger (ledger_url) reachable.",
     )
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _ledger_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ValueError("must be a postgresql:// URL")
+        userinfo = v.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]
+        if ":" in userinfo:
+            # The config lands in manifests and the Prefect database: no secret may ride in it.
+            raise ValueError("has a password in it; put the password in PGPASSWORD or ~/.pgpass instead")
+        return v
 
 
 class HeuristicsConfig(Section):

@@ -183,7 +183,7 @@ def prepare_generation(cfg: DistillConfig, prompt_rows: list[dict], holdout: lis
     """(generation section for this run, preflight info). Checks, estimates, probes, in that order."""
     check_run_dir(cfg, run_dir)
     check_static(cfg)
-    ledger = Ledger(Path(run_dir) / "ledger.jsonl", cfg.generation.budget_usd)
+    ledger = Ledger(Path(run_dir) / "ledger.jsonl", cfg.generation.budget_usd, cfg.generation.ledger_url)
     estimate = check_budget(cfg, prompt_rows, holdout, ledger)
     labels = cfg.task.label_set() if cfg.task.kind == "classification" else None
     mode, extra = cfg.teacher.structured_output if labels else "off", {}

@@ -242,7 +242,7 @@ def finish_run(cfg: DistillConfig, inputs: dict[str, Any], answers: dict[str, An
     gen, hold = answers["summary"], answers["holdout_summary"]
     spend = {"generation": _spend(gen), "holdout": _spend(hold),
              "cost_usd": round(gen.get("cost_usd", 0.0) + hold.get("cost_usd", 0.0), 6)}
-    spend.update(run_spend(answers["generation"].ledger_path, answers["preflight"]))  # grader and probes too
+    spend.update(run_spend(answers["generation"], answers["preflight"]))  # grader and probes too
     spend["reuse"] = reuse(cfg, answers)
     metrics["teacher_cost_usd"] = spend["cost_usd"]
     outcome["reuse"] = spend["reuse"]
@@ -329,11 +329,11 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def run_spend(ledger_path: Path, preflight: dict) -> dict:
+def run_spend(generation, preflight: dict) -> dict:
     """The run's whole spend from its ledger ({purpose: usd}, total) plus the preflight's estimate and mode."""
     from distill.teacher.ratelimit import Ledger
 
-    ledger = Ledger(ledger_path, None)
+    ledger = Ledger(generation.ledger_path, None, generation.ledger_url)
     return {"by_purpose": ledger.by_purpose(), "cost_usd": ledger.spent(), "preflight": preflight}
 
 

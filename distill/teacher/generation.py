@@ -178,7 +178,8 @@ def run_jobs(records: list[dict], jobs: list[Job], teacher: TeacherConfig, gener
                     fill(job, {**stored.pop(job.key), "status": "done", "error": None}, cached=True)
                 else:
                     pending.append(job)
-        ledger = Ledger(generation.ledger_path, generation.budget_usd) if generation.ledger_path else None
+        ledger = (Ledger(generation.ledger_path, generation.budget_usd, generation.ledger_url)
+                  if generation.ledger_path else None)
         # With a run ledger the cap is what the run has left, not a fresh budget_usd per call; calls
         # spending at once (shard workers) each hold their upper bound of it, so together they stay under.
         need = 1.25 * upper_cost(pending, teacher, generation)

@@ -67,12 +67,47 @@ class Ledger:
     Calls that spend at the same time (the shard workers of `generate-dataset`, threads or processes)
     each take a hold on part of what is left (`hold`), under a lock, so their caps together never
     exceed the budget. A hold counts as spent until it is released; the hold of a process that died
-    on this host (SIGKILL) no longer counts."""
+    on this host (SIGKILL) no longer counts.
 
-    def __init__(self, path: str | Path, cap: float | None):
-        self.path, self.cap = Path(path), cap
+    With `url` (generation.ledger_url, PostgreSQL) the entries live in that database instead, under
+    the file's path as the ledger's name, for workers on several machines. A hold then also holds a
+    PostgreSQL advisory lock on the holder's connection: the server drops it when the holder dies,
+    on whatever machine, and so the hold stops counting."""
+
+    def __init__(self, path: str | Path, cap: float | None, url: str | None = None):
+        self.path, self.cap, self.url = Path(path), cap, url
+        self.name = str(path)
+        self._conn = None
+        self._own: set[str] = set()  # this instance's open holds: its own session holds their locks
+
+    def _db(self):
+        if self._conn is None:
+            from distill.config import ConfigError
+            from distill.teacher.cache import _safe_url
+
+            try:
+                import psycopg
+            except ImportError:
+                raise ConfigError("generation.ledger_url: a postgresql:// ledger needs psycopg 3 "
+                                  "(pip install 'psycopg[binary]')") from None
+            try:
+                conn = psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(7216)")  # one creator of the table at a time
+                    conn.execute("CREATE TABLE IF NOT EXISTS ledger_entries (seq BIGSERIAL PRIMARY KEY, "
+                                 "ledger TEXT NOT NULL, entry TEXT NOT NULL)")
+                    conn.execute("CREATE INDEX IF NOT EXISTS ledger_entries_by_ledger ON ledger_entries (ledger, seq)")
+            except psycopg.Error as e:
+                raise ConfigError(f"{_safe_url(self.url)}: cannot open the spend ledger ({str(e).strip()[:200]}) "
+                                  "(generation.ledger_url)") from None
+            self._conn = conn
+        return self._conn
 
     def entries(self) -> list[dict]:
+        if self.url:
+            rows = self._db().execute("SELECT entry FROM ledger_entries WHERE ledger = %s ORDER BY seq",
+                                      (self.name,)).fetchall()
+            return [json.loads(r[0]) for r in rows]
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -85,10 +120,22 @@ class Ledger:
         for e in entries:
             if e.get("purpose") == "release":
                 continue
-            if e.get("purpose") == "hold" and (e["hold"] in released or not _alive(e.get("host"), e.get("pid"))):
+            if e.get("purpose") == "hold" and (e["hold"] in released or not self._holder_alive(e)):
                 continue
             out.append(e)
         return out
+
+    def _holder_alive(self, hold: dict) -> bool:
+        if "lock" not in hold:
+            return _alive(hold.get("host"), hold.get("pid"))
+        if hold["hold"] in self._own:
+            return True
+        # Free only when the holder's session is gone; taken here, it is given straight back.
+        conn = self._db()
+        if conn.execute("SELECT pg_try_advisory_lock(%s)", (hold["lock"],)).fetchone()[0]:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (hold["lock"],))
+            return False
+        return True
 
     def spent(self) -> float:
         return round(sum(float(e["cost_usd"]) for e in self._charges()), 6)
@@ -104,6 +151,10 @@ class Ledger:
         return None if self.cap is None else max(0.0, self.cap - self.spent())
 
     def _append(self, entry: dict) -> None:
+        if self.url:
+            self._db().execute("INSERT INTO ledger_entries (ledger, entry) VALUES (%s, %s)",
+                               (self.name, json.dumps(entry)))
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:  # one short line, appended and synced: no torn total
             f.write(json.dumps(entry) + "\n")
@@ -122,12 +173,26 @@ class Ledger:
         if self.cap is None:
             yield None
             return
-        import fcntl
-        import socket
         import uuid
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         hold_id = uuid.uuid4().hex
+        if self.url:
+            granted, lock = self._hold_in_db(hold_id, amount), int(hold_id[:15], 16)
+        else:
+            granted, lock = self._hold_in_file(hold_id, amount), None
+        try:
+            yield granted
+        finally:
+            self._append({"purpose": "release", "hold": hold_id, "cost_usd": 0.0})
+            if lock is not None:
+                self._own.discard(hold_id)
+                self._db().execute("SELECT pg_advisory_unlock(%s)", (lock,))
+
+    def _hold_in_file(self, hold_id: str, amount: float) -> float:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the remaining amount is read and held by one spender at a time
             try:
@@ -136,10 +201,18 @@ class Ledger:
                               "host": socket.gethostname(), "pid": os.getpid()})
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        try:
-            yield granted
-        finally:
-            self._append({"purpose": "release", "hold": hold_id, "cost_usd": 0.0})
+        return granted
+
+    def _hold_in_db(self, hold_id: str, amount: float) -> float:
+        conn, lock = self._db(), int(hold_id[:15], 16)
+        conn.execute("SELECT pg_advisory_lock(%s)", (lock,))  # held by this session for as long as the hold
+        self._own.add(hold_id)
+        with conn.transaction():
+            # One spender at a time reads what is left and holds part of it, on any machine.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.name,))
+            granted = round(min(max(amount, 0.0), self.remaining()), 8)
+            self._append({"purpose": "hold", "hold": hold_id, "cost_usd": granted, "lock": lock})
+        return granted
 
 
 def _alive(host: str | None, pid: int | None) -> bool:

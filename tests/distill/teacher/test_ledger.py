@@ -15,6 +15,7 @@ from distill.filter.grader import grade
 from distill.httpserver import start_in_thread
 from distill.teacher.generation import generate
 from distill.teacher.ratelimit import Ledger
+from tests.distill.serve.test_shadow_postgres import postgres_url  # noqa: F401  (the PostgreSQL fixture)
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -91,3 +92,70 @@ def test_holds_of_concurrent_spenders_never_add_up_past_the_budget(tmp_path):
     assert ledger.remaining() == pytest.approx(0.7)
     with Ledger(tmp_path / "ledger.jsonl", None).hold(5.0) as uncapped:
         assert uncapped is None
+
+
+HOLDER = """
+import sys, time
+from distill.teacher.ratelimit import Ledger
+from tests.distill.serve.test_shadow_postgres import postgres_url  # noqa: F401  (the PostgreSQL fixture)
+with Ledger(sys.argv[1], 1.0, sys.argv[2]).hold(0.5) as granted:
+    print(granted, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_postgresql_ledger_is_one_budget_for_workers_anywhere(tmp_path, postgres_url):  # noqa: F811
+    """Workers on several machines share one PostgreSQL ledger: holds add up across connections, and a
+    holder killed on any machine stops counting once the server sees its session end (no pid check)."""
+    import time
+
+    name = str(tmp_path / "ledger.jsonl")  # the ledger's name; no file is written
+    ledger = Ledger(name, 1.0, postgres_url)
+    with ledger.hold(0.3) as first:
+        assert first == pytest.approx(0.3)
+        with Ledger(name, 1.0, postgres_url).hold(0.8) as second:  # another worker's connection
+            assert second == pytest.approx(0.7) and ledger.remaining() == 0
+        ledger.charge("generation", 0.2, 4)
+    assert ledger.remaining() == pytest.approx(0.8) and ledger.by_purpose() == {"generation": 0.2}
+    assert not (tmp_path / "ledger.jsonl").exists()
+    assert Ledger(str(tmp_path / "other.jsonl"), 1.0, postgres_url).remaining() == 1.0  # ledgers kept apart
+
+    # A worker in another process holds half of what is left, then is SIGKILLed inside its hold.
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, name, postgres_url], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        assert float(holder.stdout.readline()) == pytest.approx(0.5)
+        assert ledger.remaining() == pytest.approx(0.3)
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 30
+    while ledger.remaining() != pytest.approx(0.8) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the server notices the closed connection within moments
+    assert ledger.remaining() == pytest.approx(0.8)
+
+
+def test_generate_charges_and_caps_through_the_postgresql_ledger(tmp_path, postgres_url):  # noqa: F811
+    app = standin.build_app(GOLDS, LABELS)
+    name = str(tmp_path / "run" / "ledger.jsonl")
+    with start_in_thread(app) as server:
+        teacher = TeacherConfig(base_url=f"{server.url}/v1", model="m", input_price_per_1m=1000.0,
+                                output_price_per_1m=1000.0)
+        gen = GenerationConfig(cache_path=tmp_path / "c.sqlite", max_tokens=8, concurrency=2, backoff_base_s=0.01,
+                               budget_usd=0.1, ledger_path=name, ledger_url=postgres_url)
+        result = generate(rows(TEXTS[:20], "g"), teacher, gen, api_key=None)
+    ledger = Ledger(name, 0.1, postgres_url)
+    assert result.summary["budget_exhausted"] is True and 0 < ledger.spent() <= 0.1
+    assert ledger.spent() == pytest.approx(result.summary["cost_usd"], abs=1e-6)
+    assert ledger.by_purpose() == {"generation": pytest.approx(result.summary["cost_usd"], abs=1e-6)}
+
+
+def test_a_ledger_url_with_a_password_is_refused_by_file_and_line(tmp_path):
+    from distill.config import ConfigError, load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("teacher:\n  base_url: http://127.0.0.1:9/v1\n  model: m\n"
+                      "generation:\n  ledger_url: postgresql://u:hunter2@db/distill\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:5: generation.ledger_url: has a password.*PGPASSWORD") as err:
+        load_config(config)
+    assert "hunter2" not in str(err.value)
