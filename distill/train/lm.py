@@ -178,14 +178,30 @@ def _causal_lm_loss(outputs, labels, num_items_in_batch=None):
     return total / (num_items_in_batch if num_items_in_batch else (target != -100).sum().clamp(min=1))
 
 
-def _loss_func(model):
-    """The loss from the model's own logits where trl's fused LM head would skip part of the head.
+def _sft_trainer_class(model):
+    """trl's SFTTrainer, or for a BERT student one whose loss comes from the model's own logits.
 
     trl scores tokens by multiplying the backbone's last hidden states with the output layer's
     weight directly; BERT's LM head has a transform (dense, activation, LayerNorm) before that
     layer, which the fused path never trains while generation uses it (the MiniLM decoder student).
+    trl's `compute_loss_func` would give that loss too, but then runs a second, fused forward for
+    its token metrics on every step; overriding compute_loss, the extension point trl names for a
+    custom loss, costs one forward.
     """
-    return _causal_lm_loss if model.config.model_type == "bert" else None
+    from trl import SFTTrainer
+
+    if model.config.model_type != "bert":
+        return SFTTrainer
+
+    class OwnHeadSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+            loss = _causal_lm_loss(outputs, inputs["labels"], num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as trl does: DDP averages the gradients across ranks
+            return (loss, outputs) if return_outputs else loss
+
+    return OwnHeadSFTTrainer
 
 
 def sft_trainer(rows: list[dict], config: TrainConfig, out_dir: Path, progress: bool = True,
@@ -196,7 +212,7 @@ def sft_trainer(rows: list[dict], config: TrainConfig, out_dir: Path, progress: 
     packed position ids (distill.train.packing explains why trl's single-row batches are not used there).
     """
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from distill.train.packing import collate_packs, isolate_packed_examples, needs_own_rows
 
@@ -207,10 +223,10 @@ def sft_trainer(rows: list[dict], config: TrainConfig, out_dir: Path, progress: 
     train_ds, val_ds = _split(rows, _prompt_completion)
     args = SFTConfig(**_common_kwargs(config, out_dir, device, val_ds is not None, progress),
                      packing=config.packing, completion_only_loss=True, eval_packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, callbacks=_callbacks(config, val_ds is not None, callbacks),
-                         peft_config=lora_config(config) if config.lora.enabled else None,
-                         compute_loss_func=_loss_func(model))
+    trainer = _sft_trainer_class(model)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+        callbacks=_callbacks(config, val_ds is not None, callbacks),
+        peft_config=lora_config(config) if config.lora.enabled else None)
     if config.packing and needs_own_rows(model):
         # trl insists on its padding-free collator for packed data at construction; the Trainer reads
         # data_collator only when it builds a dataloader, so it is swapped here, for training and evaluation.
