@@ -213,7 +213,7 @@ def train_and_evaluate(cfg: DistillConfig, inputs: dict[str, Any], answers: dict
                        run_id: str) -> dict[str, Any]:
     """Filter the answers, train the student (resuming from a checkpoint), evaluate it and apply the gate.
 
-    Returns {dataset, filter_report, trained, metrics, decision}.
+    Returns {dataset_path, filter_report, trained, metrics, decision}.
     """
     paths = inputs["paths"]
     dataset, filter_report = filter_rows(paths["teacher_rows"], answers["records_path"], paths["real_rows"],
