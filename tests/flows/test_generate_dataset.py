@@ -139,7 +139,7 @@ def test_on_a_shared_dask_cluster_the_global_limit_admits_shard_workers_shards_a
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": t}]}) + "\n"
                                for i, t in enumerate(texts)))
     config = tmp_path / "config.yaml"
-    proc, url = standin.start("--latency-s", "0.05")  # a hosted model takes time: shards overlap for real
+    proc, url = standin.start("--latency-s", "0.1")  # a hosted model takes time: shards overlap for real
     # The flow and every Dask worker talk to the same Prefect server, as on a shared cluster.
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
