@@ -508,6 +508,12 @@ def _check_unicode(value: str | None, field: str) -> None:
                        param=field) from None
 
 
+def _unexpected(server: _Server, path: str, exc: Exception):
+    """The JSON 500 for an error no handler expected, logged without the stack."""
+    logger.error("unexpected error on %s: %s: %s", path, type(exc).__name__, exc)
+    return server.error(ApiError(500, "internal server error", "server_error", "internal_error"))
+
+
 def _add_routes(app, server: _Server) -> None:
     """The HTTP surface: health, metrics, models, chat completions, and JSON for unexpected errors."""
     from fastapi import Request
@@ -517,8 +523,7 @@ def _add_routes(app, server: _Server) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        logger.error("unexpected error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-        return server.error(ApiError(500, "internal server error", "server_error", "internal_error"))
+        return _unexpected(server, request.url.path, exc)
 
     @app.get("/health")
     async def health():
@@ -610,9 +615,8 @@ def direct_chat(app):
         if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
             try:
                 response = await server.chat(Request(scope, receive, send))
-            except Exception as exc:  # what the app's exception handler answers, without its stack
-                logger.error("unexpected error on %s: %s: %s", scope["path"], type(exc).__name__, exc)
-                response = server.error(ApiError(500, "internal server error", "server_error", "internal_error"))
+            except Exception as exc:  # what the app's exception handler answers
+                response = _unexpected(server, scope["path"], exc)
             await response(scope, receive, send)
             return
         await app(scope, receive, send)
