@@ -22,7 +22,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from distill.config import ConfigError
 
@@ -76,25 +76,14 @@ class ResponseCache:
         return conn
 
     def _connect_pg(self, url: str):
-        try:
-            import psycopg
-        except ImportError:
-            raise ConfigError("generation.cache_url: a postgresql:// cache needs psycopg 3 (pip install "
-                              "'psycopg[binary]')") from None
-        try:
-            conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-            with conn.transaction():
-                # One creator at a time: several workers may open a new shared cache at once.
-                conn.execute("SELECT pg_advisory_xact_lock(7215)")
-                fresh = conn.execute("SELECT to_regclass('responses')").fetchone()[0] is None
-                for statement in SCHEMA:
-                    conn.execute(statement.replace("REAL", "DOUBLE PRECISION"))
-                if fresh:
-                    conn.execute("INSERT INTO meta VALUES ('key_format', %s) ON CONFLICT DO NOTHING", (KEY_FORMAT,))
-        except psycopg.Error as e:
-            raise ConfigError(f"{self.where}: cannot open the request cache ({str(e).strip()[:200]}) "
-                              "(generation.cache_url)") from None
-        return conn
+        def setup(conn):
+            fresh = conn.execute("SELECT to_regclass('responses')").fetchone()[0] is None
+            for statement in SCHEMA:
+                conn.execute(statement.replace("REAL", "DOUBLE PRECISION"))
+            if fresh:
+                conn.execute("INSERT INTO meta VALUES ('key_format', %s) ON CONFLICT DO NOTHING", (KEY_FORMAT,))
+
+        return connect_pg(url, "generation.cache_url", "request cache", 7215, setup)
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.pg else sql
@@ -171,6 +160,26 @@ class ResponseCache:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def connect_pg(url: str, field: str, what: str, lock: int, setup) -> Any:
+    """An autocommit psycopg connection to `url` whose tables `setup(conn)` creates, one creator at a time.
+
+    Several workers may open a new shared database at once: `setup` runs in a transaction under
+    the advisory lock `lock`. Errors name `field` and `what`, never the URL's password.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError(f"{field}: a postgresql:// {what} needs psycopg 3 (pip install 'psycopg[binary]')") from None
+    try:
+        conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+            setup(conn)
+    except psycopg.Error as e:
+        raise ConfigError(f"{_safe_url(url)}: cannot open the {what} ({str(e).strip()[:200]}) ({field})") from None
+    return conn
 
 
 def _safe_url(url: str) -> str:

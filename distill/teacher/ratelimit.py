@@ -82,25 +82,14 @@ class Ledger:
 
     def _db(self):
         if self._conn is None:
-            from distill.config import ConfigError
-            from distill.teacher.cache import _safe_url
+            from distill.teacher.cache import connect_pg
 
-            try:
-                import psycopg
-            except ImportError:
-                raise ConfigError("generation.ledger_url: a postgresql:// ledger needs psycopg 3 "
-                                  "(pip install 'psycopg[binary]')") from None
-            try:
-                conn = psycopg.connect(self.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(7216)")  # one creator of the table at a time
-                    conn.execute("CREATE TABLE IF NOT EXISTS ledger_entries (seq BIGSERIAL PRIMARY KEY, "
-                                 "ledger TEXT NOT NULL, entry TEXT NOT NULL)")
-                    conn.execute("CREATE INDEX IF NOT EXISTS ledger_entries_by_ledger ON ledger_entries (ledger, seq)")
-            except psycopg.Error as e:
-                raise ConfigError(f"{_safe_url(self.url)}: cannot open the spend ledger ({str(e).strip()[:200]}) "
-                                  "(generation.ledger_url)") from None
-            self._conn = conn
+            def setup(conn):
+                conn.execute("CREATE TABLE IF NOT EXISTS ledger_entries (seq BIGSERIAL PRIMARY KEY, "
+                             "ledger TEXT NOT NULL, entry TEXT NOT NULL)")
+                conn.execute("CREATE INDEX IF NOT EXISTS ledger_entries_by_ledger ON ledger_entries (ledger, seq)")
+
+            self._conn = connect_pg(self.url, "generation.ledger_url", "spend ledger", 7216, setup)
         return self._conn
 
     def entries(self) -> list[dict]:
@@ -176,10 +165,8 @@ class Ledger:
         import uuid
 
         hold_id = uuid.uuid4().hex
-        if self.url:
-            granted, lock = self._hold_in_db(hold_id, amount), int(hold_id[:15], 16)
-        else:
-            granted, lock = self._hold_in_file(hold_id, amount), None
+        lock = int(hold_id[:15], 16) if self.url else None
+        granted = self._hold_in_db(hold_id, lock, amount) if self.url else self._hold_in_file(hold_id, amount)
         try:
             yield granted
         finally:
@@ -203,8 +190,8 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return granted
 
-    def _hold_in_db(self, hold_id: str, amount: float) -> float:
-        conn, lock = self._db(), int(hold_id[:15], 16)
+    def _hold_in_db(self, hold_id: str, lock: int, amount: float) -> float:
+        conn = self._db()
         conn.execute("SELECT pg_advisory_lock(%s)", (lock,))  # held by this session for as long as the hold
         self._own.add(hold_id)
         with conn.transaction():
