@@ -131,10 +131,10 @@ def test_on_a_shared_dask_cluster_the_global_limit_admits_shard_workers_shards_a
 
     from distill.httpserver import stop_process
 
+    import csv
+
     prompts = tmp_path / "prompts.jsonl"
     with (DATA / "test.csv").open(newline="", encoding="utf-8") as f:
-        import csv
-
         texts = [r["text"] for r in list(csv.DictReader(f))[:160]]
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": t}]}) + "\n"
                                for i, t in enumerate(texts)))
