@@ -178,13 +178,17 @@ class LogWriter:
         append_many: writes a list of rows in one transaction (ShadowLog.append_many).
         on_done: called with the number of rows after each write, failed or not (pending counts).
         max_rows: rows per transaction at most.
+        linger_ms: how long the first row of a write waits for more. Rows arrived one or two at a
+            time at concurrency 4, and a transaction of one row cost 226 µs of CPU against 69 µs a
+            row for 64 (SQLite, WAL): on 2 cores that CPU is taken from the forward passes.
     """
 
     def __init__(self, append_many: Callable[[list[dict]], None], on_done: Callable[[int], None],
-                 max_rows: int = 256):
+                 max_rows: int = 256, linger_ms: float = 25.0):
         self.append_many = append_many
         self.on_done = on_done
         self.max_rows = max_rows
+        self.linger_s = linger_ms / 1000.0
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.failures = 0
         self.thread = threading.Thread(target=self._run, name="distill-log", daemon=True)
@@ -202,6 +206,8 @@ class LogWriter:
             first = self.queue.get()
             if first is None:
                 return
+            # One sleep, not a timed get per row: each get would wake this thread once per request.
+            time.sleep(self.linger_s)
             rows = [first]
             while len(rows) < self.max_rows:
                 try:

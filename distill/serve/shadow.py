@@ -20,12 +20,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import orjson
+
 from distill.config import ConfigError
 from distill.data import read_table
 
 # Columns holding JSON ({label: prob}); everything else is a scalar.
 JSON_COLUMNS = ("champion_probs", "challenger_probs", "teacher_probs")
 MODELS = ("champion", "challenger", "teacher")
+
+
+def _json(value: Any) -> str:
+    """A JSON column's text. orjson: json.dumps took 63 µs for one row's 77 label probabilities
+    (8 µs here), in the thread that shares the server's cores and GIL; floats round-trip exactly."""
+    return orjson.dumps(value).decode()
 
 
 def _table(metadata):
@@ -109,10 +117,23 @@ class ShadowLog:
         self._lock = threading.Lock()  # one writer at a time: SQLite would raise "database is locked"
 
     def _create_tables(self) -> None:
+        """Create the tables, one opener at a time: `serve.workers` processes open a new log together, and
+        two that both saw no table both ran CREATE TABLE ("table requests already exists" killed a worker)."""
+        import fcntl
+
+        from sqlalchemy import text
         from sqlalchemy.exc import OperationalError
 
         try:
-            self.metadata.create_all(self.engine)
+            if self.engine.dialect.name == "sqlite":
+                path = Path(self.engine.url.database)
+                with open(path.with_name(path.name + ".lock"), "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    self.metadata.create_all(self.engine)
+            else:
+                with self.engine.begin() as conn:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('distill.request_log'))"))
+                    self.metadata.create_all(conn)
         except OperationalError as e:
             self.engine.dispose()
             # The rendered URL hides the password; the driver's message names host, port and cause.
@@ -135,7 +156,7 @@ class ShadowLog:
             v.setdefault("ts", time.time())
             for c in JSON_COLUMNS:
                 if v.get(c) is not None and not isinstance(v[c], str):
-                    v[c] = json.dumps(v[c])
+                    v[c] = _json(v[c])
             values.append(v)
         if not values:
             return
@@ -146,7 +167,7 @@ class ShadowLog:
         """Add columns to an already logged request (shadow answers that arrive after the row)."""
         if not fields:
             return
-        v = {k: (json.dumps(x) if k in JSON_COLUMNS and x is not None and not isinstance(x, str) else x)
+        v = {k: (_json(x) if k in JSON_COLUMNS and x is not None and not isinstance(x, str) else x)
              for k, x in fields.items()}
         with self._lock, self.engine.begin() as conn:
             conn.execute(self.requests.update().where(self.requests.c.request_id == request_id).values(**v))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -111,3 +112,15 @@ def test_log_writer_batches_rows_and_reports_each_write():
     w.thread.join(5)
     assert [r["i"] for batch in written for r in batch] == list(range(10))
     assert len(written) < 10 and sum(done) == 10
+
+
+def test_log_writer_rows_arriving_one_at_a_time_share_one_write():
+    """At concurrency 4 rows arrive one or two at a time; each write of one row was a transaction of its own."""
+    written = []
+    w = LogWriter(lambda rows: written.append(list(rows)), lambda n: None, linger_ms=300)
+    for i in range(5):
+        w.put({"i": i})
+        time.sleep(0.01)
+    w.close()
+    w.thread.join(5)
+    assert [[r["i"] for r in batch] for batch in written] == [[0, 1, 2, 3, 4]]

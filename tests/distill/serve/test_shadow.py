@@ -143,3 +143,31 @@ def test_shadow_report_cli(tmp_path):
     res = runner.invoke(app, ["shadow", "report", "--log-url", url, "--gold", str(bad)])
     assert res.exit_code == 2 and "bad.csv:2" in res.output
     assert load_gold(gold, "text", "label") == {"one": "negative", "two": "positive"}
+
+
+def _open_log(path: str, results, start) -> None:
+    start.wait(30)  # all openers at once, as when forked workers start together
+    try:
+        ShadowLog(f"sqlite:///{path}")
+        results.put("ok")
+    except Exception as e:  # reported to the parent, which asserts on it
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_worker_processes_open_a_fresh_log_together(tmp_path):
+    """`serve.workers` forks open one new log file at once; every opener must get it (two that both
+    found no table both created it, and the loser died with "table requests already exists")."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    # Opened once before the forks, so the children import nothing and open at the same moment.
+    ShadowLog(f"sqlite:///{tmp_path}/warm.sqlite").close()
+    for trial in range(6):
+        results, start = ctx.Queue(), ctx.Barrier(3)
+        procs = [ctx.Process(target=_open_log, args=(str(tmp_path / f"log-{trial}.sqlite"), results, start))
+                 for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 3
