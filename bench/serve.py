@@ -8,7 +8,8 @@ shares a GIL with the other or with this script.
 
 Printed, all from this one run: the in-process batch-1 forward floor (tokenize, forward,
 softmax) per runtime, served P50/P95/P99 at concurrency 1 and 4, throughput at concurrency
-32, INT8 and ONNX agreement with fp32 torch on the holdout, and the ratios between them.
+32, INT8 and ONNX agreement with fp32 torch on the holdout, and the ratios between them,
+beside the compute bound at concurrency 4 (forward CPU of four texts over all cores).
 The last line is for the default runtime (serve.runtime):
 
     floor_p50_ms=A served_p50_ms=B served_p95_ms=C rps_c32=D int8_agreement=E
@@ -48,6 +49,25 @@ def build_demo_student(out: Path, train_rows: int) -> Path:
     return out
 
 
+def compute_bound_ms(student: Path, runtime: str, texts: list[str], concurrency: int = 4) -> float:
+    """The mean latency at concurrency `concurrency` that no server can beat on this machine (Little's law:
+    `concurrency` requests in flight, at most cores / CPU-per-request answered a second): the CPU of the
+    forward passes alone (one intra-op thread, batches of `concurrency`, tokenizing included) for
+    `concurrency` texts, spread over every core, with nothing for HTTP or the load generator. A
+    compute-bound student gains little from batching, so this bound can sit above 2 x floor + 1 ms."""
+    import os
+    import time
+
+    from distill.serve.runtime import StudentRuntime
+
+    rt = StudentRuntime(student, runtime, threads=1)
+    rt.predict(texts[:concurrency])
+    t0 = time.process_time()
+    for i in range(0, len(texts), concurrency):
+        rt.predict(texts[i:i + concurrency])
+    return (time.process_time() - t0) / len(texts) * 1000 * concurrency / (os.cpu_count() or 1)
+
+
 def served(student: Path, runtime: str, payloads: list[dict], n: int, n32: int, tmp: Path) -> dict:
     from distill.evaluate import latency
 
@@ -82,6 +102,7 @@ def main() -> None:
         test = read_table(DATA / "test.csv", required=["text", "category"])[: args.holdout]
         texts, gold = [r["text"] for r in test], [r["category"] for r in test]
         exports = compare_runtimes(student, texts, gold, runtimes, floor_calls=300)
+        bounds = {rt: compute_bound_ms(student, rt, texts) for rt in runtimes}
         payloads = [{"model": "distill-student", "messages": [{"role": "user", "content": t}]} for t in texts]
         res = {rt: served(student, rt, payloads, args.requests, args.requests_c32, tmp) for rt in runtimes}
 
@@ -96,6 +117,7 @@ def main() -> None:
         e, r = exports[rt], res[rt]
         print(f"{rt}: served_p50/floor_p50={r[4]['p50_ms'] / e['floor_p50_ms']:.2f} "
               f"served_p50-(2*floor+1ms)={r[4]['p50_ms'] - (2 * e['floor_p50_ms'] + 1):+.2f}ms "
+              f"c4_compute_bound={bounds[rt]:.2f}ms served_p50/bound={r[4]['p50_ms'] / bounds[rt]:.2f} "
               f"rps_c32/rps_c1={r[32]['throughput_rps'] / r[1]['throughput_rps']:.2f}")
     base = res["torch"] if "torch" in res else None
     if base:
