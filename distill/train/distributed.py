@@ -33,7 +33,8 @@ from distill.data import read_jsonl, write_text
 WORK_DIR = "distributed"
 SPEC_FILE = "spec.json"
 RESULT_FILE = "result.json"
-OUTPUT_TAIL_LINES = 40
+# torchrun's own traceback and failure table take about 40 lines; the rank's last words come before them.
+OUTPUT_TAIL_LINES = 120
 
 
 class DistributedTrainingError(RuntimeError):
@@ -157,7 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if rank == 0:
         write_text(spec_path.parent / RESULT_FILE, json.dumps({**result, "world_size": world}, default=str))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """All ranks leave the process group together before the interpreter exits. A rank that exited
+    with it still alive was killed now and then by gloo's threads at teardown ("terminate called
+    without an active exception", SIGABRT), failing a run whose training had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
