@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -374,6 +375,18 @@ def check_unique_ids(path: str | Path, rows: list[dict[str, Any]]) -> None:
             same = "" if first == r["id"] else f", written {first!r} there"
             raise ConfigError(f"{path}:{r['_line']}: duplicate id {r['id']!r} (first at line {line}{same})")
         seen[key] = (r["_line"], r["id"])
+
+
+@contextmanager
+def locked_beside(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock` for the block: processes on this host that open or
+    change `path` take turns (closing the lock file releases it)."""
+    import fcntl
+
+    path = Path(path)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_chunks(path: str | Path, chunks: Iterable[bytes]) -> dict[str, Any]:

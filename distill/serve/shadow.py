@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import orjson
 
 from distill.config import ConfigError
-from distill.data import read_table
+from distill.data import locked_beside, read_table
 
 # Columns holding JSON ({label: prob}); everything else is a scalar.
 JSON_COLUMNS = ("champion_probs", "challenger_probs", "teacher_probs")
@@ -119,16 +119,12 @@ class ShadowLog:
     def _create_tables(self) -> None:
         """Create the tables, one opener at a time: `serve.workers` processes open a new log together, and
         two that both saw no table both ran CREATE TABLE ("table requests already exists" killed a worker)."""
-        import fcntl
-
         from sqlalchemy import text
         from sqlalchemy.exc import OperationalError
 
         try:
             if self.engine.dialect.name == "sqlite":
-                path = Path(self.engine.url.database)
-                with open(path.with_name(path.name + ".lock"), "a") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
+                with locked_beside(self.engine.url.database):
                     self.metadata.create_all(self.engine)
             else:
                 with self.engine.begin() as conn:

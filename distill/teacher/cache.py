@@ -55,14 +55,13 @@ class ResponseCache:
         self.legacy = self._key_format() != KEY_FORMAT
 
     def _connect_sqlite(self):
-        import fcntl
+        from distill.data import locked_beside
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # One opener at a time: switching a new file to WAL takes a lock that SQLite does not wait
             # for, so shard workers opening a fresh cache together got "database is locked" at once.
-            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with locked_beside(self.path):
                 conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")

@@ -176,18 +176,15 @@ class Ledger:
                 self._db().execute("SELECT pg_advisory_unlock(%s)", (lock,))
 
     def _hold_in_file(self, hold_id: str, amount: float) -> float:
-        import fcntl
         import socket
 
+        from distill.data import locked_beside
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # the remaining amount is read and held by one spender at a time
-            try:
-                granted = round(min(max(amount, 0.0), self.remaining()), 8)
-                self._append({"purpose": "hold", "hold": hold_id, "cost_usd": granted,
-                              "host": socket.gethostname(), "pid": os.getpid()})
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with locked_beside(self.path):  # the remaining amount is read and held by one spender at a time
+            granted = round(min(max(amount, 0.0), self.remaining()), 8)
+            self._append({"purpose": "hold", "hold": hold_id, "cost_usd": granted,
+                          "host": socket.gethostname(), "pid": os.getpid()})
         return granted
 
     def _hold_in_db(self, hold_id: str, lock: int, amount: float) -> float:
