@@ -207,7 +207,9 @@ class LogWriter:
             if first is None:
                 return
             # One sleep, not a timed get per row: each get would wake this thread once per request.
-            time.sleep(self.linger_s)
+            # Skipped when a full write is already queued: under load it would only cap rows per second.
+            if self.queue.qsize() < self.max_rows - 1:
+                time.sleep(self.linger_s)
             rows = [first]
             while len(rows) < self.max_rows:
                 try:

@@ -124,3 +124,24 @@ def test_log_writer_rows_arriving_one_at_a_time_share_one_write():
     w.close()
     w.thread.join(5)
     assert [[r["i"] for r in batch] for batch in written] == [[0, 1, 2, 3, 4]]
+
+
+def test_log_writer_does_not_linger_when_a_full_write_is_queued():
+    """Under load the linger would cap the log at max_rows per linger; a full queue is written at once."""
+    written, gate = [], threading.Event()
+
+    def append_many(rows):
+        gate.wait(5)
+        written.append((time.monotonic(), len(rows)))
+
+    w = LogWriter(append_many, lambda n: None, max_rows=4, linger_ms=2000)
+    w.put({"i": -1})  # held in append_many while the queue fills
+    time.sleep(2.2)
+    for i in range(8):
+        w.put({"i": i})
+    started = time.monotonic()
+    gate.set()
+    w.close()
+    w.thread.join(10)
+    assert [n for _, n in written] == [1, 4, 4]
+    assert written[-1][0] - started < 1.0  # no 2 s linger before the full writes
