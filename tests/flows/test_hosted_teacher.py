@@ -121,6 +121,9 @@ def test_score_mode_and_holdout_reask_in_the_cycle(tmp_path):
                        "teacher.structured_output=off", "generation.reask=true", "generation.soft_labels=score",
                        "generation.score_api=echo", "task.max_rows=80", "task.max_test_rows=30",
                        "generation.concurrency=4", "teacher.timeout_s=300",  # one stand-in process scores
+                       # Echo scoring is a vLLM feature: such an endpoint has no OpenAI tier's token limit, and
+                       # the preset's 2M tokens a minute paced the ~35k-token echo requests at one a second.
+                       "generation.tokens_per_minute=null",
                        "filter.spotcheck.auto_approve=true", "evaluate.robustness=false",
                        "evaluate.latency_requests=20", "evaluate.tail_size=20")
     finally:
