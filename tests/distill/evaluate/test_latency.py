@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from distill.config import ServeConfig
 from distill.evaluate import latency
 from distill.httpserver import start_in_thread
 
@@ -97,7 +98,7 @@ def test_costs():
         {"model": "m", "messages": [1], "temperature": 0.0, "max_tokens": 32}]
 
 
-def test_student_servers_answer_with_a_label(tiny_classifier):
+def test_student_servers_answer_with_a_label(tiny_classifier, tmp_path):
     labels = {"positive", "negative", "neutral"}
     with start_in_thread(latency.minimal_student_app(tiny_classifier)) as server:
         r = latency.measure(f"{server.url}/v1/chat/completions", PAYLOADS, n_requests=10, concurrency=2,
@@ -105,7 +106,9 @@ def test_student_servers_answer_with_a_label(tiny_classifier):
     assert r["ok"] == 10
     assert {b["choices"][0]["message"]["content"] for b in r["bodies"]} <= labels
     served = [{**p, "model": "distill-student"} for p in PAYLOADS]
-    with latency.student_server(tiny_classifier, api_key="k") as (url, kind):
+    # The default log_url is relative (.distill/ under the working directory): this log belongs in tmp_path.
+    serve = ServeConfig(log_url=f"sqlite:///{tmp_path}/log.sqlite")
+    with latency.student_server(tiny_classifier, serve, api_key="k") as (url, kind):
         r = latency.measure(url, served, n_requests=10, concurrency=2, api_key="k", keep_bodies=True)
         wrong_key = latency.measure_process(url, served, n_requests=4, concurrency=2, api_key="nope")
         by_process = latency.sweep(url, served, 12, [1, 4], api_key="k")
