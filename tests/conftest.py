@@ -150,6 +150,39 @@ def tiny_causal_lm(tmp_path_factory) -> Path:
     return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
+_PREFECT_DB: list[Path] = []
+
+
+def fresh_prefect_home(home: Path) -> Path:
+    """`home` as the PREFECT_HOME of a CLI run, holding a fresh, already migrated Prefect database.
+
+    Every CLI test wants a database of its own, and Prefect builds one by running all its
+    migrations: 7 of the 14 s a temporary server took to start on a 2-core machine. The first call
+    builds one with `prefect server database upgrade`; later calls copy that file. A home that has a
+    database already (a run resumed in the same home) is left as it is.
+    """
+    import atexit
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    home.mkdir(parents=True, exist_ok=True)
+    if (home / "prefect.db").exists():
+        return home
+    if not _PREFECT_DB:
+        template = Path(tempfile.mkdtemp(prefix="distill-prefect-db-"))
+        atexit.register(shutil.rmtree, template, True)
+        env = {**os.environ, "PREFECT_HOME": str(template)}
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                       check=True, capture_output=True, timeout=300)
+        _PREFECT_DB.append(template / "prefect.db")
+    shutil.copyfile(_PREFECT_DB[0], home / "prefect.db")
+    return home
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One real ephemeral Prefect API for the whole session (started only if a test asks)."""

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 INTENTS = {
@@ -51,7 +52,7 @@ def write_dataset(root: Path, seed: int = 0) -> dict[str, Path]:
 @pytest.mark.slow
 def test_quick_demo_fits_its_teacher_on_the_overridden_dataset(tmp_path):
     paths = write_dataset(tmp_path)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(tmp_path / "prefect")), "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",  # a loaded CI machine starts it slowly
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "distill_flows.cli", "demo", "--quick",

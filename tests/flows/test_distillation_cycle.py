@@ -14,6 +14,7 @@ from distill_flows.cli import app
 from typer.testing import CliRunner
 
 from distill.httpserver import start_in_thread
+from conftest import fresh_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +51,7 @@ def test_bad_label_stops_before_any_teacher_call(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end_and_rerun_pays_nothing(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(tmp_path / "prefect")), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "distill_flows.cli", "demo", "--quick"]
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

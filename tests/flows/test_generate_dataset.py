@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "distill/data/banking77"
 sys.path.insert(0, str(REPO / "tests"))
 import chat_standin as standin  # noqa: E402
+from conftest import fresh_prefect_home  # noqa: E402
 
 
 def stand_in_stats(url: str) -> dict:
@@ -29,7 +30,7 @@ def stand_in_requests(url: str) -> int:
 
 def run(tmp_path: Path, config: Path, prompts: Path, out: Path, *overrides: str,
         env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(tmp_path / "prefect")), "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     args = [sys.executable, "-m", "distill_flows.cli", "generate-dataset", str(config), "--input", str(prompts),

@@ -12,6 +12,7 @@ import pytest
 
 from distill.demo import TEACHER_KEY_ENV, teacher_process
 from distill.httpserver import free_port
+from conftest import fresh_prefect_home
 
 TEXTS = ["my card is lost", "refund pending please", "exchange rate fee", "top up declined", "new card order",
          "cash withdrawal fee", "verify my identity", "change my pin", "card payment declined", "close my account"]
@@ -54,7 +55,7 @@ gate: {{auto_promote: true}}
     with teacher_process(tiny_causal_lm, free_port(), "tiny-teacher") as url:
         # Inside the block: the teacher's key is in this process's environment only while it runs.
         # A loaded CI machine can take long to start the ephemeral Prefect API: allow it.
-        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(tmp_path / "prefect")), "PYTHONUNBUFFERED": "1",
                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
         cmd = [sys.executable, "-m", "distill_flows.cli", "run", "cfg.yaml", "--set", f"teacher.base_url={url}/v1",
                "--set", "teacher.model=tiny-teacher", "--set", f"teacher.api_key_env={TEACHER_KEY_ENV}"]

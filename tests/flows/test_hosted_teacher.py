@@ -24,10 +24,11 @@ DATA = REPO / "distill/data/banking77"
 PRESET = REPO / "deployments/configs/openai-classification.yaml"
 sys.path.insert(0, str(REPO / "tests"))
 import chat_standin as standin  # noqa: E402
+from conftest import fresh_prefect_home  # noqa: E402
 
 
 def run_cli(tmp_path: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(tmp_path / "prefect")), "PYTHONUNBUFFERED": "1",
            "OPENAI_API_KEY": "sk-standin-not-a-secret",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",  # a loaded CI machine starts it slowly
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # this tree, from any cwd

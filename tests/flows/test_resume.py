@@ -29,7 +29,7 @@ from distill.httpserver import free_port, start_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import make_tiny_bert_classifier  # noqa: E402
+from conftest import make_tiny_bert_classifier, fresh_prefect_home  # noqa: E402
 LABELS = ["positive", "negative", "neutral"]
 WORDS = {"positive": "great love good fine thanks", "negative": "terrible hate bad lost declined",
          "neutral": "card account balance app phone"}
@@ -91,7 +91,8 @@ registry: registry
 
 
 def cli_env(tmp_path: Path, prefect_home: Path | None = None) -> dict:
-    return {**os.environ, "PREFECT_HOME": str(prefect_home or tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+    return {**os.environ, "PREFECT_HOME": str(fresh_prefect_home(prefect_home or tmp_path / "prefect")),
+            "PYTHONUNBUFFERED": "1",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "240",  # a loaded machine starts it slowly
             "DISTILL_TEACHER_API_KEY": "test-teacher-key-not-a-secret",
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
