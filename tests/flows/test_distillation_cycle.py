@@ -70,10 +70,13 @@ def test_quick_demo_end_to_end_and_rerun_pays_nothing(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["config_hash"] and manifest["artifacts"]
 
-    # The re-run trains for two steps only: what it checks is the teacher's side, and training settings are
-    # not part of a request's cache key, so the same answers must come back without a paid call.
-    second = subprocess.run(cmd + ["--set", "train.max_steps=2"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=900)
+    # The re-run trains for two steps and evaluates lightly: what it checks is the teacher's side, and
+    # training and evaluation settings are not part of a request's cache key, so the same answers must
+    # come back without a paid call.
+    light = ["train.max_steps=2", "evaluate.robustness=false", "evaluate.latency_teacher=false",
+             "evaluate.latency_requests=10", "evaluate.export_runtimes=[]", "evaluate.serve_runtime=torch"]
+    second = subprocess.run(cmd + [a for o in light for a in ("--set", o)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     run2 = tmp_path / second.stdout.split("run directory:")[-1].strip()
     outputs = [json.loads(l) for l in (run2 / "teacher_outputs.jsonl").read_text().splitlines()]
