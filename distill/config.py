@@ -921,8 +921,13 @@ class ServeConfig(Section):
         "and compute with per-block scales, MatMulNBits; exported once into <student>/onnx/).",
     )
     workers: int = Field(1, ge=1, le=64, description="Server processes sharing the port (one GIL and model copy each).")
+    lanes: int | None = Field(
+        None, ge=1, le=256, description="Forward passes a worker runs at once, each on a thread of its own taking "
+        "batches from one queue; unset: 1 for torch, for ONNX the worker's share of the cores (at least 1).",
+    )
     threads: int | None = Field(
-        None, ge=1, le=256, description="Intra-op threads per worker's forward pass; unset: 1 for torch, for ONNX the worker's share of the cores (at least 1)."
+        None, ge=1, le=256, description="Intra-op threads per forward pass; unset: 1 for torch, for ONNX the "
+        "worker's share of the cores over its lanes (at least 1).",
     )
     max_batch: int = Field(32, ge=1, le=1024, description="Concurrent requests answered by one forward pass at most.")
     batch_window_ms: float = Field(

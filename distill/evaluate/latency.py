@@ -355,7 +355,7 @@ def student_server(student_dir: str | Path, serve_config: Any = None,
 
     Args:
         student_dir: the student directory.
-        serve_config: ServeConfig whose runtime, batching, workers and log_url the server uses (defaults when None).
+        serve_config: ServeConfig whose runtime, batching, workers, lanes, threads and log_url the server uses (defaults when None).
         api_key: the key clients must send.
     Yields:
         (chat completions URL, "distill serve").
@@ -364,8 +364,7 @@ def student_server(student_dir: str | Path, serve_config: Any = None,
     overrides = [f"serve.runtime={s.runtime}", f"serve.workers={s.workers}", f"serve.max_batch={s.max_batch}",
                  f"serve.batch_window_ms={s.batch_window_ms}", f"serve.log_url={s.log_url}",
                  f"serve.model_name={s.model_name}", f"serve.log_requests={str(s.log_requests).lower()}"]
-    if s.threads:
-        overrides.append(f"serve.threads={s.threads}")
+    overrides += [f"serve.{k}={getattr(s, k)}" for k in ("threads", "lanes") if getattr(s, k)]
     with serve_process(student_dir, overrides, api_key=api_key) as url:
         yield f"{url}/v1/chat/completions", "distill serve"
 

@@ -145,16 +145,17 @@ class _Student:
 
         self.path = check_safetensors_only(path)
         # torch's own thread pool, driven from the batcher thread next to a busy event loop, took
-        # 156 ms for a 7 ms forward on 2 cores; one thread is the torch default here. ONNX Runtime
-        # gets this worker's share of the cores: on 2 cores, with the load generator in its own
-        # process, 2 threads against 1 gave c4 P50 6.2-9.3 ms against 8.8-10.3 and 405-615 req/s
-        # against 373-442 in alternating runs (one thread less for the event loop did not pay).
+        # 156 ms for a 7 ms forward on 2 cores; one thread and one lane are the torch default here
+        # (its Python-heavy forward holds the GIL). ONNX Runtime gets this worker's share of the
+        # cores as lanes of one thread each: a batch-1 forward on 2 threads cost 1.4x the CPU of one
+        # thread, and one lane left a core idle between batches (c4 P50 in alternating runs below).
         share = max(1, (os.cpu_count() or 1) // serve.workers)
-        threads = serve.threads or (1 if serve.runtime == "torch" else share)
+        lanes = serve.lanes or (1 if serve.runtime == "torch" else share)
+        threads = serve.threads or (1 if serve.runtime == "torch" else max(1, share // lanes))
         self.runtime = StudentRuntime(self.path, serve.runtime, threads=threads)
         self.labels = self.runtime.labels
         self.run = run or str(self.path)
-        self.batcher = MicroBatcher(self.runtime.predict, serve.max_batch, serve.batch_window_ms)
+        self.batcher = MicroBatcher(self.runtime.predict, serve.max_batch, serve.batch_window_ms, lanes=lanes)
 
     def _answer(self, probs, tokens: int, ms: float) -> dict[str, Any]:
         best = int(probs.argmax())

@@ -7,6 +7,12 @@ batch ran forms the next batch at once; when fewer than `max_batch` are waiting,
 thread waits at most `window_ms` for more. A single client therefore pays nothing for
 batching, and concurrent clients share each forward pass instead of queueing behind it.
 
+With `lanes` > 1, that many threads take batches from the same queue and run their forward
+passes at once (ONNX Runtime releases the GIL), each on one core. A lane that wakes takes its
+fair share of what is waiting, split with the lanes that are idle, not all of it: on a CPU
+student a batch of 4 costs about 4 batches of 1, so one lane holding four texts while
+another sat idle doubled their wait.
+
 `LogWriter` moves request-log writes off the hot path: rows are queued and written in
 one transaction per batch by a thread of its own.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -40,13 +47,15 @@ class MicroBatcher:
     """Batches concurrent `submit` calls into one `predict` call per batch.
 
     Args:
-        predict: the batched forward (StudentRuntime.predict).
+        predict: the batched forward (StudentRuntime.predict); called from `lanes` threads at once.
         max_batch: texts per forward at most.
         window_ms: how long a short batch waits for more texts.
         name: thread name.
+        lanes: forward passes running at once, one thread each.
     """
 
-    def __init__(self, predict: Predict, max_batch: int = 32, window_ms: float = 1.0, name: str = "distill-batch"):
+    def __init__(self, predict: Predict, max_batch: int = 32, window_ms: float = 1.0, name: str = "distill-batch",
+                 lanes: int = 1):
         self.predict = predict
         self.max_batch = max_batch
         self.window_s = window_ms / 1000.0
@@ -54,8 +63,13 @@ class MicroBatcher:
         self.batches = 0
         self.items = 0
         self.forward_s = 0.0
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
+        self.lanes = lanes
+        self._idle = 0  # lanes waiting for a first text; read without a lock, it only sizes batches
+        self._count = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=name if lanes == 1 else f"{name}-{i}", daemon=True)
+                        for i in range(lanes)]
+        for t in self.threads:
+            t.start()
 
     async def submit(self, text: str) -> tuple[np.ndarray, int, float]:
         """(probabilities, prompt tokens, forward milliseconds of its batch) for one text."""
@@ -88,13 +102,17 @@ class MicroBatcher:
         return box["v"]
 
     def close(self) -> None:
-        self.queue.put(None)
+        for _ in self.threads:
+            self.queue.put(None)
 
     def _collect(self, first) -> tuple[list, bool]:
         """The next batch starting with `first`, and whether the queue was closed meanwhile."""
         batch = [first]
+        limit = self.max_batch
+        if self.lanes > 1:  # this lane's share of the waiting texts, beside the lanes idle now
+            limit = min(limit, math.ceil((1 + self.queue.qsize()) / (1 + self._idle)))
         deadline = time.perf_counter() + self.window_s
-        while len(batch) < self.max_batch:
+        while len(batch) < limit:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
@@ -110,10 +128,19 @@ class MicroBatcher:
             batch.append(item)
         return batch, False
 
+    def _take(self):
+        with self._count:
+            self._idle += 1
+        try:
+            return self.queue.get()
+        finally:
+            with self._count:
+                self._idle -= 1
+
     def _run(self) -> None:
         closed = False
         while not closed:
-            first = self.queue.get()
+            first = self._take()
             if first is None:
                 return
             batch, closed = self._collect(first)
@@ -125,9 +152,10 @@ class MicroBatcher:
                 logger.exception("batched forward failed")
                 probs, tokens, error = None, None, e
             ms = (time.perf_counter() - t0) * 1000
-            self.forward_s += ms / 1000
-            self.batches += 1
-            self.items += len(batch)
+            with self._count:  # lanes finish at once: a bare += could lose one's figures
+                self.forward_s += ms / 1000
+                self.batches += 1
+                self.items += len(batch)
             for i, (_, fut, loop) in enumerate(batch):
                 value = None if error else (probs[i], tokens[i], ms)
                 if loop is None:

@@ -96,6 +96,35 @@ def test_batcher_shares_forwards_and_answers_each_request_with_its_own_row(stude
     bad.close()
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_lanes_run_forwards_at_once_and_split_what_waits(student, lanes):
+    """Each forward waits until another one runs beside it: only lanes that run at once, and that share
+    the two waiting texts instead of one lane taking both, get both answers."""
+    rt = StudentRuntime(student, "onnx", threads=1)
+    beside = threading.Barrier(2, timeout=3)
+    sizes = []
+
+    def predict(texts):
+        sizes.append(len(texts))
+        beside.wait()
+        return rt.predict(texts)
+
+    batcher = MicroBatcher(predict, max_batch=8, window_ms=0, lanes=lanes)
+
+    async def two():
+        return await asyncio.gather(*(batcher.submit(t) for t in TEXTS[:2]), return_exceptions=True)
+
+    answers = asyncio.run(two())
+    batcher.close()
+    if lanes == 1:  # one lane: the pair waits in one forward for a partner that never comes
+        assert all(isinstance(a, threading.BrokenBarrierError) for a in answers), answers
+        return
+    assert sorted(sizes) == [1, 1], sizes
+    for t, (probs, tokens, _) in zip(TEXTS[:2], answers):
+        np.testing.assert_allclose(probs, rt.predict([t])[0][0], atol=1e-5)
+    assert batcher.batches == 2 and batcher.items == 2
+
+
 def test_log_writer_batches_rows_and_reports_each_write():
     written, done = [], []
     gate = threading.Event()
