@@ -7,6 +7,7 @@ from a word list.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -150,9 +151,6 @@ def tiny_causal_lm(tmp_path_factory) -> Path:
     return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
-_PREFECT_DB: list[Path] = []
-
-
 def fresh_prefect_home(home: Path) -> Path:
     """`home` as the PREFECT_HOME of a CLI run, holding a fresh, already migrated Prefect database.
 
@@ -161,6 +159,16 @@ def fresh_prefect_home(home: Path) -> Path:
     builds one with `prefect server database upgrade`; later calls copy that file. A home that has a
     database already (a run resumed in the same home) is left as it is.
     """
+    import shutil
+
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "prefect.db").exists():
+        shutil.copyfile(_migrated_prefect_db(), home / "prefect.db")
+    return home
+
+
+@functools.cache
+def _migrated_prefect_db() -> Path:
     import atexit
     import os
     import shutil
@@ -168,19 +176,13 @@ def fresh_prefect_home(home: Path) -> Path:
     import sys
     import tempfile
 
-    home.mkdir(parents=True, exist_ok=True)
-    if (home / "prefect.db").exists():
-        return home
-    if not _PREFECT_DB:
-        template = Path(tempfile.mkdtemp(prefix="distill-prefect-db-"))
-        atexit.register(shutil.rmtree, template, True)
-        env = {**os.environ, "PREFECT_HOME": str(template)}
-        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
-        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
-                       check=True, capture_output=True, timeout=300)
-        _PREFECT_DB.append(template / "prefect.db")
-    shutil.copyfile(_PREFECT_DB[0], home / "prefect.db")
-    return home
+    template = Path(tempfile.mkdtemp(prefix="distill-prefect-db-"))
+    atexit.register(shutil.rmtree, template, True)
+    env = {**os.environ, "PREFECT_HOME": str(template)}
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                   check=True, capture_output=True, timeout=300)
+    return template / "prefect.db"
 
 
 @pytest.fixture(scope="session")
