@@ -125,6 +125,41 @@ def test_lanes_run_forwards_at_once_and_split_what_waits(student, lanes):
     assert batcher.batches == 2 and batcher.items == 2
 
 
+def test_a_lane_leaves_a_busy_lane_its_share():
+    """Two texts wait while one lane is still busy: the lane that frees up takes one, not both, so the
+    other is answered by the next free lane instead of waiting behind the first in one forward."""
+    sizes, started = [], threading.Semaphore(0)
+    holds = [threading.Event(), threading.Event()]
+
+    def predict(texts):
+        sizes.append(len(texts))
+        if len(sizes) <= 2:  # the first two forwards hold both lanes until released one by one
+            started.release()
+            assert holds[len(sizes) - 1].wait(5)
+        n = len(texts)
+        return np.full((n, 2), 0.5, dtype=np.float32), [1] * n
+
+    batcher = MicroBatcher(predict, max_batch=8, window_ms=0, lanes=2)
+
+    async def run():
+        first = [asyncio.create_task(batcher.submit(t)) for t in TEXTS[:2]]
+        for _ in range(2):
+            assert await asyncio.to_thread(started.acquire, timeout=5)
+        rest = [asyncio.create_task(batcher.submit(t)) for t in TEXTS[2:4]]
+        while batcher.queue.qsize() < 2:  # both queued behind the busy lanes
+            await asyncio.sleep(0.001)
+        holds[0].set()  # one lane frees up; the other stays busy
+        while len(sizes) < 3:
+            await asyncio.sleep(0.001)
+        holds[1].set()
+        return await asyncio.gather(*first, *rest)
+
+    answers = asyncio.run(run())
+    batcher.close()
+    assert len(answers) == 4
+    assert sizes == [1, 1, 1, 1], sizes
+
+
 def test_log_writer_batches_rows_and_reports_each_write():
     written, done = [], []
     gate = threading.Event()
