@@ -9,7 +9,9 @@ shares a GIL with the other or with this script.
 Printed, all from this one run: the in-process batch-1 forward floor (tokenize, forward,
 softmax) per runtime, served P50/P95/P99 at concurrency 1 and 4, throughput at concurrency
 32, INT8 and ONNX agreement with fp32 torch on the holdout, and the ratios between them,
-beside the compute bound at concurrency 4 (forward CPU of four texts over all cores).
+beside the compute bound at concurrency 4 (forward CPU of four texts over all cores) and the
+machine's CPU per request at concurrency 4 (server, load generator and kernel, from /proc/stat),
+with the mean latency it implies by Little's law and the forward time per text inside the server.
 The last line is for the default runtime (serve.runtime):
 
     floor_p50_ms=A served_p50_ms=B served_p95_ms=C rps_c32=D int8_agreement=E
@@ -18,6 +20,7 @@ The last line is for the default runtime (serve.runtime):
 """
 
 import argparse
+import os
 import secrets
 import tempfile
 from pathlib import Path
@@ -68,6 +71,16 @@ def compute_bound_ms(student: Path, runtime: str, texts: list[str], concurrency:
     return (time.process_time() - t0) / len(texts) * 1000 * concurrency / (os.cpu_count() or 1)
 
 
+def forward_totals(url: str, key: str) -> tuple[float, float]:
+    """(forward seconds, texts forwarded) so far, from the server's /metrics."""
+    import urllib.request
+
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        values = dict(line.rsplit(" ", 1) for line in resp.read().decode().splitlines() if " " in line)
+    return float(values["distill_forward_seconds_total"]), float(values["distill_batched_requests_total"])
+
+
 def served(student: Path, runtime: str, payloads: list[dict], n: int, n32: int, tmp: Path) -> dict:
     from distill.evaluate import latency
 
@@ -75,8 +88,12 @@ def served(student: Path, runtime: str, payloads: list[dict], n: int, n32: int, 
     overrides = [f"serve.runtime={runtime}", f"serve.log_url=sqlite:///{tmp / (runtime + '.sqlite')}"]
     with latency.serve_process(student, overrides, api_key=key) as url:
         chat = url + "/v1/chat/completions"
-        out = {c: latency.measure_process(chat, payloads, n, c, api_key=key, warmup=c * 2) for c in (1, 4)}
+        out = {1: latency.measure_process(chat, payloads, n, 1, api_key=key, warmup=2)}
+        f0, n0 = forward_totals(url, key)
+        out[4] = latency.measure_process(chat, payloads, n, 4, api_key=key, warmup=8)
+        f1, n1 = forward_totals(url, key)
         out[32] = latency.measure_process(chat, payloads, n32, 32, api_key=key, warmup=64)
+    out["c4_forward_ms_per_text"] = (f1 - f0) / (n1 - n0) * 1000  # wall time of the lanes' forwards
     return out
 
 
@@ -119,6 +136,14 @@ def main() -> None:
               f"served_p50-(2*floor+1ms)={r[4]['p50_ms'] - (2 * e['floor_p50_ms'] + 1):+.2f}ms "
               f"c4_compute_bound={bounds[rt]:.2f}ms served_p50/bound={r[4]['p50_ms'] / bounds[rt]:.2f} "
               f"rps_c32/rps_c1={r[32]['throughput_rps'] / r[1]['throughput_rps']:.2f}")
+    cores = os.cpu_count() or 1
+    for rt in runtimes:
+        e, r = exports[rt], res[rt]
+        cpu = r[4]["machine_cpu_ms_per_request"]
+        print(f"{rt}: c4 machine_cpu/request={cpu:.2f}ms (server forward {r['c4_forward_ms_per_text']:.2f}ms/text, "
+              f"floor {e['floor_p50_ms']:.2f}ms) -> c4 mean >= 4*cpu/{cores} cores={4 * cpu / cores:.2f}ms "
+              f"(Little's law; measured mean {r[4]['mean_ms']:.2f}ms, P50 {r[4]['p50_ms']:.2f}ms, "
+              f"target P50 {2 * e['floor_p50_ms'] + 1:.2f}ms)")
     base = res["torch"] if "torch" in res else None
     if base:
         for rt in runtimes:

@@ -79,6 +79,22 @@ class _Connection:
         self.reader = self.writer = None
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds this machine's cores have spent busy (all processes and the kernel), from /proc/stat;
+    None where there is none. Differences over a measured window give what each request cost the
+    machine, load generator included: by Little's law no server on `cores` cores can answer
+    `concurrency` closed-loop clients in less than concurrency x that / cores on average."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal: idle and iowait are not busy; steal is another guest's
+    return (sum(fields[:3]) + sum(fields[5:7])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _closed_loop(one, n_requests: int, concurrency: int, warmup: int) -> dict[str, Any]:
     """`concurrency` closed-loop clients sending requests 0..n_requests-1 as `one(client, i)`, each its next as
     soon as its last is answered, after `warmup` unmeasured requests (connection setup, lazy initialisation)."""
@@ -94,9 +110,10 @@ async def _closed_loop(one, n_requests: int, concurrency: int, warmup: int) -> d
             next_index += 1
             results[i] = await one(c, i)
 
-    t0 = time.perf_counter()
+    busy0, t0 = machine_busy_s(), time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(concurrency)))
-    return {"results": results, "wall_s": time.perf_counter() - t0}
+    wall, busy1 = time.perf_counter() - t0, machine_busy_s()
+    return {"results": results, "wall_s": wall, "busy_s": None if busy0 is None else busy1 - busy0}
 
 
 def _timed(t0: float, status: int | None, error: str | None, body: Any) -> dict[str, Any]:
@@ -193,8 +210,10 @@ def measure(url: str, payloads: Sequence[dict], n_requests: int = 200, concurren
             of aiohttp, so that less of the machine goes to the client; https:// always uses aiohttp.
     Returns:
         {"n", "ok", "errors", "error_kinds", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms",
-         "wall_s", "throughput_rps", "concurrency"} (+ "bodies" when keep_bodies); percentiles over
-        successful requests only, NaN when none succeeded.
+         "wall_s", "throughput_rps", "concurrency", "machine_cpu_ms_per_request"} (+ "bodies" when
+        keep_bodies); percentiles over successful requests only, NaN when none succeeded. The machine's
+        CPU per request counts every process on this machine over the measured window (NaN without
+        /proc/stat): for a server on this machine, what a request costs it and the load generator.
     """
     if not payloads:
         raise ValueError("no payloads to send")
@@ -216,6 +235,7 @@ def measure(url: str, payloads: Sequence[dict], n_requests: int = 200, concurren
         "mean_ms": float(np.mean(ok)) if ok else math.nan, "max_ms": float(max(ok)) if ok else math.nan,
         "wall_s": out["wall_s"], "throughput_rps": len(ok) / out["wall_s"] if out["wall_s"] > 0 else math.nan,
         "concurrency": concurrency,
+        "machine_cpu_ms_per_request": math.nan if out["busy_s"] is None else out["busy_s"] / n_requests * 1000,
     }
     if keep_bodies:
         report["bodies"] = [r["body"] for r in results]

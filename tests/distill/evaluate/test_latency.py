@@ -50,6 +50,37 @@ def test_percentiles_against_a_server_with_known_delay():
     assert "sekret" not in repr(r)
 
 
+def test_machine_cpu_per_request_counts_cpu_not_waiting():
+    """A handler that computes for 4 ms costs the machine at least that per request; one that sleeps
+    50 ms costs it little: the figure is CPU, the basis of the bound on mean latency under load."""
+    import time
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        if body["messages"][0]["content"] == "sleep":
+            await asyncio.sleep(0.05)
+        else:
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < 0.004:
+                pass
+        return {"choices": [{"message": {"role": "assistant", "content": "x"}}]}
+
+    burn = [{"model": "m", "messages": [{"role": "user", "content": "burn"}]}]
+    sleep = [{"model": "m", "messages": [{"role": "user", "content": "sleep"}]}]
+    with start_in_thread(app) as server:
+        url = f"{server.url}/v1/chat/completions"
+        busy = latency.measure(url, burn, n_requests=100, concurrency=2, lean=True)
+        idle = latency.measure(url, sleep, n_requests=20, concurrency=2, lean=True)
+    if math.isnan(busy["machine_cpu_ms_per_request"]):
+        pytest.skip("no /proc/stat on this machine")
+    assert busy["machine_cpu_ms_per_request"] >= 3.6, busy
+    assert idle["machine_cpu_ms_per_request"] < 15, idle
+
+
 def test_tail_latency_is_visible_in_p95():
     # One request in ten is slow: the median stays fast, P95 and P99 are the slow ones.
     app = _app(lambda n: 0.3 if n % 10 == 9 else 0.01)
