@@ -58,7 +58,6 @@ def compute_bound_ms(student: Path, runtime: str, texts: list[str], concurrency:
     forward passes alone (one intra-op thread, batches of `concurrency`, tokenizing included) for
     `concurrency` texts, spread over every core, with nothing for HTTP or the load generator. A
     compute-bound student gains little from batching, so this bound can sit above 2 x floor + 1 ms."""
-    import os
     import time
 
     from distill.serve.runtime import StudentRuntime

@@ -128,14 +128,16 @@ def test_lanes_run_forwards_at_once_and_split_what_waits(student, lanes):
 def test_a_lane_leaves_a_busy_lane_its_share():
     """Two texts wait while one lane is still busy: the lane that frees up takes one, not both, so the
     other is answered by the next free lane instead of waiting behind the first in one forward."""
-    sizes, started = [], threading.Semaphore(0)
+    sizes, started, lock = [], threading.Semaphore(0), threading.Lock()
     holds = [threading.Event(), threading.Event()]
 
     def predict(texts):
-        sizes.append(len(texts))
-        if len(sizes) <= 2:  # the first two forwards hold both lanes until released one by one
+        with lock:  # both lanes start at once: each needs its own call number
+            call = len(sizes)
+            sizes.append(len(texts))
+        if call < 2:  # the first two forwards hold both lanes until released one by one
             started.release()
-            assert holds[len(sizes) - 1].wait(5)
+            assert holds[call].wait(5)
         n = len(texts)
         return np.full((n, 2), 0.5, dtype=np.float32), [1] * n
 
